@@ -1,0 +1,417 @@
+#include "coordinator/ctl/ctl.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <map>
+#include <memory>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/match.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "common/grpc_util.h"
+#include "common/job_spec.h"
+#include "google/protobuf/util/json_util.h"
+#include "grpcpp/grpcpp.h"
+#include "lmsgd/v1/coordinator.grpc.pb.h"
+
+namespace lmsgd::ctl {
+namespace {
+
+constexpr char kUsage[] =
+    "usage: lmsgdctl [--coordinator ADDR] [--output table|json] [--token_file F] [--tls_ca F]\n"
+    "                [--tls_cert F --tls_key F] [--timeout SECONDS] COMMAND\n"
+    "commands:\n"
+    "  submit JOBFILE            submit a job (.textproto/.txtpb text format or .json)\n"
+    "  status JOB                show a job\n"
+    "  list [--all]              list live jobs (--all: ended ones too)\n"
+    "  watch JOB                 follow a job's progress until it ends\n"
+    "  cancel JOB [--reason R]   cancel a job\n";
+
+struct Options {
+  std::string coordinator = "127.0.0.1:7070";
+  std::string output = "table";
+  std::string token;
+  std::string token_file;
+  TlsFiles tls;
+  double timeout_s = 10;
+  bool all = false;
+  std::string reason;
+  std::vector<std::string> positional;
+};
+
+std::string StateLabel(v1::JobState s) {
+  std::string n = v1::JobState_Name(s);
+  if (absl::StartsWith(n, "JOB_STATE_")) n = n.substr(10);
+  for (auto& c : n) c = static_cast<char>(std::tolower(c));
+  return n;
+}
+
+std::string ToJson(const google::protobuf::Message& m, bool pretty) {
+  std::string out;
+  google::protobuf::util::JsonPrintOptions opts;
+  opts.add_whitespace = pretty;
+  opts.preserve_proto_field_names = true;
+  (void)google::protobuf::util::MessageToJsonString(m, &out, opts);
+  if (!out.empty() && out.back() == '\n') out.pop_back();
+  return out;
+}
+
+std::string FormatTime(int64_t ms) {
+  if (ms == 0) return "-";
+  return absl::FormatTime("%Y-%m-%d %H:%M:%S UTC", absl::FromUnixMillis(ms), absl::UTCTimeZone());
+}
+
+class Client {
+ public:
+  Client(const Options& o, std::shared_ptr<grpc::ChannelCredentials> creds)
+      : options_(o),
+        stub_(v1::Coordinator::NewStub(grpc::CreateChannel(o.coordinator, creds))) {}
+
+  std::unique_ptr<grpc::ClientContext> Context(bool with_deadline = true) const {
+    auto ctx = std::make_unique<grpc::ClientContext>();
+    if (with_deadline) {
+      ctx->set_deadline(std::chrono::system_clock::now() +
+                        std::chrono::milliseconds(static_cast<int64_t>(options_.timeout_s * 1000)));
+    }
+    if (!options_.token.empty()) ctx->AddMetadata("authorization", "Bearer " + options_.token);
+    return ctx;
+  }
+
+  // Turns a failed call into a message that says what to do about it.
+  std::string Explain(const grpc::Status& st, const std::string& what) const {
+    switch (st.error_code()) {
+      case grpc::StatusCode::UNAVAILABLE:
+        return absl::StrCat("cannot reach coordinator at ", options_.coordinator, ": ", st.error_message(),
+                            " (is lmsgd-coordinator running? set --coordinator or LMSGD_COORDINATOR)");
+      case grpc::StatusCode::DEADLINE_EXCEEDED:
+        return absl::StrCat("coordinator at ", options_.coordinator, " did not answer ", what, " within ",
+                            options_.timeout_s, "s");
+      case grpc::StatusCode::UNAUTHENTICATED:
+        return absl::StrCat(what, " refused: ", st.error_message(),
+                            " (pass --token_file or set LMSGD_TOKEN)");
+      default:
+        return absl::StrCat(what, " failed: ", st.error_message());
+    }
+  }
+
+  v1::Coordinator::Stub& stub() { return *stub_; }
+
+ private:
+  const Options& options_;
+  std::unique_ptr<v1::Coordinator::Stub> stub_;
+};
+
+bool ParseArgs(const std::vector<std::string>& args, Options* o, std::string* error) {
+  if (const char* env = std::getenv("LMSGD_COORDINATOR"); env != nullptr && *env) o->coordinator = env;
+  if (const char* env = std::getenv("LMSGD_TOKEN"); env != nullptr && *env) o->token = env;
+  if (const char* env = std::getenv("LMSGD_TOKEN_FILE"); env != nullptr && *env) o->token_file = env;
+  static const std::map<std::string, std::string Options::*> kStringFlags = {
+      {"coordinator", &Options::coordinator}, {"output", &Options::output},
+      {"token_file", &Options::token_file}, {"reason", &Options::reason}};
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (a.size() < 2 || a[0] != '-' || a[1] != '-') {
+      o->positional.push_back(a);
+      continue;
+    }
+    std::string name = a.substr(2), value;
+    bool has_value = false;
+    if (auto eq = name.find('='); eq != std::string::npos) {
+      value = name.substr(eq + 1);
+      name = name.substr(0, eq);
+      has_value = true;
+    }
+    if (name == "all") {
+      o->all = true;
+      continue;
+    }
+    if (name == "help") {
+      *error = "";
+      return false;
+    }
+    if (!has_value) {
+      if (i + 1 >= args.size()) {
+        *error = absl::StrCat("flag --", name, " needs a value");
+        return false;
+      }
+      value = args[++i];
+    }
+    if (auto it = kStringFlags.find(name); it != kStringFlags.end()) {
+      o->*(it->second) = value;
+    } else if (name == "tls_ca") {
+      o->tls.ca = value;
+    } else if (name == "tls_cert") {
+      o->tls.cert = value;
+    } else if (name == "tls_key") {
+      o->tls.key = value;
+    } else if (name == "timeout") {
+      if (!absl::SimpleAtod(value, &o->timeout_s) || o->timeout_s <= 0) {
+        *error = absl::StrCat("--timeout: '", value, "' is not a positive number of seconds");
+        return false;
+      }
+    } else {
+      *error = absl::StrCat("unknown flag --", name);
+      return false;
+    }
+  }
+  if (o->output != "table" && o->output != "json") {
+    *error = absl::StrCat("--output must be 'table' or 'json', not '", o->output, "'");
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+std::string FormatStatusTable(const v1::JobStatus& j) {
+  std::string s;
+  auto row = [&s](absl::string_view k, const std::string& v) { absl::StrAppend(&s, absl::StrFormat("%-16s %s\n", k, v)); };
+  row("job", j.job_id());
+  if (!j.spec().name().empty()) row("name", j.spec().name());
+  row("state", StateLabel(j.state()));
+  if (!j.message().empty()) row("message", j.message());
+  row("generation", absl::StrCat(j.generation()));
+  row("workers", absl::StrCat(j.world_size(), " (", j.workers_size(), " registered)"));
+  const auto& sc = j.schedule();
+  row("global batch", absl::StrCat(sc.global_batch(), " (", j.spec().world_size(), " x ",
+                                   j.spec().virtual_workers_per_worker(), " x ", j.spec().per_worker_batch(), ")"));
+  row("schedule", absl::StrFormat("peak lr %.6g, warmup %s %.3g epochs, decay x%.3g at [%s], %u epochs, %u it/epoch",
+                                  sc.peak_lr(), absl::AsciiStrToLower(v1::WarmupKind_Name(sc.warmup()).substr(7)),
+                                  sc.warmup_epochs(), sc.decay_factor(),
+                                  absl::StrJoin(sc.decay_epochs(), ","), sc.epochs(),
+                                  static_cast<unsigned>(sc.iterations_per_epoch())));
+  const auto& p = j.progress();
+  row("progress", absl::StrFormat("epoch %u/%u, iteration %d/%d", p.epoch(), j.spec().epochs(),
+                                  p.iteration(), p.total_iterations()));
+  row("lr", absl::StrFormat("%.6g", p.lr()));
+  row("loss", absl::StrFormat("%.4f", p.loss()));
+  row("throughput", absl::StrFormat("%.1f img/s", p.images_per_second()));
+  if (j.has_last_evaluation()) {
+    const auto& e = j.last_evaluation();
+    row("evaluation", absl::StrFormat("epoch %u: top-1 error %.2f%%, top-5 error %.2f%% (%d images)", e.epoch(),
+                                      100 * e.top1_error(), 100 * e.top5_error(), e.examples()));
+  }
+  if (!j.last_checkpoint().path().empty()) {
+    const auto& c = j.last_checkpoint();
+    row("checkpoint", absl::StrFormat("%s (epoch %u, iteration %d, %s)", c.path(), c.epoch(), c.iteration(),
+                                      FormatTime(c.time_unix_ms())));
+  }
+  row("recoveries", absl::StrCat(j.recoveries()));
+  row("created", FormatTime(j.create_time_unix_ms()));
+  row("updated", FormatTime(j.update_time_unix_ms()));
+  for (const auto& w : j.workers()) {
+    row(w.rank() >= 0 ? absl::StrCat("  rank ", w.rank()) : "  standby",
+        absl::StrCat(w.host(), " device ", w.local_device(), " (local rank ", w.local_rank(), ", ", w.worker_id(),
+                     ")"));
+  }
+  return s;
+}
+
+std::string FormatListTable(const std::vector<v1::JobStatus>& jobs) {
+  std::string s = absl::StrFormat("%-12s %-20s %-20s %4s %8s %9s %14s %10s %8s\n", "JOB", "NAME", "STATE", "GEN",
+                                  "WORKERS", "EPOCH", "ITERATION", "LR", "LOSS");
+  for (const auto& j : jobs) {
+    std::string name = j.spec().name().substr(0, 20);
+    absl::StrAppend(&s, absl::StrFormat("%-12s %-20s %-20s %4d %8s %9s %14d %10.4g %8.4f\n", j.job_id(), name,
+                                        StateLabel(j.state()), j.generation(),
+                                        absl::StrCat(j.world_size()),
+                                        absl::StrCat(j.progress().epoch(), "/", j.spec().epochs()),
+                                        j.progress().iteration(), j.progress().lr(), j.progress().loss()));
+  }
+  if (jobs.empty()) absl::StrAppend(&s, "(no jobs)\n");
+  return s;
+}
+
+std::string FormatProgressLine(const v1::JobStatus& j, int bar_width) {
+  const auto& p = j.progress();
+  const uint64_t ipe = j.schedule().iterations_per_epoch();
+  double frac = 0;
+  if (ipe > 0) frac = static_cast<double>(p.iteration() % ipe) / static_cast<double>(ipe);
+  if (j.state() == v1::JOB_STATE_SUCCEEDED) frac = 1;
+  int filled = static_cast<int>(frac * bar_width);
+  std::string bar = std::string(filled, '#') + std::string(bar_width - filled, '.');
+  return absl::StrFormat("%s [%s] %-10s gen %d  epoch %u/%u  iter %d/%d  lr %.4g  loss %.4f  %.1f img/s",
+                         j.job_id(), bar, StateLabel(j.state()), j.generation(), p.epoch(), j.spec().epochs(),
+                         p.iteration(), p.total_iterations(), p.lr(), p.loss(), p.images_per_second());
+}
+
+int RunCtl(const std::vector<std::string>& args, std::ostream& out, std::ostream& err) {
+  Options o;
+  std::string perr;
+  if (!ParseArgs(args, &o, &perr)) {
+    if (!perr.empty()) err << "lmsgdctl: " << perr << "\n";
+    err << kUsage;
+    return 2;
+  }
+  if (o.positional.empty()) {
+    err << kUsage;
+    return 2;
+  }
+  const std::string cmd = o.positional[0];
+  auto need_args = [&](size_t n, const char* what) {
+    if (o.positional.size() != n + 1) {
+      err << "lmsgdctl " << cmd << ": expected " << what << "\n" << kUsage;
+      return false;
+    }
+    return true;
+  };
+  if (o.token.empty() && !o.token_file.empty()) {
+    auto t = ReadTokenFile(o.token_file);
+    if (!t.ok()) {
+      err << "lmsgdctl: " << t.status().message() << "\n";
+      return 1;
+    }
+    o.token = *t;
+  }
+  auto creds = MakeChannelCredentials(o.tls);
+  if (!creds.ok()) {
+    err << "lmsgdctl: " << creds.status().message() << "\n";
+    return 1;
+  }
+  const bool json = o.output == "json";
+
+  if (cmd == "submit") {
+    if (!need_args(1, "a job file")) return 2;
+    auto spec = ReadJobFile(o.positional[1]);
+    if (!spec.ok()) {
+      err << "lmsgdctl: " << spec.status().message() << "\n";
+      return 1;
+    }
+    // Validate locally first for an immediate, complete answer; the coordinator validates again.
+    v1::JobSpec filled = *spec;
+    ApplyDefaults(&filled);
+    if (auto st = ValidateJobSpec(filled); !st.ok()) {
+      err << "lmsgdctl: " << o.positional[1] << ": " << st.message() << "\n";
+      return 1;
+    }
+    Client c(o, *creds);
+    v1::SubmitJobRequest req;
+    *req.mutable_spec() = *spec;
+    v1::SubmitJobResponse resp;
+    auto ctx = c.Context();
+    grpc::Status st = c.stub().SubmitJob(ctx.get(), req, &resp);
+    if (!st.ok()) {
+      err << "lmsgdctl: " << c.Explain(st, "submit") << "\n";
+      return 1;
+    }
+    if (json) {
+      out << ToJson(resp, false) << "\n";
+    } else {
+      out << resp.job_id() << "\n";
+    }
+    return 0;
+  }
+  if (cmd == "status") {
+    if (!need_args(1, "a job id")) return 2;
+    Client c(o, *creds);
+    v1::GetJobRequest req;
+    req.set_job_id(o.positional[1]);
+    v1::JobStatus resp;
+    auto ctx = c.Context();
+    grpc::Status st = c.stub().GetJob(ctx.get(), req, &resp);
+    if (!st.ok()) {
+      err << "lmsgdctl: " << c.Explain(st, "status") << "\n";
+      return 1;
+    }
+    out << (json ? ToJson(resp, true) + "\n" : FormatStatusTable(resp));
+    return 0;
+  }
+  if (cmd == "list") {
+    if (!need_args(0, "no arguments")) return 2;
+    Client c(o, *creds);
+    v1::ListJobsRequest req;
+    req.set_include_finished(o.all);
+    v1::ListJobsResponse resp;
+    auto ctx = c.Context();
+    grpc::Status st = c.stub().ListJobs(ctx.get(), req, &resp);
+    if (!st.ok()) {
+      err << "lmsgdctl: " << c.Explain(st, "list") << "\n";
+      return 1;
+    }
+    if (json) {
+      out << ToJson(resp, true) << "\n";
+    } else {
+      out << FormatListTable({resp.jobs().begin(), resp.jobs().end()});
+    }
+    return 0;
+  }
+  if (cmd == "cancel") {
+    if (!need_args(1, "a job id")) return 2;
+    Client c(o, *creds);
+    v1::CancelJobRequest req;
+    req.set_job_id(o.positional[1]);
+    req.set_reason(o.reason);
+    v1::JobStatus resp;
+    auto ctx = c.Context();
+    grpc::Status st = c.stub().CancelJob(ctx.get(), req, &resp);
+    if (!st.ok()) {
+      err << "lmsgdctl: " << c.Explain(st, "cancel") << "\n";
+      return 1;
+    }
+    out << (json ? ToJson(resp, false) + "\n" : absl::StrCat(resp.job_id(), " ", StateLabel(resp.state()), "\n"));
+    return 0;
+  }
+  if (cmd == "watch") {
+    if (!need_args(1, "a job id")) return 2;
+    Client c(o, *creds);
+    const bool tty = !json && ::isatty(STDOUT_FILENO) && &out == &std::cout;
+    v1::JobStatus last;
+    // Reconnect on transient failures (the coordinator may be restarting), up to the timeout.
+    absl::Time unreachable_since = absl::InfiniteFuture();
+    while (true) {
+      v1::WatchJobRequest req;
+      req.set_job_id(o.positional[1]);
+      auto ctx = c.Context(/*with_deadline=*/false);
+      auto reader = c.stub().WatchJob(ctx.get(), req);
+      v1::JobStatus st;
+      bool got_any = false;
+      while (reader->Read(&st)) {
+        got_any = true;
+        unreachable_since = absl::InfiniteFuture();
+        last = st;
+        if (json) {
+          out << ToJson(st, false) << "\n";
+        } else if (tty) {
+          out << "\r\033[K" << FormatProgressLine(st, 30) << std::flush;
+        } else {
+          out << FormatProgressLine(st, 30) << "\n" << std::flush;
+        }
+      }
+      grpc::Status fin = reader->Finish();
+      auto s = last.state();
+      if (s == v1::JOB_STATE_SUCCEEDED || s == v1::JOB_STATE_FAILED || s == v1::JOB_STATE_CANCELLED) {
+        if (tty) out << "\n";
+        if (!json) {
+          out << last.job_id() << " " << StateLabel(s) << (last.message().empty() ? "" : ": ") << last.message()
+              << "\n";
+        }
+        return s == v1::JOB_STATE_SUCCEEDED ? 0 : 3;
+      }
+      if (!fin.ok() && fin.error_code() != grpc::StatusCode::UNAVAILABLE) {
+        if (tty) out << "\n";
+        err << "lmsgdctl: " << c.Explain(fin, "watch") << "\n";
+        return 1;
+      }
+      if (!got_any) {
+        if (unreachable_since == absl::InfiniteFuture()) unreachable_since = absl::Now();
+        if (absl::Now() - unreachable_since > absl::Seconds(o.timeout_s)) {
+          if (tty) out << "\n";
+          err << "lmsgdctl: " << c.Explain(fin.ok() ? grpc::Status(grpc::StatusCode::UNAVAILABLE, "stream ended") : fin, "watch") << "\n";
+          return 1;
+        }
+      }
+      absl::SleepFor(absl::Milliseconds(500));
+    }
+  }
+  err << "lmsgdctl: unknown command '" << cmd << "'\n" << kUsage;
+  return 2;
+}
+
+}  // namespace lmsgd::ctl
