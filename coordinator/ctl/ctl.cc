@@ -215,11 +215,11 @@ std::string FormatStatusTable(const v1::JobStatus& j) {
 }
 
 std::string FormatListTable(const std::vector<v1::JobStatus>& jobs) {
-  std::string s = absl::StrFormat("%-12s %-20s %-20s %4s %8s %9s %14s %10s %8s\n", "JOB", "NAME", "STATE", "GEN",
+  std::string s = absl::StrFormat("%-12s %-26s %-20s %4s %8s %9s %14s %10s %8s\n", "JOB", "NAME", "STATE", "GEN",
                                   "WORKERS", "EPOCH", "ITERATION", "LR", "LOSS");
   for (const auto& j : jobs) {
-    std::string name = j.spec().name().substr(0, 20);
-    absl::StrAppend(&s, absl::StrFormat("%-12s %-20s %-20s %4d %8s %9s %14d %10.4g %8.4f\n", j.job_id(), name,
+    std::string name = j.spec().name().substr(0, 26);
+    absl::StrAppend(&s, absl::StrFormat("%-12s %-26s %-20s %4d %8s %9s %14d %10.4g %8.4f\n", j.job_id(), name,
                                         StateLabel(j.state()), j.generation(),
                                         absl::StrCat(j.world_size()),
                                         absl::StrCat(j.progress().epoch(), "/", j.spec().epochs()),
