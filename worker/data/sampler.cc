@@ -1,0 +1,40 @@
+#include "worker/data/sampler.h"
+
+#include <cstddef>
+#include <numeric>
+
+namespace lmsgd::data {
+
+uint64_t SplitMix64::Below(uint64_t bound) {
+  if (bound <= 1) return 0;
+  // Rejection sampling on the top of the range keeps every value equally likely.
+  const uint64_t limit = UINT64_MAX - (UINT64_MAX % bound);
+  uint64_t x;
+  do {
+    x = Next();
+  } while (x >= limit);
+  return x % bound;
+}
+
+std::vector<uint64_t> EpochPermutation(uint64_t n, uint64_t seed, uint64_t epoch) {
+  std::vector<uint64_t> perm(n);
+  std::iota(perm.begin(), perm.end(), 0);
+  // Mix seed and epoch into one stream seed.
+  SplitMix64 mix(seed ^ (0x5851f42d4c957f2dull * (epoch + 1)));
+  SplitMix64 rng(mix.Next());
+  for (uint64_t i = n; i > 1; --i) {
+    const uint64_t j = rng.Below(i);
+    std::swap(perm[i - 1], perm[j]);
+  }
+  return perm;
+}
+
+std::vector<uint64_t> ShardForRank(uint64_t n, uint64_t seed, uint64_t epoch, uint32_t rank, uint32_t world_size) {
+  if (world_size == 0 || rank >= world_size) return {};
+  std::vector<uint64_t> perm = EpochPermutation(n, seed, epoch);
+  const uint64_t part = n / world_size;
+  return std::vector<uint64_t>(perm.begin() + static_cast<std::ptrdiff_t>(rank * part),
+                               perm.begin() + static_cast<std::ptrdiff_t>((rank + 1) * part));
+}
+
+}  // namespace lmsgd::data
