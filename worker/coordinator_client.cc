@@ -49,6 +49,17 @@ absl::Status CoordinatorClient::WithRetries(const char* rpc, absl::Time deadline
   }
 }
 
+template <typename Req, typename Resp>
+absl::Status CoordinatorClient::Unary(const char* rpc, UnaryMethod<Req, Resp> method, const Req& request, Resp* response,
+                                      int attempts_worth) {
+  // Each attempt gets rpc_timeout; retries on UNAVAILABLE for up to `attempts_worth` of them.
+  const absl::Time deadline = absl::Now() + options_.rpc_timeout * attempts_worth;
+  return WithRetries(rpc, deadline, [&] {
+    auto ctx = ContextUntil(std::min(deadline, absl::Now() + options_.rpc_timeout));
+    return (stub_.get()->*method)(ctx.get(), request, response);
+  });
+}
+
 absl::StatusOr<v1::JoinJobResponse> CoordinatorClient::Join(const v1::WorkerIdentity& identity,
                                                             const std::string& job_id, absl::Time deadline) {
   v1::JoinJobResponse resp;
@@ -84,12 +95,8 @@ absl::Status CoordinatorClient::PublishBootstrap(const std::string& job_id, uint
   req.set_rank(rank);
   req.set_key(key);
   req.set_value(value);
-  const absl::Time deadline = absl::Now() + options_.rpc_timeout * 3;
-  return WithRetries("PublishBootstrap", deadline, [&] {
-    v1::PublishBootstrapResponse resp;
-    auto ctx = ContextUntil(std::min(deadline, absl::Now() + options_.rpc_timeout));
-    return stub_->PublishBootstrap(ctx.get(), req, &resp);
-  });
+  v1::PublishBootstrapResponse resp;
+  return Unary("PublishBootstrap", &v1::Coordinator::Stub::PublishBootstrap, req, &resp, 3);
 }
 
 absl::StatusOr<std::vector<std::string>> CoordinatorClient::GetBootstrap(const std::string& job_id,
@@ -128,30 +135,18 @@ absl::StatusOr<v1::HeartbeatResponse> CoordinatorClient::Heartbeat(const v1::Hea
 }
 
 absl::Status CoordinatorClient::ReportCheckpoint(const v1::ReportCheckpointRequest& request) {
-  const absl::Time deadline = absl::Now() + options_.rpc_timeout * 3;
-  return WithRetries("ReportCheckpoint", deadline, [&] {
-    v1::ReportCheckpointResponse resp;
-    auto ctx = ContextUntil(std::min(deadline, absl::Now() + options_.rpc_timeout));
-    return stub_->ReportCheckpoint(ctx.get(), request, &resp);
-  });
+  v1::ReportCheckpointResponse resp;
+  return Unary("ReportCheckpoint", &v1::Coordinator::Stub::ReportCheckpoint, request, &resp, 3);
 }
 
 absl::Status CoordinatorClient::ReportEvaluation(const v1::ReportEvaluationRequest& request) {
-  const absl::Time deadline = absl::Now() + options_.rpc_timeout * 3;
-  return WithRetries("ReportEvaluation", deadline, [&] {
-    v1::ReportEvaluationResponse resp;
-    auto ctx = ContextUntil(std::min(deadline, absl::Now() + options_.rpc_timeout));
-    return stub_->ReportEvaluation(ctx.get(), request, &resp);
-  });
+  v1::ReportEvaluationResponse resp;
+  return Unary("ReportEvaluation", &v1::Coordinator::Stub::ReportEvaluation, request, &resp, 3);
 }
 
 absl::Status CoordinatorClient::ReportFailure(const v1::ReportFailureRequest& request) {
-  const absl::Time deadline = absl::Now() + options_.rpc_timeout;
-  return WithRetries("ReportFailure", deadline, [&] {
-    v1::ReportFailureResponse resp;
-    auto ctx = ContextUntil(deadline);
-    return stub_->ReportFailure(ctx.get(), request, &resp);
-  });
+  v1::ReportFailureResponse resp;
+  return Unary("ReportFailure", &v1::Coordinator::Stub::ReportFailure, request, &resp, 1);
 }
 
 }  // namespace lmsgd::worker

@@ -48,6 +48,12 @@ class CoordinatorClient {
   // Runs `attempt` (one RPC with the given deadline) with retries on UNAVAILABLE.
   template <typename Fn>
   absl::Status WithRetries(const char* rpc, absl::Time deadline, Fn attempt);
+  template <typename Req, typename Resp>
+  using UnaryMethod = grpc::Status (v1::Coordinator::Stub::*)(grpc::ClientContext*, const Req&, Resp*);
+  // One unary RPC with per-attempt deadlines and retries (see WithRetries).
+  template <typename Req, typename Resp>
+  absl::Status Unary(const char* rpc, UnaryMethod<Req, Resp> method, const Req& request, Resp* response,
+                     int attempts_worth);
 
   CoordinatorClientOptions options_;
   std::shared_ptr<grpc::Channel> channel_;
