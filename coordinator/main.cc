@@ -152,7 +152,9 @@ int Run() {
   sigwait(&sigs, &sig);
   LOG(INFO) << "received " << (sig == SIGTERM ? "SIGTERM" : "SIGINT") << ", shutting down";
   jobs.Shutdown();
-  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  // Every blocking handler returned when JobManager shut down; the grace only covers unary calls
+  // in flight. gRPC also waits for connected clients to drop their channels until the deadline.
+  server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
   stop = true;
   ticker.join();
   jobs.Tick();  // last chance for pending durable writes
