@@ -459,6 +459,11 @@ absl::StatusOr<v1::JoinJobResponse> JobManager::Join(const v1::JoinJobRequest& r
     it = job->members.emplace(worker_id, std::move(m)).first;
   } else if (it->second.generation == job->status.generation() && it->second.generation != 0 &&
              job->status.state() == v1::JOB_STATE_RUNNING) {
+    if (req.last_generation() != job->status.generation()) {
+      // Given a rank while between JoinJob calls: hand the assignment out.
+      it->second.last_seen = options_.now();
+      return MakeJoinResponse(*job, it->second);
+    }
     // A member of the running generation joins again: it has left that generation.
     RETURN_IF_ERROR(BreakGeneration(
         *job, absl::StrCat(DescribeMember(it->second.info), " left generation ",

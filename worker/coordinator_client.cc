@@ -61,7 +61,8 @@ absl::Status CoordinatorClient::Unary(const char* rpc, UnaryMethod<Req, Resp> me
 }
 
 absl::StatusOr<v1::JoinJobResponse> CoordinatorClient::Join(const v1::WorkerIdentity& identity,
-                                                            const std::string& job_id, absl::Time deadline) {
+                                                            const std::string& job_id, absl::Time deadline,
+                                                            uint64_t last_generation) {
   v1::JoinJobResponse resp;
   while (true) {
     const absl::Time now = absl::Now();
@@ -76,6 +77,7 @@ absl::StatusOr<v1::JoinJobResponse> CoordinatorClient::Join(const v1::WorkerIden
     *req.mutable_identity() = identity;
     req.set_job_id(job_id);
     req.set_max_wait_s(absl::ToDoubleSeconds(wait));
+    req.set_last_generation(last_generation);
     v1::JoinJobResponse r;
     RETURN_IF_ERROR(WithRetries("JoinJob", deadline, [&] {
       auto ctx = ContextUntil(absl::Now() + wait + absl::Seconds(5));

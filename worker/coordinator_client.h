@@ -29,8 +29,9 @@ class CoordinatorClient {
 
   // Calls JoinJob until a rank is assigned or `deadline` passes (DEADLINE_EXCEEDED saying how
   // many workers had joined). FAILED_PRECONDITION/NOT_FOUND from the coordinator are final.
+  // `last_generation`: the generation this worker last trained in (0: none); see JoinJobRequest.
   absl::StatusOr<v1::JoinJobResponse> Join(const v1::WorkerIdentity& identity, const std::string& job_id,
-                                           absl::Time deadline);
+                                           absl::Time deadline, uint64_t last_generation = 0);
   absl::Status PublishBootstrap(const std::string& job_id, uint64_t generation, int rank,
                                 const std::string& key, const std::string& value);
   // Waits (server side) up to `timeout` for every rank's `key`; returns values by rank.

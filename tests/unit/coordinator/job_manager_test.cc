@@ -174,6 +174,30 @@ TEST_F(JobManagerTest, JoinWaitsForWorldSizeThenRanksAreContiguousPerHost) {
   EXPECT_EQ(status.workers(0).rank(), 0);
 }
 
+// A worker whose JoinJob wait ended (unassigned) can be given a rank before it calls again:
+// the next call returns that assignment instead of breaking the new generation.
+TEST_F(JobManagerTest, AssignmentMadeBetweenJoinCallsIsHandedOut) {
+  auto job = SubmitJob(2);
+  auto lone = manager_->Join(JoinReq("h", 0, job.job_id()), absl::Now() + absl::Milliseconds(50));
+  ASSERT_TRUE(lone.ok());
+  ASSERT_FALSE(lone->assigned());
+  auto other = JoinAll(job.job_id(), {{"h", 1}});  // forms generation 1 with h/0 included
+  ASSERT_TRUE(other[0].assigned());
+  auto again = manager_->Join(JoinReq("h", 0, job.job_id()), absl::Now() + absl::Seconds(1));
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_TRUE(again->assigned());
+  EXPECT_EQ(again->generation(), 1u);
+  EXPECT_EQ(again->rank(), 0);
+  EXPECT_EQ(State(job.job_id()), v1::JOB_STATE_RUNNING);
+  // Re-joining with last_generation = 1 means leaving generation 1.
+  auto leave = JoinReq("h", 0, job.job_id());
+  leave.set_last_generation(1);
+  auto left = manager_->Join(leave, absl::Now() + absl::Milliseconds(50));
+  ASSERT_TRUE(left.ok());
+  EXPECT_FALSE(left->assigned());
+  EXPECT_EQ(State(job.job_id()), v1::JOB_STATE_RECOVERING);
+}
+
 TEST_F(JobManagerTest, ExtraWorkerIsStandby) {
   auto job = SubmitJob(2);
   auto replies = JoinAll(job.job_id(), {{"h", 0}, {"h", 1}});
