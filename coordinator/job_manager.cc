@@ -691,9 +691,7 @@ void JobManager::Tick() {
   for (auto& [job_id, job_ptr] : jobs_) {
     Job& job = *job_ptr;
     if (job.dirty) {
-      v1::JobStatus again = Snapshot(job);
-      again.set_state(job.status.state());
-      PersistOrRetryLater(job, std::move(again));
+      PersistOrRetryLater(job, Snapshot(job));
     }
     if (IsFinal(job.status.state())) continue;
     std::vector<std::string> dead_in_generation;
