@@ -92,4 +92,29 @@ std::map<std::string, std::vector<double>> ReferenceResNet::Backward() {
   return grads_;
 }
 
+Tensor ReferenceResNet::ConvBnInference(const ConvSpec& conv, const BnSpec& bn, const Tensor& in, bool relu) const {
+  Tensor y = reference::ConvForward(
+      in, Weight(conv.name + ".weight", {conv.out_channels, conv.in_channels, conv.kernel, conv.kernel}),
+      {conv.stride, conv.padding});
+  y = reference::BatchNormInference(y, params_.at(bn.name + ".weight"), params_.at(bn.name + ".bias"),
+                                    params_.at(bn.name + ".running_mean"), params_.at(bn.name + ".running_var"), 1e-5);
+  return relu ? reference::ReluForward(y) : y;
+}
+
+Tensor ReferenceResNet::Predict(const Tensor& x) const {
+  Tensor h = ConvBnInference(spec_.stem_conv, spec_.stem_bn, x, true);
+  std::vector<int64_t> argmax;
+  if (spec_.stem_maxpool) h = reference::MaxPoolForward(h, 3, 2, 1, &argmax);
+  for (const BlockSpec& blk : spec_.blocks) {
+    Tensor out = h;
+    for (size_t i = 0; i < blk.convs.size(); ++i) {
+      out = ConvBnInference(blk.convs[i], blk.bns[i], out, i + 1 < blk.convs.size());
+    }
+    Tensor shortcut = blk.downsample_conv ? ConvBnInference(*blk.downsample_conv, *blk.downsample_bn, h, false) : h;
+    h = reference::ReluForward(reference::Add(out, shortcut));
+  }
+  return reference::FcForward(reference::GlobalAvgPoolForward(h),
+                              Weight("fc.weight", {spec_.num_classes, spec_.fc_in}), params_.at("fc.bias"));
+}
+
 }  // namespace lmsgd::model

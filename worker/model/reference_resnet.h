@@ -28,6 +28,9 @@ class ReferenceResNet {
   // Gradients of the last Forward's loss for every parameter, by name.
   std::map<std::string, std::vector<double>> Backward();
 
+  // Inference-mode logits (N, classes): BN with the running statistics in params.
+  reference::Tensor Predict(const reference::Tensor& x) const;
+
   std::map<std::string, std::vector<double>>& params() { return params_; }
 
  private:
@@ -45,6 +48,8 @@ class ReferenceResNet {
   reference::Tensor ConvBnBackward(const ConvSpec& conv, const BnSpec& bn, reference::Tensor dout,
                                    const ConvBnCache& cache, bool relu);
   reference::Tensor Weight(const std::string& name, std::vector<int> shape) const;
+  reference::Tensor ConvBnInference(const ConvSpec& conv, const BnSpec& bn, const reference::Tensor& in,
+                                    bool relu) const;
 
   ResNetSpec spec_;
   std::map<std::string, std::vector<double>> params_;

@@ -1,0 +1,186 @@
+// The oneDNN ResNet against the float64 reference: loss, every parameter's gradient, BN
+// running statistics and inference logits, for a CIFAR-style net and an ImageNet-style one
+// (7x7 stem + max pool, projection shortcuts).
+//
+// Tolerances (fp32 vs float64): loss relative 1e-4; each gradient tensor max |diff| <= 2e-3 of
+// that tensor's max |reference value| (+1e-7); running stats 1e-4; logits 1e-4 relative.
+#include "worker/backend/onednn/resnet.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <set>
+
+#include "worker/backend/reference/ops.h"
+#include "worker/model/reference_resnet.h"
+
+namespace lmsgd::backend::onednn {
+namespace {
+
+using model::Arch;
+
+struct Case {
+  Arch arch;
+  int channels, classes, hw, batch, bn_group;
+};
+
+// Initial parameters with every gamma non-zero and random-ish betas so every branch carries
+// gradient (the paper's zero-gamma init would make residual branches' gradients vanish).
+std::map<std::string, std::vector<float>> TestParams(const model::ResNetSpec& spec, uint64_t seed) {
+  auto p = model::InitializeParameters(spec, {seed, /*zero_init_last_bn_gamma=*/false});
+  std::mt19937 rng(static_cast<uint32_t>(seed));
+  std::uniform_real_distribution<float> u(-0.2f, 0.2f);
+  for (auto& [name, v] : p) {
+    if (name.find(".bias") != std::string::npos && name != "fc.bias") {
+      for (auto& x : v) x = u(rng);
+    }
+    if (name.find("bn") != std::string::npos && name.find(".weight") != std::string::npos) {
+      for (auto& x : v) x = 1.0f + u(rng);
+    }
+    if (name.find("running_var") != std::string::npos) {
+      for (auto& x : v) x = 1.0f + 2 * std::abs(u(rng));
+    }
+    if (name.find("running_mean") != std::string::npos) {
+      for (auto& x : v) x = u(rng);
+    }
+  }
+  return p;
+}
+
+class OnednnVsReference : public ::testing::TestWithParam<Case> {};
+
+TEST_P(OnednnVsReference, LossGradientsRunningStatsAndLogitsMatch) {
+  const Case c = GetParam();
+  SetNumThreads(2);
+  auto spec = model::MakeResNet(c.arch, c.channels, c.classes);
+  ASSERT_TRUE(spec.ok());
+  const auto init = TestParams(*spec, 5);
+  model::ParamStore store(*spec);
+  ASSERT_TRUE(store.Load(init).ok());
+
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd;
+  std::vector<float> images(static_cast<size_t>(c.batch) * c.channels * c.hw * c.hw);
+  for (auto& v : images) v = nd(rng);
+  std::vector<int32_t> labels(c.batch);
+  for (int i = 0; i < c.batch; ++i) labels[i] = (i * 7 + 3) % c.classes;
+  const double kn = 2.0 * c.batch;  // as if one of 2 workers
+
+  NetworkOptions o;
+  o.batch = c.batch;
+  o.height = o.width = c.hw;
+  o.bn_group = c.bn_group;
+  auto net = CreateResNet(*spec, &store, o);
+  ASSERT_TRUE(net.ok()) << net.status();
+  auto loss = (*net)->ForwardTrain(images.data(), labels.data(), kn);
+  ASSERT_TRUE(loss.ok()) << loss.status();
+  std::vector<size_t> ready;
+  const absl::Status bst = (*net)->Backward([&](size_t i) { ready.push_back(i); });
+  ASSERT_TRUE(bst.ok()) << bst;
+
+  // Reference on the same (pre-step) parameters.
+  model::ReferenceResNet ref(*spec, init);
+  reference::Tensor x({c.batch, c.channels, c.hw, c.hw});
+  for (size_t i = 0; i < images.size(); ++i) x.data[i] = images[i];
+  const double ref_loss = ref.Forward(x, std::vector<int>(labels.begin(), labels.end()), c.bn_group, kn);
+  auto ref_grads = ref.Backward();
+  EXPECT_NEAR(*loss, ref_loss, 1e-4 * std::abs(ref_loss)) << (*net)->Describe();
+
+  for (size_t i = 0; i < store.num_params(); ++i) {
+    const auto& ps = store.param_specs()[i];
+    const std::vector<double>& g = ref_grads.at(ps.name);
+    const float* got = store.grad(i);
+    double max_ref = 0, max_diff = 0;
+    for (size_t j = 0; j < g.size(); ++j) {
+      max_ref = std::max(max_ref, std::abs(g[j]));
+      max_diff = std::max(max_diff, std::abs(g[j] - got[j]));
+    }
+    EXPECT_LE(max_diff, 2e-3 * max_ref + 1e-7) << ps.name << " max_ref=" << max_ref;
+  }
+
+  // Every gradient reported ready exactly once, the head first and the stem conv last.
+  ASSERT_EQ(ready.size(), store.num_params());
+  EXPECT_EQ(std::set<size_t>(ready.begin(), ready.end()).size(), store.num_params());
+  EXPECT_EQ(store.param_specs()[ready.front()].name, "fc.weight");
+  EXPECT_EQ(store.param_specs()[ready.back()].name, "conv1.weight");
+
+  // Stem BN running statistics: 0.9 * initial + 0.1 * mean over groups (unbiased variance).
+  reference::Tensor w({spec->stem_conv.out_channels, c.channels, spec->stem_conv.kernel, spec->stem_conv.kernel});
+  for (size_t i = 0; i < w.data.size(); ++i) w.data[i] = init.at("conv1.weight")[i];
+  const auto conv1 = reference::ConvForward(x, w, {spec->stem_conv.stride, spec->stem_conv.padding});
+  std::vector<double> rm(init.at("bn1.running_mean").begin(), init.at("bn1.running_mean").end());
+  std::vector<double> rv(init.at("bn1.running_var").begin(), init.at("bn1.running_var").end());
+  reference::UpdateRunningStats(conv1, c.bn_group, 0.9, &rm, &rv);
+  for (size_t i = 0; i < rm.size(); ++i) {
+    EXPECT_NEAR(store.BufferByName("bn1.running_mean")[i], rm[i], 1e-4 * (1 + std::abs(rm[i]))) << i;
+    EXPECT_NEAR(store.BufferByName("bn1.running_var")[i], rv[i], 1e-4 * (1 + std::abs(rv[i]))) << i;
+  }
+  EXPECT_EQ(store.num_batches_tracked(), 1);
+
+  // Inference network on the (now updated) store vs the reference's inference path.
+  NetworkOptions io = o;
+  io.training = false;
+  auto inf = CreateResNet(*spec, &store, io);
+  ASSERT_TRUE(inf.ok()) << inf.status();
+  std::vector<float> logits(static_cast<size_t>(c.batch) * c.classes);
+  ASSERT_TRUE((*inf)->Predict(images.data(), logits.data()).ok());
+  model::ReferenceResNet ref_inf(*spec, store.ToMap());
+  const auto ref_logits = ref_inf.Predict(x);
+  double max_ref = 0;
+  for (double v : ref_logits.data) max_ref = std::max(max_ref, std::abs(v));
+  for (size_t i = 0; i < logits.size(); ++i) EXPECT_NEAR(logits[i], ref_logits.data[i], 1e-4 * max_ref) << i;
+}
+
+INSTANTIATE_TEST_SUITE_P(Nets, OnednnVsReference,
+                         ::testing::Values(Case{Arch::kResNet8, 1, 10, 8, 4, 2},
+                                           Case{Arch::kResNet8, 3, 10, 12, 6, 3},
+                                           Case{Arch::kResNet18, 3, 7, 64, 4, 4}),
+                         [](const auto& info) { return "case" + std::to_string(info.index); });
+
+TEST(OnednnResNetTest, ResNet50BuildsAtImageNetShape) {
+  SetNumThreads(2);
+  auto spec = model::MakeResNet(Arch::kResNet50, 3, 1000);
+  ASSERT_TRUE(spec.ok());
+  model::ParamStore store(*spec);
+  EXPECT_EQ(store.params().size(), 25557032u);
+  NetworkOptions o;
+  o.batch = 2;
+  o.bn_group = 2;
+  auto net = CreateResNet(*spec, &store, o);
+  ASSERT_TRUE(net.ok()) << net.status();
+  ASSERT_TRUE(store.Load(model::InitializeParameters(*spec, {1, true})).ok());
+  std::vector<float> images(2 * 3 * 224 * 224, 0.5f);
+  std::vector<int32_t> labels = {1, 999};
+  auto loss = (*net)->ForwardTrain(images.data(), labels.data(), 2);
+  ASSERT_TRUE(loss.ok()) << loss.status();
+  // fc ~ N(0, 0.01) on BN-normalized features: logits near 0, loss near ln(1000).
+  EXPECT_NEAR(*loss, std::log(1000.0), 0.2);
+  ASSERT_TRUE((*net)->Backward(nullptr).ok());
+  EXPECT_GT((*net)->times().conv_forward, 0);
+}
+
+TEST(OnednnResNetTest, BadInputsAreErrorsNotCrashes) {
+  auto spec = model::MakeResNet(Arch::kResNet8, 1, 10);
+  model::ParamStore store(*spec);
+  NetworkOptions o;
+  o.batch = 4;
+  o.height = o.width = 8;
+  o.bn_group = 3;
+  auto bad = CreateResNet(*spec, &store, o);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("bn_group 3 must divide the batch 4"), std::string::npos);
+  o.bn_group = 2;
+  auto net = CreateResNet(*spec, &store, o);
+  ASSERT_TRUE(net.ok());
+  std::vector<float> images(4 * 64, 0.1f);
+  std::vector<int32_t> labels = {0, 1, 10, 2};
+  auto loss = (*net)->ForwardTrain(images.data(), labels.data(), 4);
+  ASSERT_FALSE(loss.ok());
+  EXPECT_NE(loss.status().message().find("label 10 of sample 2"), std::string::npos);
+  EXPECT_EQ((*net)->Backward(nullptr).code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ((*net)->Predict(images.data(), nullptr).code(), absl::StatusCode::kFailedPrecondition);
+}
+
+}  // namespace
+}  // namespace lmsgd::backend::onednn

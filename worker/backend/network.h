@@ -1,0 +1,69 @@
+// The backend-neutral training network: one ResNet (a model::ResNetSpec) at a fixed batch
+// shape, reading parameters from and writing gradients to a model::ParamStore.
+//
+// Backends: onednn/ (CPU, oneDNN primitives in blocked layouts) and cuda/ (cuDNN, later).
+// Each is built from the same ops as the float64 reference (backend/reference/ops.h), with
+// the same names: ConvForward / ConvBackwardData / ConvBackwardWeights, BatchNormTrainForward
+// / BatchNormBackward / BatchNormInference, ReluForward / ReluBackward, MaxPoolForward /
+// MaxPoolBackward, GlobalAvgPoolForward / GlobalAvgPoolBackward, FcForward / FcBackward,
+// SoftmaxCrossEntropy, Add. OpTimes reports where a step's time goes under those names.
+//
+// Semantics (the paper's, pinned by tests against the reference):
+//   * loss = sum over the batch of cross-entropy / normalizer, normalizer = the GLOBAL
+//     minibatch kn, so gradients summed over workers are the gradient of the mean loss;
+//   * BN statistics per group of `bn_group` consecutive samples (never across workers);
+//     running stats: r <- momentum * r + (1 - momentum) * (mean over groups of the group
+//     statistic), variance unbiased; num_batches_tracked += 1 per training forward;
+//   * Backward OVERWRITES the gradients in the ParamStore and calls `on_ready(i)` as soon as
+//     parameter i's gradient is final, in reverse layer order (for overlapped allreduce).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace lmsgd::backend {
+
+struct NetworkOptions {
+  int batch = 32;
+  int height = 224;
+  int width = 224;
+  int bn_group = 32;      // batch % bn_group == 0
+  bool training = true;   // false: inference only (Predict), BN with running statistics
+  double bn_momentum = 0.9;
+  double bn_eps = 1e-5;
+};
+
+// Seconds spent per op since the last Reset, summed over layers.
+struct OpTimes {
+  double conv_forward = 0, conv_backward_data = 0, conv_backward_weights = 0;
+  double batch_norm_forward = 0, batch_norm_backward = 0;
+  double add_relu_forward = 0, add_relu_backward = 0;  // residual Add + ReLU and their gradients
+  double max_pool = 0, global_avg_pool = 0, fc = 0, softmax_cross_entropy = 0;
+  double weight_reorder = 0;  // plain <-> backend layouts of weights and weight gradients
+  double Total() const {
+    return conv_forward + conv_backward_data + conv_backward_weights + batch_norm_forward + batch_norm_backward +
+           add_relu_forward + add_relu_backward + max_pool + global_avg_pool + fc + softmax_cross_entropy +
+           weight_reorder;
+  }
+};
+
+using GradReadyFn = std::function<void(size_t param_index)>;
+
+class Network {
+ public:
+  virtual ~Network() = default;
+  // images (batch, C, H, W) plain NCHW fp32; labels (batch) in [0, classes).
+  virtual absl::StatusOr<double> ForwardTrain(const float* images, const int32_t* labels, double normalizer) = 0;
+  virtual absl::Status Backward(const GradReadyFn& on_ready) = 0;
+  // Inference-mode logits (batch, classes), row-major.
+  virtual absl::Status Predict(const float* images, float* logits) = 0;
+  virtual const OpTimes& times() const = 0;
+  virtual void ResetTimes() = 0;
+  virtual std::string Describe() const = 0;  // backend, layouts, threads (logged at start)
+};
+
+}  // namespace lmsgd::backend
