@@ -1,0 +1,162 @@
+#include "worker/checkpoint/checkpoint.h"
+
+#include <cstdio>
+#include <filesystem>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
+#include "common/file_util.h"
+#include "worker/checkpoint/safetensors.h"
+
+namespace lmsgd::checkpoint {
+namespace {
+
+std::string OptimPath(const std::string& model_path) {
+  std::string base(absl::StripSuffix(model_path, ".safetensors"));
+  return base + ".optim.safetensors";
+}
+
+Tensor F32(const std::vector<int64_t>& shape, const float* p, int64_t n) {
+  Tensor t;
+  t.dtype = DType::kF32;
+  t.shape = shape;
+  t.f32.assign(p, p + n);
+  return t;
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> SaveCheckpoint(const std::string& dir, const model::ParamStore& store,
+                                           const optim::Sgd& sgd, const TrainingState& state, int keep) {
+  if (auto st = MakeDirs(dir); !st.ok()) return st;
+  const std::string name = absl::StrFormat("ckpt-%010d", state.iteration);
+  const std::string model_path = dir + "/" + name + ".safetensors";
+  SafetensorsFile m, o;
+  auto& ps = const_cast<model::ParamStore&>(store);
+  for (size_t i = 0; i < store.num_params(); ++i) {
+    const auto& s = store.param_specs()[i];
+    m.tensors[s.name] = F32(s.shape, ps.param(i), s.numel());
+    o.tensors[s.name] = F32(s.shape, sgd.velocity()[i].data(), s.numel());
+  }
+  for (size_t i = 0; i < store.buffer_specs().size(); ++i) {
+    const auto& s = store.buffer_specs()[i];
+    m.tensors[s.name] = F32(s.shape, ps.buffer(i), s.numel());
+    // torchvision keeps num_batches_tracked next to every BN's running stats.
+    if (absl::EndsWith(s.name, ".running_var")) {
+      Tensor nbt;
+      nbt.dtype = DType::kI64;
+      nbt.i64 = {store.num_batches_tracked()};
+      m.tensors[std::string(absl::StripSuffix(s.name, ".running_var")) + ".num_batches_tracked"] = nbt;
+    }
+  }
+  m.metadata = {{"format", "pt"}, {"lmsgd_model", state.model}, {"lmsgd_iteration", absl::StrCat(state.iteration)}};
+  o.metadata = {{"lmsgd_model", state.model},
+                {"lmsgd_iteration", absl::StrCat(state.iteration)},
+                {"lmsgd_epoch", absl::StrCat(state.epoch)},
+                {"lmsgd_seed", absl::StrCat(state.seed)},
+                {"lmsgd_global_batch", absl::StrCat(state.global_batch)},
+                {"lmsgd_world_size", absl::StrCat(state.world_size)},
+                {"lmsgd_lr", absl::StrFormat("%.17g", state.lr)}};
+  if (auto st = WriteSafetensors(model_path, m); !st.ok()) return st;
+  if (auto st = WriteSafetensors(OptimPath(model_path), o); !st.ok()) return st;
+  if (auto st = WriteFileAtomically(dir + "/LATEST", name + "\n"); !st.ok()) return st;  // commit
+  // Retention: remove older checkpoints beyond `keep`.
+  auto files = ListFiles(dir);
+  if (files.ok() && keep > 0) {
+    std::vector<std::string> models;
+    for (const auto& f : *files) {
+      if (absl::StartsWith(f, "ckpt-") && absl::EndsWith(f, ".safetensors") && !absl::EndsWith(f, ".optim.safetensors")) {
+        models.push_back(f);
+      }
+    }
+    for (size_t i = 0; i + keep < models.size(); ++i) {
+      std::error_code ec;
+      std::filesystem::remove(dir + "/" + models[i], ec);
+      std::filesystem::remove(OptimPath(dir + "/" + models[i]), ec);
+    }
+  }
+  return model_path;
+}
+
+absl::StatusOr<std::string> LatestCheckpoint(const std::string& dir) {
+  auto latest = ReadFileToString(dir + "/LATEST");
+  if (!latest.ok()) {
+    if (latest.status().code() == absl::StatusCode::kNotFound) {
+      return absl::NotFoundError(absl::StrCat("no checkpoint in '", dir, "' (no LATEST file)"));
+    }
+    return latest.status();
+  }
+  std::string name(absl::StripTrailingAsciiWhitespace(*latest));
+  if (!absl::StartsWith(name, "ckpt-") || name.find('/') != std::string::npos) {
+    return absl::DataLossError(absl::StrCat("'", dir, "/LATEST' does not name a checkpoint: '", name, "'"));
+  }
+  return dir + "/" + name + ".safetensors";
+}
+
+absl::StatusOr<TrainingState> LoadCheckpoint(const std::string& model_path, const std::string& expected_model,
+                                             model::ParamStore* store, optim::Sgd* sgd) {
+  auto m = ReadSafetensors(model_path);
+  if (!m.ok()) return m.status();
+  const std::string optim_path = OptimPath(model_path);
+  auto o = ReadSafetensors(optim_path);
+  if (!o.ok()) return o.status();
+  auto meta = [&](const std::string& k) -> std::string {
+    auto it = o->metadata.find(k);
+    return it == o->metadata.end() ? "" : it->second;
+  };
+  TrainingState state;
+  state.model = meta("lmsgd_model");
+  if (state.model != expected_model) {
+    return absl::FailedPreconditionError(absl::StrCat("checkpoint '", model_path, "' holds a ", state.model,
+                                                      ", the job trains a ", expected_model));
+  }
+  uint64_t epoch = 0, ws = 0;
+  if (!absl::SimpleAtoi(meta("lmsgd_iteration"), &state.iteration) || !absl::SimpleAtoi(meta("lmsgd_epoch"), &epoch) ||
+      !absl::SimpleAtoi(meta("lmsgd_seed"), &state.seed) ||
+      !absl::SimpleAtoi(meta("lmsgd_global_batch"), &state.global_batch) ||
+      !absl::SimpleAtoi(meta("lmsgd_world_size"), &ws) || !absl::SimpleAtod(meta("lmsgd_lr"), &state.lr)) {
+    return absl::DataLossError(absl::StrCat("checkpoint '", optim_path, "' lacks its training state metadata"));
+  }
+  state.epoch = static_cast<uint32_t>(epoch);
+  state.world_size = static_cast<uint32_t>(ws);
+  // Verify everything before touching the store.
+  auto check = [&](const SafetensorsFile& f, const std::string& path, const model::TensorSpec& s) -> absl::Status {
+    auto it = f.tensors.find(s.name);
+    if (it == f.tensors.end()) return absl::DataLossError(absl::StrCat("checkpoint '", path, "' lacks '", s.name, "'"));
+    if (it->second.dtype != DType::kF32 || it->second.shape != s.shape) {
+      return absl::DataLossError(absl::StrCat("checkpoint '", path, "': tensor '", s.name, "' has the wrong dtype or shape"));
+    }
+    return absl::OkStatus();
+  };
+  for (const auto& s : store->param_specs()) {
+    if (auto st = check(*m, model_path, s); !st.ok()) return st;
+    if (auto st = check(*o, optim_path, s); !st.ok()) return st;
+  }
+  for (const auto& s : store->buffer_specs()) {
+    if (auto st = check(*m, model_path, s); !st.ok()) return st;
+  }
+  int64_t nbt = 0;
+  for (const auto& [name, t] : m->tensors) {
+    if (absl::EndsWith(name, ".num_batches_tracked") && t.dtype == DType::kI64 && t.i64.size() == 1) nbt = t.i64[0];
+  }
+  for (size_t i = 0; i < store->num_params(); ++i) {
+    const auto& v = m->tensors.at(store->param_specs()[i].name).f32;
+    std::copy(v.begin(), v.end(), store->param(i));
+  }
+  for (size_t i = 0; i < store->buffer_specs().size(); ++i) {
+    const auto& v = m->tensors.at(store->buffer_specs()[i].name).f32;
+    std::copy(v.begin(), v.end(), store->buffer(i));
+  }
+  store->set_num_batches_tracked(nbt);
+  if (sgd != nullptr) {
+    std::vector<std::vector<float>> velocity;
+    for (const auto& s : store->param_specs()) velocity.push_back(o->tensors.at(s.name).f32);
+    if (auto st = sgd->SetVelocity(velocity); !st.ok()) return st;
+  }
+  return state;
+}
+
+}  // namespace lmsgd::checkpoint

@@ -1,0 +1,53 @@
+// Training checkpoints.
+//
+// A checkpoint named ckpt-<iteration, 10 digits> in the checkpoint directory is two files:
+//   ckpt-N.safetensors        the model: every parameter and BN buffer under its torchvision
+//                             name (num_batches_tracked as I64), so that
+//                             torchvision.models.resnet50().load_state_dict(
+//                                 safetensors.torch.load_file(path)) accepts it;
+//   ckpt-N.optim.safetensors  the SGD velocity of every parameter (same names) and, in the
+//                             metadata, the training state (iteration, epoch, seed, model,
+//                             global batch, world size, learning rate).
+// Both are written atomically (temp, fsync, rename) and carry a CRC-32 of their data; then the
+// file LATEST (also atomic) is pointed at the new name: that rename is the commit point. A
+// crash before it leaves the previous checkpoint current. Older checkpoints beyond `keep` are
+// removed after the commit.
+//
+// Loading checks names, shapes, CRCs and that the model matches; any mismatch or corruption is
+// an error naming the file, never a partial load (the store and optimizer are only written
+// after everything has been verified).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "worker/model/param_store.h"
+#include "worker/optim/sgd.h"
+
+namespace lmsgd::checkpoint {
+
+struct TrainingState {
+  uint64_t iteration = 0;  // steps completed
+  uint32_t epoch = 0;      // epochs completed
+  std::string model;       // "resnet50", ...
+  uint64_t seed = 0;
+  uint64_t global_batch = 0;
+  uint32_t world_size = 1;
+  double lr = 0;           // rate of the last step
+};
+
+// Writes checkpoint ckpt-<state.iteration> into `dir` (created if needed) and commits it.
+// Returns the model file's path.
+absl::StatusOr<std::string> SaveCheckpoint(const std::string& dir, const model::ParamStore& store,
+                                           const optim::Sgd& sgd, const TrainingState& state, int keep = 3);
+
+// Path of the committed checkpoint's model file in `dir`; NOT_FOUND when there is none.
+absl::StatusOr<std::string> LatestCheckpoint(const std::string& dir);
+
+// Loads a checkpoint (its model file path; the optimizer file is its sibling) into `store` and
+// `sgd` (may be null: weights only). Returns the training state.
+absl::StatusOr<TrainingState> LoadCheckpoint(const std::string& model_path, const std::string& expected_model,
+                                             model::ParamStore* store, optim::Sgd* sgd);
+
+}  // namespace lmsgd::checkpoint
