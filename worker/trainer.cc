@@ -52,7 +52,7 @@ absl::StatusOr<StepStats> Trainer::Step(uint64_t iteration, const float* images,
   auto& grads = store_->grads();
   for (int j = 0; j < m; ++j) {
     auto t0 = Clock::now();
-    auto loss = net_->ForwardTrain(images + per * n * j, labels + static_cast<size_t>(n) * j, kn);
+    auto loss = net_->ForwardTrain(images + per * n * j, labels + static_cast<size_t>(n) * j, kn, j, m);
     if (!loss.ok()) {
       return absl::Status(loss.status().code(),
                           absl::StrCat("step ", iteration, ", virtual worker ", j, ": ", loss.status().message()));

@@ -57,7 +57,12 @@ class Network {
  public:
   virtual ~Network() = default;
   // images (batch, C, H, W) plain NCHW fp32; labels (batch) in [0, classes).
-  virtual absl::StatusOr<double> ForwardTrain(const float* images, const int32_t* labels, double normalizer) = 0;
+  // Virtual workers: the step's m forwards pass group = 0..m-1 and groups = m; the running
+  // statistics then get ONE momentum update with the mean of all m*batch/bn_group group
+  // statistics (= the mean of m independent workers' running stats), and
+  // num_batches_tracked grows by one per step.
+  virtual absl::StatusOr<double> ForwardTrain(const float* images, const int32_t* labels, double normalizer,
+                                              int group = 0, int groups = 1) = 0;
   virtual absl::Status Backward(const GradReadyFn& on_ready) = 0;
   // Inference-mode logits (batch, classes), row-major.
   virtual absl::Status Predict(const float* images, float* logits) = 0;

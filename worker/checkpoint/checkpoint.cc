@@ -138,6 +138,13 @@ absl::StatusOr<TrainingState> LoadCheckpoint(const std::string& model_path, cons
   for (const auto& s : store->buffer_specs()) {
     if (auto st = check(*m, model_path, s); !st.ok()) return st;
   }
+  // Strict, like torch's load_state_dict: no tensors the model does not have.
+  const size_t bn_count = store->buffer_specs().size() / 2;  // running_mean + running_var per BN
+  const size_t expected = store->num_params() + store->buffer_specs().size() + bn_count;
+  if (m->tensors.size() != expected) {
+    return absl::DataLossError(absl::StrCat("checkpoint '", model_path, "' holds ", m->tensors.size(),
+                                            " tensors; a ", expected_model, " has ", expected));
+  }
   int64_t nbt = 0;
   for (const auto& [name, t] : m->tensors) {
     if (absl::EndsWith(name, ".num_batches_tracked") && t.dtype == DType::kI64 && t.i64.size() == 1) nbt = t.i64[0];

@@ -193,7 +193,8 @@ std::string SerializeSafetensors(const SafetensorsFile& file) {
   return out;
 }
 
-absl::StatusOr<SafetensorsFile> ParseSafetensors(const std::string& bytes, const std::string& name) {
+absl::StatusOr<SafetensorsFile> ParseSafetensors(const std::string& bytes, const std::string& name,
+                                                 bool require_crc) {
   auto bad = [&](const std::string& what) {
     return absl::DataLossError(absl::StrCat("checkpoint '", name, "' is corrupt: ", what));
   };
@@ -265,6 +266,7 @@ absl::StatusOr<SafetensorsFile> ParseSafetensors(const std::string& bytes, const
   }
   if (covered != data_size) return bad(absl::StrCat("tensors cover ", covered, " of ", data_size, " data bytes"));
   auto crc = out.metadata.find("lmsgd_crc32");
+  if (crc == out.metadata.end() && require_crc) return bad("no lmsgd_crc32 in its metadata");
   if (crc != out.metadata.end()) {
     const uint32_t actual = Crc32(absl::string_view(data, data_size));
     if (crc->second != absl::StrCat(actual)) {
@@ -278,10 +280,10 @@ absl::Status WriteSafetensors(const std::string& path, const SafetensorsFile& fi
   return WriteFileAtomically(path, SerializeSafetensors(file));
 }
 
-absl::StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path) {
+absl::StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path, bool require_crc) {
   auto bytes = ReadFileToString(path);
   if (!bytes.ok()) return bytes.status();
-  return ParseSafetensors(*bytes, path);
+  return ParseSafetensors(*bytes, path, require_crc);
 }
 
 }  // namespace lmsgd::checkpoint

@@ -34,10 +34,13 @@ struct SafetensorsFile {
 
 // Serializes (tensors in name order, 8-byte aligned header) with the CRC in the metadata.
 std::string SerializeSafetensors(const SafetensorsFile& file);
-// Parses and verifies; `name` (the path) is used in errors.
-absl::StatusOr<SafetensorsFile> ParseSafetensors(const std::string& bytes, const std::string& name);
+// Parses and verifies; `name` (the path) is used in errors. With `require_crc` (lmsgd's own
+// files always carry one) a missing lmsgd_crc32 is corruption too: a damaged metadata key must
+// not switch the check off. Files from other tools (no CRC) need require_crc = false.
+absl::StatusOr<SafetensorsFile> ParseSafetensors(const std::string& bytes, const std::string& name,
+                                                 bool require_crc = true);
 
 absl::Status WriteSafetensors(const std::string& path, const SafetensorsFile& file);  // atomic
-absl::StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path);
+absl::StatusOr<SafetensorsFile> ReadSafetensors(const std::string& path, bool require_crc = true);
 
 }  // namespace lmsgd::checkpoint

@@ -124,7 +124,8 @@ class Net final : public Network {
       : spec_(spec), store_(store), opt_(o), eng_(dnnl::engine::kind::cpu, 0), stream_(eng_) {}
 
   absl::Status Build();
-  absl::StatusOr<double> ForwardTrain(const float* images, const int32_t* labels, double normalizer) override;
+  absl::StatusOr<double> ForwardTrain(const float* images, const int32_t* labels, double normalizer, int group,
+                                      int groups) override;
   absl::Status Backward(const GradReadyFn& on_ready) override;
   absl::Status Predict(const float* images, float* logits) override;
   const OpTimes& times() const override { return times_; }
@@ -181,6 +182,7 @@ class Net final : public Network {
   std::vector<float> scratch_[2];
   std::deque<memory> scratch_mems_;
   bool forward_done_ = false;
+  int vw_index_ = 0, vw_count_ = 1;  // virtual worker of this forward (running-stats update)
 };
 
 absl::Status Net::Guard(const std::function<void()>& fn, const char* what) {
@@ -487,8 +489,15 @@ void Net::UpdateRunningStats(ConvBn* u) {
       mean += u->mean_buf[static_cast<size_t>(k) * C + c];
       var += u->var_buf[static_cast<size_t>(k) * C + c] * unbias;
     }
-    rm[c] = static_cast<float>(m * rm[c] + (1 - m) * mean / u->groups);
-    rv[c] = static_cast<float>(m * rv[c] + (1 - m) * var / u->groups);
+    // r <- m r + (1 - m) mean_j(s_j) over the step's virtual workers j, applied piecewise.
+    const double w = (1 - m) / (static_cast<double>(u->groups) * vw_count_);
+    if (vw_index_ == 0) {
+      rm[c] = static_cast<float>(m * rm[c] + w * mean);
+      rv[c] = static_cast<float>(m * rv[c] + w * var);
+    } else {
+      rm[c] = static_cast<float>(rm[c] + w * mean);
+      rv[c] = static_cast<float>(rv[c] + w * var);
+    }
   }
 }
 
@@ -600,8 +609,14 @@ void Net::ForwardAll(const float* images) {
                   {{DNNL_ARG_SRC, pooled_mem_}, {DNNL_ARG_WEIGHTS, fc_w_}, {DNNL_ARG_BIAS, fc_b_}, {DNNL_ARG_DST, logits_mem_}});
 }
 
-absl::StatusOr<double> Net::ForwardTrain(const float* images, const int32_t* labels, double normalizer) {
+absl::StatusOr<double> Net::ForwardTrain(const float* images, const int32_t* labels, double normalizer, int group,
+                                         int groups) {
   if (!opt_.training) return absl::FailedPreconditionError("ForwardTrain on an inference network");
+  if (groups < 1 || group < 0 || group >= groups) {
+    return absl::InvalidArgumentError(absl::StrCat("virtual worker ", group, " of ", groups));
+  }
+  vw_index_ = group;
+  vw_count_ = groups;
   if (!(normalizer > 0)) return absl::InvalidArgumentError(absl::StrCat("loss normalizer ", normalizer, " must be > 0"));
   const int N = opt_.batch, K = spec_.num_classes;
   for (int n = 0; n < N; ++n) {
@@ -611,7 +626,7 @@ absl::StatusOr<double> Net::ForwardTrain(const float* images, const int32_t* lab
   }
   auto st = Guard([&] { ForwardAll(images); stream_.wait(); }, "ForwardTrain");
   if (!st.ok()) return st;
-  store_->set_num_batches_tracked(store_->num_batches_tracked() + 1);
+  if (group == 0) store_->set_num_batches_tracked(store_->num_batches_tracked() + 1);
   ScopedTimer t(&times_.softmax_cross_entropy);
   // Softmax cross-entropy (float64 accumulation), dlogits = (softmax - onehot) / normalizer.
   double loss = 0;
