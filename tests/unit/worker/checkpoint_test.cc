@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <cstdlib>
 #include <random>
 
 #include "common/file_util.h"
@@ -163,6 +164,30 @@ TEST(CheckpointNamesTest, ResNet50FileHasTorchvisionsThreeHundredTwentyKeys) {
   auto spec = *model::MakeResNet(model::Arch::kResNet50, 3, 1000);
   // torchvision.models.resnet50().state_dict() has 320 entries: 161 parameters, 159 BN buffers.
   EXPECT_EQ(model::Parameters(spec).size() + model::Buffers(spec).size(), 320u);
+}
+
+// The interoperability promise: torchvision.models.resnet50().load_state_dict(file, strict=True)
+// accepts our checkpoint. Needs Debian's python3-torch (deploy/setup.sh --with-baselines);
+// skipped with a message where it is not installed.
+TEST(CheckpointNamesTest, TorchvisionLoadsOurResNet50CheckpointStrictly) {
+  const std::string script = std::string(LMSGD_SOURCE_DIR) + "/tests/bench/torchvision_load_check.py";
+  if (std::system("/usr/bin/python3 -c 'import torch, torchvision' >/dev/null 2>&1") != 0) {
+    GTEST_SKIP() << "Debian python3-torch/python3-torchvision not installed (deploy/setup.sh --with-baselines)";
+  }
+  auto spec = *model::MakeResNet(model::Arch::kResNet50, 3, 1000);
+  model::ParamStore store(spec);
+  ASSERT_TRUE(store.Load(model::InitializeParameters(spec, {1, true})).ok());
+  optim::Sgd sgd({}, store.OptimizerParams());
+  const std::string dir = testing::MakeTempDir("tv");
+  auto path = SaveCheckpoint(dir, store, sgd, {0, 0, "resnet50", 1, 256, 1, 0.1});
+  ASSERT_TRUE(path.ok());
+  const std::string out = dir + "/check.txt";
+  const int rc = std::system(("/usr/bin/python3 " + script + " " + *path + " resnet50 > " + out + " 2>&1").c_str());
+  auto text = ReadFileToString(out);
+  ASSERT_TRUE(text.ok());
+  ASSERT_EQ(rc, 0) << *text;
+  EXPECT_NE(text->find("torchvision_load=ok keys=320 params=25557032"), std::string::npos) << *text;
+  std::filesystem::remove_all(dir);
 }
 
 }  // namespace
