@@ -1,0 +1,139 @@
+// The CPU gradient exchange with real processes and real UCX: every algorithm for k in
+// {1,2,3,4,5,7,8}, exact integer sums and identical results on all ranks, broadcast, barrier,
+// bucketed allreduce during a real backward, a killed or stalled rank failing the others within
+// the timeout (naming it), and a re-formed generation after an abort.
+#include <gtest/gtest.h>
+
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/match.h"
+#include "common/file_util.h"
+#include "tests/integration/test_util.h"
+
+namespace lmsgd {
+namespace {
+
+struct RankRun {
+  int exit_code = -1;
+  std::string log;
+};
+
+// Starts k comm_rank processes with the given flags and waits for all of them.
+std::vector<RankRun> RunRanks(int k, const std::vector<std::string>& flags, absl::Duration timeout) {
+  const std::string dir = testing::MakeTempDir("comm");
+  std::vector<std::unique_ptr<testing::Subprocess>> procs;
+  std::vector<RankRun> out(k);
+  for (int r = 0; r < k; ++r) {
+    std::vector<std::string> argv = {LMSGD_COMM_RANK_BIN, absl::StrCat("--rank=", r), absl::StrCat("--size=", k),
+                                     "--store=" + dir + "/store"};
+    argv.insert(argv.end(), flags.begin(), flags.end());
+    procs.push_back(std::make_unique<testing::Subprocess>());
+    EXPECT_TRUE(procs.back()->Start(argv, absl::StrCat(dir, "/rank", r, ".log")).ok());
+  }
+  const absl::Time deadline = absl::Now() + timeout;
+  for (int r = 0; r < k; ++r) {
+    auto rc = procs[r]->Wait(std::max(deadline - absl::Now(), absl::Seconds(1)));
+    out[r].exit_code = rc.ok() ? *rc : -1;
+    auto log = ReadFileToString(absl::StrCat(dir, "/rank", r, ".log"));
+    out[r].log = log.ok() ? *log : "";
+  }
+  return out;
+}
+
+std::string Hosts(int k) {  // two simulated hosts: ranks [0, k/2) on "a", the rest on "b"
+  std::vector<std::string> h;
+  for (int r = 0; r < k; ++r) h.push_back(r < k / 2 ? "a" : "b");
+  return "--hosts=" + absl::StrJoin(h, ",");
+}
+
+class AllreduceTest : public ::testing::TestWithParam<std::tuple<int, std::string>> {};
+
+TEST_P(AllreduceTest, ExactSumIdenticalOnAllRanks) {
+  const auto [k, algo] = GetParam();
+  std::vector<std::string> flags = {"--mode=allreduce", "--algo=" + algo, "--counts=1,7,1023,1048576,25000000",
+                                    "--timeout_s=120"};
+  if (algo == "hier") flags.push_back(Hosts(k));
+  auto runs = RunRanks(k, flags, absl::Seconds(300));
+  std::set<std::string> result_lines;
+  for (int r = 0; r < k; ++r) {
+    ASSERT_EQ(runs[r].exit_code, 0) << "rank " << r << ":\n" << runs[r].log;
+    EXPECT_NE(runs[r].log.find("ok\n"), std::string::npos);
+    std::string results;
+    for (absl::string_view line : absl::StrSplit(runs[r].log, '\n')) {
+      if (absl::StartsWith(line, "result ")) absl::StrAppend(&results, line, "\n");
+    }
+    result_lines.insert(results);
+  }
+  EXPECT_EQ(result_lines.size(), 1u) << "ranks disagree";
+}
+
+INSTANTIATE_TEST_SUITE_P(Worlds, AllreduceTest,
+                         ::testing::Combine(::testing::Values(1, 2, 3, 4, 5, 7, 8),
+                                            ::testing::Values("ring", "hd", "hier")),
+                         [](const auto& info) {
+                           return absl::StrCat("k", std::get<0>(info.param), "_", std::get<1>(info.param));
+                         });
+
+TEST(CommTest, BroadcastAndBarrier) {
+  for (int k : {1, 3, 4}) {
+    auto b = RunRanks(k, {"--mode=broadcast", "--counts=1,1000,300000"}, absl::Seconds(60));
+    for (int r = 0; r < k; ++r) EXPECT_EQ(b[r].exit_code, 0) << "k=" << k << " rank " << r << ":\n" << b[r].log;
+    auto bar = RunRanks(k, {"--mode=barrier"}, absl::Seconds(60));
+    for (int r = 0; r < k; ++r) EXPECT_EQ(bar[r].exit_code, 0) << "k=" << k << " rank " << r << ":\n" << bar[r].log;
+  }
+}
+
+TEST(CommTest, BucketedAllreduceDuringBackwardEqualsOneAllreduceAfterIt) {
+  for (int k : {2, 3}) {
+    auto runs = RunRanks(k, {"--mode=bucketed"}, absl::Seconds(120));
+    std::set<std::string> crcs;
+    for (int r = 0; r < k; ++r) {
+      ASSERT_EQ(runs[r].exit_code, 0) << "rank " << r << ":\n" << runs[r].log;
+      auto pos = runs[r].log.find("crc=");
+      ASSERT_NE(pos, std::string::npos);
+      crcs.insert(runs[r].log.substr(pos, runs[r].log.find('\n', pos) - pos));
+      EXPECT_NE(runs[r].log.find("buckets="), std::string::npos);
+    }
+    EXPECT_EQ(crcs.size(), 1u) << "ranks hold different weights after the step";
+  }
+}
+
+TEST(CommTest, AKilledRankFailsTheOthersWithinTheTimeoutNamingIt) {
+  const absl::Time start = absl::Now();
+  auto runs = RunRanks(3, {"--mode=die", "--victim=1", "--timeout_s=5"}, absl::Seconds(60));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(30));
+  EXPECT_EQ(runs[1].exit_code, 9);
+  // Rank 2 receives from rank 1 in the ring and must name it; rank 0 may instead time out on
+  // rank 2, which stopped after its own failure (one hop of visibility, see the stall test).
+  EXPECT_NE(runs[2].log.find("rank 1"), std::string::npos) << runs[2].log;
+  for (int r : {0, 2}) EXPECT_EQ(runs[r].exit_code, 3) << runs[r].log;
+}
+
+// A stalled rank: every survivor fails with DEADLINE_EXCEEDED within about the timeout; the
+// survivors that talk to it directly name it (a survivor waiting on another survivor that is
+// itself stuck names that survivor: timeouts cannot see further than one hop).
+TEST(CommTest, AStalledRankTimesOutTheOthersNamingIt) {
+  for (const std::string algo : {"ring", "hd"}) {
+    const absl::Time start = absl::Now();
+    auto runs = RunRanks(3, {"--mode=stall", "--victim=2", "--timeout_s=3", "--algo=" + algo}, absl::Seconds(60));
+    EXPECT_LT(absl::Now() - start, absl::Seconds(25));
+    int named = 0;
+    for (int r : {0, 1}) {
+      EXPECT_EQ(runs[r].exit_code, 3) << algo << " rank " << r << ":\n" << runs[r].log;
+      EXPECT_NE(runs[r].log.find("DEADLINE_EXCEEDED"), std::string::npos) << runs[r].log;
+      named += runs[r].log.find("waiting for rank 2") != std::string::npos;
+    }
+    EXPECT_GE(named, 1) << algo;
+  }
+}
+
+TEST(CommTest, ANewGenerationWithFewerRanksWorksAfterAnAbort) {
+  auto runs = RunRanks(3, {"--mode=regen"}, absl::Seconds(60));
+  for (int r = 0; r < 3; ++r) EXPECT_EQ(runs[r].exit_code, 0) << "rank " << r << ":\n" << runs[r].log;
+}
+
+}  // namespace
+}  // namespace lmsgd

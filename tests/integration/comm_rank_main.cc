@@ -1,0 +1,216 @@
+// comm_rank: one rank of a multi-process communicator test (real processes, real UCX).
+//
+//   comm_rank --rank=R --size=K --store=DIR --mode=MODE [--algo=ring|hd|hier] [--hosts=a,a,b]
+//             [--counts=1,7,1023] [--timeout_s=10] [--victim=V] [--prefix=gen1]
+//
+// Modes: allreduce (integer-valued data, checked exact; prints a CRC of each result so the test
+// can compare ranks), broadcast, barrier, bucketed (a ResNet-8 training step with gradient
+// buckets allreduced during backward vs. one allreduce after it), die (rank V exits abruptly
+// at the second collective; the others must fail naming it), stall (rank V stops responding),
+// regen (a K-rank generation is aborted, then ranks 0..K-2 form a new one and allreduce).
+// Exit 0: all checks passed; 3: the collective failed as expected (message printed); 1: wrong.
+#include <unistd.h>
+
+#include <cmath>
+#include <iostream>
+#include <map>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "common/file_util.h"
+#include "worker/backend/onednn/resnet.h"
+#include "worker/comm/bucketer.h"
+#include "worker/comm/communicator.h"
+#include "worker/comm/ucx_transport.h"
+#include "worker/trainer.h"
+
+namespace lmsgd::comm {
+namespace {
+
+std::map<std::string, std::string> ParseArgs(int argc, char** argv) {
+  std::map<std::string, std::string> a;
+  for (int i = 1; i < argc; ++i) {
+    std::string s = argv[i];
+    if (s.rfind("--", 0) != 0) continue;
+    auto eq = s.find('=');
+    a[s.substr(2, eq - 2)] = eq == std::string::npos ? "1" : s.substr(eq + 1);
+  }
+  return a;
+}
+
+int Fail(const std::string& msg) {
+  std::cout << "FAIL: " << msg << std::endl;
+  return 1;
+}
+
+absl::StatusOr<std::unique_ptr<Communicator>> Connect(int rank, int size, Store* store, const std::string& prefix,
+                                                      Algorithm algo, const std::vector<std::string>& hosts,
+                                                      double timeout_s) {
+  auto t = UcxTransport::Create(rank, size, store, prefix, absl::Now() + absl::Seconds(30));
+  if (!t.ok()) return t.status();
+  CommunicatorOptions o;
+  o.algorithm = algo;
+  o.host_of_rank = hosts;
+  o.collective_timeout = absl::Seconds(timeout_s);
+  return Communicator::Create(std::move(*t), o);
+}
+
+int Run(int argc, char** argv) {
+  auto a = ParseArgs(argc, argv);
+  int rank = 0, size = 1, victim = -1;
+  double timeout_s = 10;
+  (void)absl::SimpleAtoi(a["rank"], &rank);
+  (void)absl::SimpleAtoi(a["size"], &size);
+  if (a.count("victim")) (void)absl::SimpleAtoi(a["victim"], &victim);
+  if (a.count("timeout_s")) (void)absl::SimpleAtod(a["timeout_s"], &timeout_s);
+  const std::string mode = a["mode"];
+  Algorithm algo = Algorithm::kRing;
+  if (a["algo"] == "hd") algo = Algorithm::kHalvingDoubling;
+  if (a["algo"] == "hier") algo = Algorithm::kHierarchical;
+  std::vector<std::string> hosts;
+  if (!a["hosts"].empty()) hosts = absl::StrSplit(a["hosts"], ',');
+  std::vector<size_t> counts;
+  for (absl::string_view c : absl::StrSplit(a["counts"], ',', absl::SkipEmpty())) {
+    size_t n = 0;
+    if (!absl::SimpleAtoi(c, &n)) return Fail(absl::StrCat("bad count '", c, "'"));
+    counts.push_back(n);
+  }
+  FileStore store(a["store"]);
+  const std::string prefix = a.count("prefix") ? a["prefix"] : "gen1";
+  auto comm = Connect(rank, size, &store, prefix, algo, hosts, timeout_s);
+  if (!comm.ok()) return Fail(absl::StrCat("connect: ", comm.status().ToString()));
+  const absl::Time far = absl::Now() + absl::Seconds(timeout_s * 3 + 30);
+
+  if (mode == "allreduce") {
+    const double s = size * (size + 1) / 2.0;
+    for (size_t n : counts) {
+      std::vector<float> d(n);
+      for (size_t i = 0; i < n; ++i) d[i] = static_cast<float>((rank + 1) * static_cast<int>(i % 13 + 1));
+      auto st = (*comm)->AllreduceAsync(d.data(), n)->Wait(far);
+      if (!st.ok()) return Fail(st.ToString());
+      for (size_t i = 0; i < n; ++i) {
+        if (d[i] != static_cast<float>(s * static_cast<double>(i % 13 + 1))) {
+          return Fail(absl::StrCat("count ", n, " element ", i, " = ", d[i], " want ", s * (i % 13 + 1)));
+        }
+      }
+      std::cout << "result count=" << n << " crc="
+                << Crc32(absl::string_view(reinterpret_cast<const char*>(d.data()), n * sizeof(float))) << std::endl;
+    }
+  } else if (mode == "broadcast") {
+    for (size_t n : counts) {
+      const int root = size - 1;
+      std::vector<float> d(n, rank == root ? 0.0f : -1.0f);
+      if (rank == root) {
+        for (size_t i = 0; i < n; ++i) d[i] = static_cast<float>(i % 1000) + 0.5f;
+      }
+      auto st = (*comm)->BroadcastAsync(d.data(), n, root)->Wait(far);
+      if (!st.ok()) return Fail(st.ToString());
+      for (size_t i = 0; i < n; ++i) {
+        if (d[i] != static_cast<float>(i % 1000) + 0.5f) return Fail(absl::StrCat("broadcast element ", i, " = ", d[i]));
+      }
+    }
+  } else if (mode == "barrier") {
+    for (int i = 0; i < 3; ++i) {
+      if (auto st = (*comm)->BarrierAsync()->Wait(far); !st.ok()) return Fail(st.ToString());
+    }
+  } else if (mode == "bucketed") {
+    backend::onednn::SetNumThreads(1);
+    train::TrainerConfig c;
+    c.arch = model::Arch::kResNet8;
+    c.in_channels = 1;
+    c.num_classes = 10;
+    c.height = c.width = 8;
+    c.per_worker_batch = 4;
+    c.bn_group = 4;
+    c.world_size = static_cast<uint32_t>(size);
+    c.zero_init_last_bn_gamma = false;
+    c.schedule.global_batch = 4u * size;
+    auto overlapped = train::Trainer::Create(c);
+    auto after = train::Trainer::Create(c);
+    if (!overlapped.ok() || !after.ok()) return Fail("trainer");
+    std::vector<float> x(4 * 64);
+    std::vector<int32_t> y(4);
+    for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37f * static_cast<float>(i + 101 * rank));
+    for (int i = 0; i < 4; ++i) y[i] = (i + 3 * rank) % 10;
+    // 4 KiB buckets, 1 KiB first bucket: many buckets, started during backward.
+    BucketedReducer buckets(comm->get(), &(*overlapped)->store(), 4 << 10, 1 << 10, absl::Seconds(timeout_s * 3));
+    auto s1 = (*overlapped)->Step(0, x.data(), y.data(), &buckets);
+    if (!s1.ok()) return Fail(s1.status().ToString());
+    // Reference: the whole gradient array in one allreduce after backward.
+    struct AllAtOnce final : train::GradientReducer {
+      Communicator* comm;
+      model::ParamStore* store;
+      absl::Time deadline;
+      void GradReady(size_t) override {}
+      absl::Status Finish() override {
+        return comm->AllreduceAsync(store->grads().data(), store->grads().size())->Wait(deadline);
+      }
+    } whole;
+    whole.comm = comm->get();
+    whole.store = &(*after)->store();
+    whole.deadline = far;
+    auto s2 = (*after)->Step(0, x.data(), y.data(), &whole);
+    if (!s2.ok()) return Fail(s2.status().ToString());
+    const auto& p1 = (*overlapped)->store().params();
+    const auto& p2 = (*after)->store().params();
+    double max_diff = 0, max_abs = 0;
+    for (size_t i = 0; i < p1.size(); ++i) {
+      max_diff = std::max(max_diff, static_cast<double>(std::abs(p1[i] - p2[i])));
+      max_abs = std::max(max_abs, static_cast<double>(std::abs(p2[i])));
+    }
+    if (max_diff > 1e-6 * max_abs) return Fail(absl::StrCat("bucketed vs whole: max diff ", max_diff));
+    std::cout << "buckets=" << buckets.buckets().size() << " bytes=" << buckets.bytes_reduced()
+              << " crc=" << Crc32(absl::string_view(reinterpret_cast<const char*>(p1.data()), p1.size() * 4)) << std::endl;
+  } else if (mode == "die" || mode == "stall") {
+    std::vector<float> d(1 << 16, 1.0f);
+    if (auto st = (*comm)->AllreduceAsync(d.data(), d.size())->Wait(far); !st.ok()) return Fail(st.ToString());
+    if (rank == victim) {
+      if (mode == "die") {
+        // Let the peers finish the first collective (our last sends are in flight), then vanish.
+        std::this_thread::sleep_for(std::chrono::seconds(1));
+        _exit(9);
+      }
+      std::this_thread::sleep_for(std::chrono::seconds(static_cast<int>(timeout_s * 2 + 2)));
+      return 0;
+    }
+    const absl::Time start = absl::Now();
+    auto st = (*comm)->AllreduceAsync(d.data(), d.size())->Wait(far);
+    if (st.ok()) return Fail("the collective succeeded although a rank was gone");
+    std::cout << "error after " << absl::ToDoubleSeconds(absl::Now() - start) << " s: " << st.ToString() << std::endl;
+    // Broken for good: the next collective fails at once with the same error.
+    auto again = (*comm)->AllreduceAsync(d.data(), d.size())->Wait(absl::Now() + absl::Seconds(5));
+    if (again.ok()) return Fail("a broken communicator accepted another collective");
+    return 3;
+  } else if (mode == "regen") {
+    std::vector<float> d(1000, 1.0f);
+    if (auto st = (*comm)->AllreduceAsync(d.data(), d.size())->Wait(far); !st.ok()) return Fail(st.ToString());
+    (*comm)->Abort();
+    if ((*comm)->AllreduceAsync(d.data(), d.size())->Wait(far).code() != absl::StatusCode::kAborted) {
+      return Fail("an aborted communicator ran a collective");
+    }
+    comm->reset();
+    if (rank == size - 1) return 0;  // leaves; the others re-form with k - 1
+    auto next = Connect(rank, size - 1, &store, "gen2", algo, {}, timeout_s);
+    if (!next.ok()) return Fail(absl::StrCat("gen2 connect: ", next.status().ToString()));
+    std::vector<float> e(777);
+    for (size_t i = 0; i < e.size(); ++i) e[i] = static_cast<float>(rank + 1);
+    if (auto st = (*next)->AllreduceAsync(e.data(), e.size())->Wait(far); !st.ok()) return Fail(st.ToString());
+    const float want = static_cast<float>((size - 1) * size / 2);
+    for (float v : e) {
+      if (v != want) return Fail(absl::StrCat("gen2 sum ", v, " want ", want));
+    }
+  } else {
+    return Fail("unknown --mode=" + mode);
+  }
+  std::cout << "ok" << std::endl;
+  return 0;
+}
+
+}  // namespace
+}  // namespace lmsgd::comm
+
+int main(int argc, char** argv) { return lmsgd::comm::Run(argc, argv); }

@@ -1,0 +1,284 @@
+#include "worker/comm/algorithms.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+
+namespace lmsgd::comm {
+namespace {
+
+// Element offset of block i when `count` elements are cut into `blocks` near-equal blocks.
+size_t BlockStart(size_t count, int blocks, int i) {
+  const size_t base = count / blocks, extra = count % blocks;
+  return base * i + std::min<size_t>(i, extra);
+}
+
+void Add(float* dst, const float* src, size_t n) {
+  for (size_t i = 0; i < n; ++i) dst[i] += src[i];
+}
+
+}  // namespace
+
+const char* AlgorithmName(Algorithm a) {
+  switch (a) {
+    case Algorithm::kRing: return "ring";
+    case Algorithm::kHalvingDoubling: return "halving_doubling";
+    case Algorithm::kHierarchical: return "hierarchical";
+  }
+  return "?";
+}
+
+absl::Status RingAllreduce::Run(float* data, size_t count, uint64_t seq, absl::Time deadline) {
+  const int k = t_->size(), r = t_->rank();
+  if (k == 1 || count == 0) return absl::OkStatus();
+  const int right = (r + 1) % k, left = (r + k - 1) % k;
+  auto start = [&](int c) { return BlockStart(count, k, ((c % k) + k) % k); };
+  auto chunk_len = [&](int c) {
+    c = ((c % k) + k) % k;
+    return (c + 1 == k ? count : BlockStart(count, k, c + 1)) - BlockStart(count, k, c);
+  };
+  const size_t max_chunk = count / k + 1;
+  if (scratch_.size() < max_chunk) scratch_.resize(max_chunk);
+  // Reduce-scatter: at step s send chunk r - s to the right, add chunk r - s - 1 from the left.
+  // After k-1 steps rank r holds the full sum of chunk r + 1.
+  for (int s = 0; s < k - 1; ++s) {
+    const int send_c = r - s, recv_c = r - s - 1;
+    const size_t sn = chunk_len(send_c), rn = chunk_len(recv_c);
+    if (auto st = t_->SendRecv(right, data + start(send_c), sn * sizeof(float), left, scratch_.data(),
+                               rn * sizeof(float), MakeTag(seq, static_cast<uint32_t>(s)), deadline,
+                               "ring allreduce (reduce-scatter)");
+        !st.ok()) {
+      return st;
+    }
+    Add(data + start(recv_c), scratch_.data(), rn);
+  }
+  // Allgather: at step s send chunk r + 1 - s (reduced) to the right, receive chunk r - s.
+  for (int s = 0; s < k - 1; ++s) {
+    const int send_c = r + 1 - s, recv_c = r - s;
+    if (auto st = t_->SendRecv(right, data + start(send_c), chunk_len(send_c) * sizeof(float), left,
+                               data + start(recv_c), chunk_len(recv_c) * sizeof(float),
+                               MakeTag(seq, static_cast<uint32_t>(k + s)), deadline, "ring allreduce (allgather)");
+        !st.ok()) {
+      return st;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t seq, absl::Time deadline) {
+  const int k = t_->size(), r = t_->rank();
+  if (k == 1 || count == 0) return absl::OkStatus();
+  int p = 1;
+  while (p * 2 <= k) p *= 2;
+  const int extra = k - p;  // ranks 0..2*extra-1 pair up: even hands off to odd
+  uint32_t step = 0;
+  if (scratch_.size() < count) scratch_.resize(count);
+  // Pre-step for non-powers of two.
+  int vrank;  // rank within the power-of-two group, -1 when handed off
+  if (r < 2 * extra) {
+    if (r % 2 == 0) {
+      if (auto st = t_->SendRecv(r + 1, data, count * sizeof(float), -1, nullptr, 0, MakeTag(seq, step), deadline,
+                                 "halving/doubling allreduce (hand-off)");
+          !st.ok()) {
+        return st;
+      }
+      vrank = -1;
+    } else {
+      if (auto st = t_->SendRecv(-1, nullptr, 0, r - 1, scratch_.data(), count * sizeof(float), MakeTag(seq, step),
+                                 deadline, "halving/doubling allreduce (hand-off)");
+          !st.ok()) {
+        return st;
+      }
+      // Fixed order: lower rank's values first.
+      for (size_t i = 0; i < count; ++i) data[i] = scratch_[i] + data[i];
+      vrank = r / 2;
+    }
+  } else {
+    vrank = r - extra;
+  }
+  ++step;
+  auto real = [&](int v) { return v < extra ? 2 * v + 1 : v + extra; };
+  if (vrank >= 0) {
+    auto off = [&](int block) { return BlockStart(count, p, block); };
+    // Reduce-scatter by recursive halving: the owned block range [lo, hi) halves each step.
+    int lo = 0, hi = p;
+    for (int mask = p / 2; mask >= 1; mask /= 2, ++step) {
+      const int partner = real(vrank ^ mask);
+      const int mid = lo + (hi - lo) / 2;
+      const bool keep_low = (vrank & mask) == 0;
+      const int send_lo = keep_low ? mid : lo, send_hi = keep_low ? hi : mid;
+      const int keep_lo = keep_low ? lo : mid, keep_hi = keep_low ? mid : hi;
+      const size_t rn = off(keep_hi) - off(keep_lo);
+      if (auto st = t_->SendRecv(partner, data + off(send_lo), (off(send_hi) - off(send_lo)) * sizeof(float), partner,
+                                 scratch_.data(), rn * sizeof(float), MakeTag(seq, step), deadline,
+                                 "halving/doubling allreduce (reduce-scatter)");
+          !st.ok()) {
+        return st;
+      }
+      // Fixed order: the lower virtual rank's values first, so both halves agree bitwise.
+      float* dst = data + off(keep_lo);
+      if (keep_low) {
+        Add(dst, scratch_.data(), rn);
+      } else {
+        for (size_t i = 0; i < rn; ++i) dst[i] = scratch_[i] + dst[i];
+      }
+      lo = keep_lo;
+      hi = keep_hi;
+    }
+    // Allgather by recursive doubling: exchange the owned range with the partner's sibling range.
+    for (int mask = 1; mask < p; mask *= 2, ++step) {
+      const int partner = real(vrank ^ mask);
+      const int width = hi - lo;
+      const bool low = (vrank & mask) == 0;
+      const int other_lo = low ? hi : lo - width, other_hi = low ? hi + width : lo;
+      if (auto st = t_->SendRecv(partner, data + off(lo), (off(hi) - off(lo)) * sizeof(float), partner,
+                                 data + off(other_lo), (off(other_hi) - off(other_lo)) * sizeof(float),
+                                 MakeTag(seq, step), deadline, "halving/doubling allreduce (allgather)");
+          !st.ok()) {
+        return st;
+      }
+      lo = std::min(lo, other_lo);
+      hi = std::max(hi, other_hi);
+    }
+  } else {
+    step += 2 * static_cast<uint32_t>(__builtin_ctz(static_cast<unsigned>(p)));
+  }
+  // Post-step: odd ranks of the pairs return the result.
+  if (r < 2 * extra) {
+    const bool odd = r % 2 == 1;
+    if (auto st = t_->SendRecv(odd ? r - 1 : -1, data, odd ? count * sizeof(float) : 0, odd ? -1 : r + 1, data,
+                               odd ? 0 : count * sizeof(float), MakeTag(seq, 0xfffe), deadline,
+                               "halving/doubling allreduce (hand-back)");
+        !st.ok()) {
+      return st;
+    }
+  }
+  return absl::OkStatus();
+}
+
+// The leaders as a transport of their own: rank i = the i-th host's leader.
+class HierarchicalAllreduce::LeaderView final : public Transport {
+ public:
+  LeaderView(Transport* t, std::vector<int> leaders, int index) : t_(t), leaders_(std::move(leaders)), index_(index) {}
+  int rank() const override { return index_; }
+  int size() const override { return static_cast<int>(leaders_.size()); }
+  absl::Status SendRecv(int to, const void* send, size_t sb, int from, void* recv, size_t rb, uint64_t tag,
+                        absl::Time deadline, const char* what) override {
+    return t_->SendRecv(to < 0 ? -1 : leaders_[to], send, sb, from < 0 ? -1 : leaders_[from], recv, rb, tag, deadline,
+                        what);
+  }
+  void Abort() override { t_->Abort(); }
+
+ private:
+  Transport* t_;
+  std::vector<int> leaders_;
+  int index_;
+};
+
+absl::StatusOr<std::unique_ptr<HierarchicalAllreduce>> HierarchicalAllreduce::Create(
+    Transport* t, const std::vector<std::string>& host_of_rank) {
+  if (static_cast<int>(host_of_rank.size()) != t->size()) {
+    return absl::InvalidArgumentError(absl::StrCat("host list has ", host_of_rank.size(), " entries for ", t->size(),
+                                                   " ranks"));
+  }
+  auto h = std::unique_ptr<HierarchicalAllreduce>(new HierarchicalAllreduce());
+  h->t_ = t;
+  for (int r = 0; r < t->size(); ++r) {
+    if (r == 0 || host_of_rank[r] != host_of_rank[r - 1]) {
+      for (int l : h->leaders_) {
+        if (host_of_rank[l] == host_of_rank[r]) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("ranks of host '", host_of_rank[r], "' are not contiguous (rank ", r, ")"));
+        }
+      }
+      h->leaders_.push_back(r);
+    }
+  }
+  const int me = t->rank();
+  int index = 0;
+  for (size_t i = 0; i < h->leaders_.size(); ++i) {
+    if (h->leaders_[i] <= me) index = static_cast<int>(i);
+  }
+  h->leader_ = h->leaders_[index];
+  const int next = index + 1 < static_cast<int>(h->leaders_.size()) ? h->leaders_[index + 1] : t->size();
+  h->local_size_ = next - h->leader_;
+  h->leader_view_ = std::make_unique<LeaderView>(t, h->leaders_, index);
+  h->leader_ring_ = std::make_unique<RingAllreduce>(h->leader_view_.get());
+  return h;
+}
+
+absl::Status HierarchicalAllreduce::Run(float* data, size_t count, uint64_t seq, absl::Time deadline) {
+  const int me = t_->rank();
+  if (t_->size() == 1 || count == 0) return absl::OkStatus();
+  const size_t bytes = count * sizeof(float);
+  // Phase 1: reduce inside the host to the leader, in local-rank order.
+  if (me != leader_) {
+    if (auto st = t_->SendRecv(leader_, data, bytes, -1, nullptr, 0, MakeTag(seq, 0), deadline,
+                               "hierarchical allreduce (intra-host reduce)");
+        !st.ok()) {
+      return st;
+    }
+  } else {
+    if (scratch_.size() < count) scratch_.resize(count);
+    for (int l = 1; l < local_size_; ++l) {
+      if (auto st = t_->SendRecv(-1, nullptr, 0, leader_ + l, scratch_.data(), bytes, MakeTag(seq, 0), deadline,
+                                 "hierarchical allreduce (intra-host reduce)");
+          !st.ok()) {
+        return st;
+      }
+      Add(data, scratch_.data(), count);
+    }
+    // Phase 2: allreduce among the host leaders (its own tag space: sequence with a high bit).
+    if (auto st = leader_ring_->Run(data, count, seq | (uint64_t{1} << 31), deadline); !st.ok()) return st;
+  }
+  // Phase 3: broadcast inside the host.
+  if (me == leader_) {
+    for (int l = 1; l < local_size_; ++l) {
+      if (auto st = t_->SendRecv(leader_ + l, data, bytes, -1, nullptr, 0, MakeTag(seq, 1), deadline,
+                                 "hierarchical allreduce (intra-host broadcast)");
+          !st.ok()) {
+        return st;
+      }
+    }
+  } else {
+    if (auto st = t_->SendRecv(-1, nullptr, 0, leader_, data, bytes, MakeTag(seq, 1), deadline,
+                               "hierarchical allreduce (intra-host broadcast)");
+        !st.ok()) {
+      return st;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Broadcast(Transport* t, float* data, size_t count, int root, uint64_t seq, absl::Time deadline) {
+  const int k = t->size();
+  if (k == 1) return absl::OkStatus();
+  const int v = (t->rank() - root + k) % k;  // virtual rank: root is 0
+  // Binomial tree: in round with bit m, ranks v < m send to v + m.
+  for (int m = 1; m < k; m *= 2) {
+    if (v < m && v + m < k) {
+      if (auto st = t->SendRecv((v + m + root) % k, data, count * sizeof(float), -1, nullptr, 0,
+                                MakeTag(seq, static_cast<uint32_t>(m)), deadline, "broadcast");
+          !st.ok()) {
+        return st;
+      }
+    } else if (v >= m && v < 2 * m) {
+      if (auto st = t->SendRecv(-1, nullptr, 0, (v - m + root) % k, data, count * sizeof(float),
+                                MakeTag(seq, static_cast<uint32_t>(m)), deadline, "broadcast");
+          !st.ok()) {
+        return st;
+      }
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Barrier(Transport* t, uint64_t seq, absl::Time deadline) {
+  float one = 1.0f;
+  RingAllreduce ring(t);
+  auto st = ring.Run(&one, 1, seq, deadline);
+  if (!st.ok()) return absl::Status(st.code(), absl::StrCat("barrier: ", st.message()));
+  return absl::OkStatus();
+}
+
+}  // namespace lmsgd::comm

@@ -1,0 +1,92 @@
+// Allreduce (sum, fp32), broadcast and barrier algorithms over a Transport, one class each
+// (after Gloo). Every algorithm reduces each element in an order fixed by the algorithm and
+// the ranks, and the final value of every element is computed by exactly one rank and then
+// copied to the others, so all ranks end bitwise identical.
+//
+// Scratch memory grows to the largest message seen and is then reused: Run() allocates only
+// when a message is larger than any before.
+//
+// Ring (reduce-scatter, then allgather): the buffer is cut into k chunks; in k-1 steps each
+// rank sends one chunk to its right neighbour and adds the chunk from its left; then k-1 steps
+// pass the reduced chunks around. 2(k-1) steps, each moving count/k elements: bandwidth optimal,
+// latency 2(k-1) alpha.
+//
+// Recursive halving/doubling (Rabenseifner; Thakur et al. 2005): for p = 2^m ranks, m
+// reduce-scatter steps with partner rank XOR p/2, p/4, ..., 1, each exchanging half of the
+// current range, then m allgather steps in reverse. 2 log2(p) steps: latency optimal, the
+// paper's choice for small messages. Non-powers of two: the first 2r ranks (r = k - p) pair
+// up; the even rank of a pair hands its whole buffer to the odd one first and gets the result
+// back last, the other p ranks run the power-of-two algorithm.
+//
+// Hierarchical (the paper's three phases): ranks are contiguous per host; the local ranks
+// send their buffers to the host's first rank (the leader), which sums them in rank order;
+// the leaders allreduce among themselves (ring); each leader sends the result back to its
+// local ranks.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "worker/comm/transport.h"
+
+namespace lmsgd::comm {
+
+enum class Algorithm { kRing, kHalvingDoubling, kHierarchical };
+const char* AlgorithmName(Algorithm a);
+
+class AllreduceAlgorithm {
+ public:
+  virtual ~AllreduceAlgorithm() = default;
+  // Sums `data[0..count)` over all ranks in place. `sequence` must be the same on every rank
+  // for the same collective (it keys the messages).
+  virtual absl::Status Run(float* data, size_t count, uint64_t sequence, absl::Time deadline) = 0;
+};
+
+class RingAllreduce final : public AllreduceAlgorithm {
+ public:
+  explicit RingAllreduce(Transport* t) : t_(t) {}
+  absl::Status Run(float* data, size_t count, uint64_t sequence, absl::Time deadline) override;
+
+ private:
+  Transport* t_;
+  std::vector<float> scratch_;
+};
+
+class HalvingDoublingAllreduce final : public AllreduceAlgorithm {
+ public:
+  explicit HalvingDoublingAllreduce(Transport* t) : t_(t) {}
+  absl::Status Run(float* data, size_t count, uint64_t sequence, absl::Time deadline) override;
+
+ private:
+  Transport* t_;
+  std::vector<float> scratch_;
+};
+
+// `host_of_rank[r]` names rank r's host; ranks of a host must be contiguous.
+class HierarchicalAllreduce final : public AllreduceAlgorithm {
+ public:
+  static absl::StatusOr<std::unique_ptr<HierarchicalAllreduce>> Create(Transport* t,
+                                                                       const std::vector<std::string>& host_of_rank);
+  absl::Status Run(float* data, size_t count, uint64_t sequence, absl::Time deadline) override;
+
+ private:
+  class LeaderView;
+  HierarchicalAllreduce() = default;
+  Transport* t_ = nullptr;
+  int leader_ = 0, local_size_ = 1;  // this host's first rank and rank count
+  std::vector<int> leaders_;          // first rank of every host
+  std::unique_ptr<Transport> leader_view_;
+  std::unique_ptr<RingAllreduce> leader_ring_;
+  std::vector<float> scratch_;
+};
+
+// Broadcast from `root` (binomial tree, log2 k steps) and barrier (a 1-element allreduce).
+absl::Status Broadcast(Transport* t, float* data, size_t count, int root, uint64_t sequence, absl::Time deadline);
+absl::Status Barrier(Transport* t, uint64_t sequence, absl::Time deadline);
+
+}  // namespace lmsgd::comm

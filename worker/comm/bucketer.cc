@@ -1,0 +1,68 @@
+#include "worker/comm/bucketer.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace lmsgd::comm {
+
+std::vector<Bucket> MakeBuckets(const model::ParamStore& store, size_t bucket_bytes, size_t first_bucket_bytes) {
+  std::vector<Bucket> out;
+  const size_t n = store.num_params();
+  size_t end = n;  // exclusive, walking down
+  while (end > 0) {
+    const size_t cap = out.empty() ? first_bucket_bytes : bucket_bytes;
+    size_t first = end;
+    size_t bytes = 0;
+    while (first > 0) {
+      const size_t b = static_cast<size_t>(store.param_specs()[first - 1].numel()) * sizeof(float);
+      if (first != end && bytes + b > cap) break;
+      bytes += b;
+      --first;
+    }
+    Bucket bk;
+    bk.first_param = first;
+    bk.end_param = end;
+    bk.offset = static_cast<size_t>(store.param_offset(first));
+    bk.count = bytes / sizeof(float);
+    out.push_back(bk);
+    end = first;
+  }
+  return out;
+}
+
+BucketedReducer::BucketedReducer(Communicator* comm, model::ParamStore* store, size_t bucket_bytes,
+                                 size_t first_bucket_bytes, absl::Duration finish_timeout)
+    : comm_(comm), store_(store), finish_timeout_(finish_timeout) {
+  buckets_ = MakeBuckets(*store, bucket_bytes, first_bucket_bytes);
+  bucket_of_param_.assign(store->num_params(), -1);
+  for (size_t b = 0; b < buckets_.size(); ++b) {
+    for (size_t p = buckets_[b].first_param; p < buckets_[b].end_param; ++p) bucket_of_param_[p] = static_cast<int>(b);
+  }
+  pending_.resize(buckets_.size());
+  for (size_t b = 0; b < buckets_.size(); ++b) pending_[b] = buckets_[b].end_param - buckets_[b].first_param;
+}
+
+void BucketedReducer::GradReady(size_t p) {
+  const int b = bucket_of_param_[p];
+  if (--pending_[b] != 0) return;
+  const Bucket& bk = buckets_[b];
+  works_.push_back(comm_->AllreduceAsync(store_->grads().data() + bk.offset, bk.count));
+  bytes_reduced_ += bk.count * sizeof(float);
+}
+
+absl::Status BucketedReducer::Finish() {
+  absl::Status result;
+  if (works_.size() != buckets_.size()) {
+    result = absl::InternalError(absl::StrCat("only ", works_.size(), " of ", buckets_.size(),
+                                              " gradient buckets were started this step"));
+  }
+  const absl::Time deadline = absl::Now() + finish_timeout_;
+  for (auto& w : works_) {
+    absl::Status st = w->Wait(deadline);
+    if (result.ok() && !st.ok()) result = st;
+  }
+  works_.clear();
+  for (size_t b = 0; b < buckets_.size(); ++b) pending_[b] = buckets_[b].end_param - buckets_[b].first_param;
+  return result;
+}
+
+}  // namespace lmsgd::comm

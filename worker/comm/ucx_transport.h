@@ -1,0 +1,46 @@
+// Transport over UCX (ucp tagged messages). UCX picks the wire: shared memory between processes
+// on one host, TCP across hosts (override with UCX's own variables, e.g. UCX_TLS=tcp).
+//
+// Bootstrap: every rank creates a ucp worker, publishes its address in the Store under
+// "<prefix>/ucx/<rank>", reads every other rank's address and creates an endpoint to each
+// with peer error handling, so a dead peer surfaces as an endpoint error instead of a hang.
+// Waiting does not spin: after draining ucp_worker_progress, the thread sleeps on the worker's
+// event fd (ucp_worker_arm + poll, at most 1 ms), so a communication thread leaves the cores to
+// the backward pass. One thread at a time may call SendRecv; Abort() may come from any thread.
+//
+// Wire tag: (tag << 16) | sender rank; receives match the full 64 bits.
+#pragma once
+
+#include <atomic>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "worker/comm/store.h"
+#include "worker/comm/transport.h"
+
+namespace lmsgd::comm {
+
+class UcxTransport final : public Transport {
+ public:
+  // Connects to all `size` ranks through `store` (keys under `prefix`, e.g. "job/gen3").
+  static absl::StatusOr<std::unique_ptr<UcxTransport>> Create(int rank, int size, Store* store,
+                                                               const std::string& prefix, absl::Time deadline);
+  ~UcxTransport() override;
+
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  absl::Status SendRecv(int to, const void* send, size_t send_bytes, int from, void* recv, size_t recv_bytes,
+                        uint64_t tag, absl::Time deadline, const char* what) override;
+  void Abort() override { aborted_.store(true); }
+
+ private:
+  struct Impl;
+  UcxTransport() = default;
+  int rank_ = 0, size_ = 1;
+  std::atomic<bool> aborted_{false};
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace lmsgd::comm
