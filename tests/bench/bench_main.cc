@@ -7,12 +7,14 @@
 // prints the per-op breakdown, then runs the PyTorch baseline (torchvision model, same batch, same
 // thread count; Debian's /usr/bin/python3 with python3-torch) and prints, last:
 //   lmsgd_img_s=<x> pytorch_img_s=<y> ratio=<x/y>
+#include <stdlib.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <map>
 #include <iostream>
 #include <string>
 #include <vector>
@@ -24,6 +26,8 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/match.h"
 #include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "worker/backend/onednn/resnet.h"
 #include "worker/trainer.h"
 
@@ -36,6 +40,20 @@ ABSL_FLAG(int32_t, threads, 0, "Compute threads for both (0 = all cores)");
 ABSL_FLAG(int32_t, warmup, 2, "Untimed steps");
 ABSL_FLAG(int32_t, iterations, 5, "Timed steps (median reported)");
 ABSL_FLAG(std::string, python, "/usr/bin/python3", "Python with torch + torchvision (Debian's)");
+ABSL_FLAG(int32_t, ranks, 2, "allreduce: number of processes K");
+ABSL_FLAG(uint64_t, min_bytes, 4096, "allreduce: smallest message");
+ABSL_FLAG(uint64_t, max_bytes, 256ull << 20, "allreduce: largest message (sizes step x4)");
+ABSL_FLAG(bool, json, false, "allreduce: print one JSON object per line instead of a table");
+ABSL_FLAG(std::string, impls, "lmsgd,gloo,openmpi", "allreduce: implementations to run");
+ABSL_FLAG(int32_t, rank, 0, "(internal) allreduce-rank: this process's rank");
+ABSL_FLAG(std::string, store, "", "(internal) allreduce-rank: rendezvous directory");
+ABSL_FLAG(std::string, impl, "lmsgd", "(internal) allreduce-rank: lmsgd | gloo");
+
+namespace lmsgd::bench {
+int RunAllreduceRank(const std::string& impl, int rank, int k, const std::string& store_dir, size_t min_bytes,
+                     size_t max_bytes);
+bool HaveGloo();
+}  // namespace lmsgd::bench
 
 namespace {
 
@@ -178,14 +196,118 @@ int Train(const char* argv0) {
   return 0;
 }
 
+// Runs `cmd` through the shell and returns its stdout lines that start with '{'.
+std::vector<std::string> JsonLines(const std::string& cmd, int* rc) {
+  std::vector<std::string> out;
+  FILE* pipe = popen(cmd.c_str(), "r");
+  if (pipe == nullptr) {
+    *rc = -1;
+    return out;
+  }
+  char line[4096];
+  while (fgets(line, sizeof(line), pipe) != nullptr) {
+    std::string l(absl::StripTrailingAsciiWhitespace(line));
+    if (absl::StartsWith(l, "{")) out.push_back(l);
+  }
+  *rc = pclose(pipe);
+  return out;
+}
+
+std::string Field(const std::string& json, const std::string& key) {
+  const std::string k = "\"" + key + "\":";
+  auto p = json.find(k);
+  if (p == std::string::npos) return "";
+  p += k.size();
+  if (json[p] == '"') return json.substr(p + 1, json.find('"', p + 1) - p - 1);
+  return json.substr(p, json.find_first_of(",}", p) - p);
+}
+
+int Allreduce() {
+  const int k = absl::GetFlag(FLAGS_ranks);
+  const uint64_t lo = absl::GetFlag(FLAGS_min_bytes), hi = absl::GetFlag(FLAGS_max_bytes);
+  const std::string self = std::filesystem::canonical("/proc/self/exe").string();
+  const std::string dir = std::filesystem::path(self).parent_path().string();
+  std::vector<std::string> results;
+  for (absl::string_view impl : absl::StrSplit(absl::GetFlag(FLAGS_impls), ',', absl::SkipEmpty())) {
+    std::string cmd;
+    if (impl == "lmsgd" || impl == "gloo") {
+      if (impl == "gloo" && !lmsgd::bench::HaveGloo()) {
+        std::cerr << "lmsgd-bench: built without Gloo (deploy/setup.sh --with-baselines, then rebuild); skipping it\n";
+        continue;
+      }
+      char tmpl[] = "/tmp/lmsgd_bench_store_XXXXXX";
+      const std::string store = mkdtemp(tmpl);
+      // K processes; rank 0's stdout is the result, the others' is discarded.
+      for (int r = k - 1; r >= 0; --r) {
+        absl::StrAppend(&cmd, self, " allreduce-rank --impl=", impl, " --rank=", r, " --ranks=", k, " --store=", store,
+                        " --min_bytes=", lo, " --max_bytes=", hi, r == 0 ? "" : " > /dev/null &", r == 0 ? "" : " ");
+      }
+      absl::StrAppend(&cmd, "; wait");
+    } else if (impl == "openmpi") {
+      const std::string mpi = dir + "/lmsgd-bench-mpi";
+      if (!std::filesystem::exists(mpi)) {
+        std::cerr << "lmsgd-bench: " << mpi << " not built (needs Debian libopenmpi-dev); skipping Open MPI\n";
+        continue;
+      }
+      cmd = absl::StrCat("mpirun --allow-run-as-root --oversubscribe -np ", k, " ", mpi, " ", lo, " ", hi);
+    } else {
+      std::cerr << "lmsgd-bench: unknown implementation '" << impl << "'\n";
+      return 2;
+    }
+    int rc = 0;
+    auto lines = JsonLines(cmd + " 2>&1", &rc);
+    if (rc != 0 || lines.empty()) {
+      std::cerr << "lmsgd-bench: " << impl << " failed (exit " << rc << "): " << cmd << "\n";
+      return 1;
+    }
+    results.insert(results.end(), lines.begin(), lines.end());
+  }
+  if (absl::GetFlag(FLAGS_json)) {
+    for (const auto& l : results) std::cout << l << "\n";
+    return 0;
+  }
+  std::cout << absl::StrFormat("allreduce, k=%d processes on this host, float32 sum; busbw = algbw * 2(k-1)/k\n", k);
+  std::cout << absl::StrFormat("%-8s %-18s %12s %12s %10s %10s\n", "impl", "algo", "bytes", "time_us", "algbw", "busbw");
+  for (const auto& l : results) {
+    std::cout << absl::StrFormat("%-8s %-18s %12s %12s %10s %10s\n", Field(l, "impl"), Field(l, "algo"),
+                                 Field(l, "bytes"), Field(l, "time_us"), Field(l, "algbw_gbps"), Field(l, "busbw_gbps"));
+  }
+  // Ratios: lmsgd's best busbw over Open MPI's, and halving/doubling's speed-up over ring.
+  std::map<uint64_t, double> best, mpi, ring, hd;
+  for (const auto& l : results) {
+    uint64_t b = 0;
+    double bw = 0, us = 0;
+    (void)absl::SimpleAtoi(Field(l, "bytes"), &b);
+    (void)absl::SimpleAtod(Field(l, "busbw_gbps"), &bw);
+    (void)absl::SimpleAtod(Field(l, "time_us"), &us);
+    if (Field(l, "impl") == "lmsgd") {
+      best[b] = std::max(best[b], bw);
+      (Field(l, "algo") == "ring" ? ring : hd)[b] = us;
+    }
+    if (Field(l, "impl") == "openmpi") mpi[b] = bw;
+  }
+  std::cout << "bytes        lmsgd_best/openmpi_busbw  ring_time/halving_doubling_time\n";
+  for (const auto& [b, bw] : best) {
+    std::cout << absl::StrFormat("%-12d %24s %32s\n", b, mpi.count(b) ? absl::StrFormat("%.2f", bw / mpi[b]) : "-",
+                                 hd.count(b) && ring.count(b) ? absl::StrFormat("%.2f", ring[b] / hd[b]) : "-");
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("lmsgd-bench train --model=resnet50 --batch=32 --device=cpu --compare=pytorch");
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
-  if (args.size() != 2 || std::string(args[1]) != "train") {
-    std::cerr << "usage: lmsgd-bench train [--model=resnet50] [--batch=32] [--device=cpu] [--compare=pytorch]\n";
-    return 2;
+  const std::string cmd = args.size() == 2 ? args[1] : "";
+  if (cmd == "train") return Train(argv[0]);
+  if (cmd == "allreduce") return Allreduce();
+  if (cmd == "allreduce-rank") {
+    return lmsgd::bench::RunAllreduceRank(absl::GetFlag(FLAGS_impl), absl::GetFlag(FLAGS_rank),
+                                          absl::GetFlag(FLAGS_ranks), absl::GetFlag(FLAGS_store),
+                                          absl::GetFlag(FLAGS_min_bytes), absl::GetFlag(FLAGS_max_bytes));
   }
-  return Train(argv[0]);
+  std::cerr << "usage: lmsgd-bench train [--model=resnet50] [--batch=32] [--device=cpu] [--compare=pytorch]\n"
+               "       lmsgd-bench allreduce --ranks=K [--min_bytes=4096] [--max_bytes=268435456] [--json]\n";
+  return 2;
 }

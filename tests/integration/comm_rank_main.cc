@@ -50,7 +50,7 @@ int Fail(const std::string& msg) {
 absl::StatusOr<std::unique_ptr<Communicator>> Connect(int rank, int size, Store* store, const std::string& prefix,
                                                       Algorithm algo, const std::vector<std::string>& hosts,
                                                       double timeout_s) {
-  auto t = UcxTransport::Create(rank, size, store, prefix, absl::Now() + absl::Seconds(30));
+  auto t = UcxTransport::Create(rank, size, store, prefix, absl::Now() + absl::Seconds(30), /*single_host=*/true);
   if (!t.ok()) return t.status();
   CommunicatorOptions o;
   o.algorithm = algo;

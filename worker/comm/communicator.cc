@@ -35,7 +35,7 @@ void Work::Complete(absl::Status status) {
 
 Algorithm ChooseAlgorithm(size_t bytes, int world_size, int hosts) {
   if (hosts > 1 && world_size > hosts) return Algorithm::kHierarchical;
-  return bytes <= (64u << 10) ? Algorithm::kHalvingDoubling : Algorithm::kRing;
+  return bytes <= (256u << 10) ? Algorithm::kHalvingDoubling : Algorithm::kRing;
 }
 
 absl::StatusOr<std::unique_ptr<Communicator>> Communicator::Create(std::unique_ptr<Transport> transport,

@@ -8,22 +8,42 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 
 namespace lmsgd::comm {
 
+// One point-to-point operation of an Exchange. A receive must get exactly `bytes`.
+struct P2POp {
+  enum Kind { kSend, kRecv } kind;
+  int peer;
+  void* buf;
+  size_t bytes;
+  uint64_t tag;
+};
+
 class Transport {
  public:
   virtual ~Transport() = default;
   virtual int rank() const = 0;
   virtual int size() const = 0;
-  // Posts a send of `send_bytes` to rank `to` and a receive of exactly `recv_bytes` from rank
-  // `from` (to / from = -1: none), then waits for both. Errors (peer failure, Abort(), the
-  // deadline) name the peer and `what`; after an error the transport is unusable.
-  virtual absl::Status SendRecv(int to, const void* send, size_t send_bytes, int from, void* recv, size_t recv_bytes,
-                                uint64_t tag, absl::Time deadline, const char* what) = 0;
+  // Posts every operation (receives first), then waits for all of them, calling on_recv(i) as
+  // soon as receive i has completed (while the others are still in flight: this is how the
+  // algorithms overlap reduction with transfer). Errors (peer failure, Abort(), the deadline)
+  // name the peer and `what`; after an error the transport is unusable.
+  virtual absl::Status Exchange(const std::vector<P2POp>& ops, absl::Time deadline, const char* what,
+                                const std::function<void(size_t)>& on_recv) = 0;
+  // A send to `to` and a receive from `from` (-1: none) as one Exchange.
+  absl::Status SendRecv(int to, const void* send, size_t send_bytes, int from, void* recv, size_t recv_bytes,
+                        uint64_t tag, absl::Time deadline, const char* what) {
+    std::vector<P2POp> ops;
+    if (from >= 0) ops.push_back({P2POp::kRecv, from, recv, recv_bytes, tag});
+    if (to >= 0) ops.push_back({P2POp::kSend, to, const_cast<void*>(send), send_bytes, tag});
+    return Exchange(ops, deadline, what, nullptr);
+  }
   // Makes every pending and future SendRecv fail promptly (ABORTED). Thread-safe.
   virtual void Abort() = 0;
 };

@@ -1,8 +1,12 @@
 #include "worker/comm/ucx_transport.h"
 
 #include <poll.h>
+#include <sched.h>
+#include <unistd.h>
 #include <ucp/api/ucp.h>
 
+#include <chrono>
+#include <cstdlib>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -41,16 +45,27 @@ struct UcxTransport::Impl {
     a->impl->peer_status[a->peer] = status;
   }
 
-  // Drains progress, then sleeps on the event fd for at most 1 ms when nothing happened.
+  // Drains progress. Idle up to 50 us: spin (shared-memory latency). Idle up to 2 ms: yield the
+  // core after each poll (peers sharing the core get to run: oversubscribed hosts). Longer: sleep
+  // on the worker's event fd for at most 1 ms, so that a communication thread waiting for a late
+  // bucket leaves the cores to the backward pass.
   void ProgressOrSleep() {
-    if (ucp_worker_progress(worker) != 0) return;
-    if (efd < 0) return;
-    const ucs_status_t s = ucp_worker_arm(worker);
-    if (s == UCS_OK) {
+    if (ucp_worker_progress(worker) != 0) {
+      idle_since = std::chrono::steady_clock::now();
+      return;
+    }
+    const auto idle = std::chrono::steady_clock::now() - idle_since;
+    if (idle < std::chrono::microseconds(50)) return;
+    if (idle < std::chrono::milliseconds(2) || efd < 0) {
+      sched_yield();
+      return;
+    }
+    if (ucp_worker_arm(worker) == UCS_OK) {
       pollfd p{efd, POLLIN, 0};
       (void)poll(&p, 1, 1);
     }
   }
+  std::chrono::steady_clock::time_point idle_since = std::chrono::steady_clock::now();
 
   // Closes every endpoint: flushed (our last sends reach their peers even when we leave first),
   // forced after a failure or when the peer failed; bounded by 2 s in total either way.
@@ -75,7 +90,8 @@ struct UcxTransport::Impl {
 };
 
 absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(int rank, int size, Store* store,
-                                                                     const std::string& prefix, absl::Time deadline) {
+                                                                     const std::string& prefix, absl::Time deadline,
+                                                                     bool single_host) {
   if (size < 1 || rank < 0 || rank >= size || size > 0xffff) {
     return absl::InvalidArgumentError(absl::StrCat("rank ", rank, " of ", size));
   }
@@ -86,6 +102,13 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(int rank, int
   Impl& im = *t->impl_;
   ucp_config_t* config = nullptr;
   if (auto st = UCX_STATUS(ucp_config_read(nullptr, nullptr, &config), "ucp_config_read"); !st.ok()) return st;
+  // Default transports (README, allreduce benchmark): never CMA, which measured 2x slower than
+  // shared-memory copies here; and when every rank is on this host, no TCP either (UCX would
+  // stripe large messages over TCP and shared memory, halving the bandwidth). UCX_TLS in the
+  // environment wins.
+  if (std::getenv("UCX_TLS") == nullptr) {
+    (void)ucp_config_modify(config, "TLS", single_host ? "^cma,tcp" : "^cma");
+  }
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES;
   params.features = UCP_FEATURE_TAG | UCP_FEATURE_WAKEUP;
@@ -103,7 +126,11 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(int rank, int
   if (auto st = UCX_STATUS(ucp_worker_get_address(im.worker, &addr, &addr_len), "ucp_worker_get_address"); !st.ok()) {
     return st;
   }
-  const std::string mine(reinterpret_cast<const char*>(addr), addr_len);
+  // Published value: "<hostname>\n<ucp address bytes>".
+  char host[256] = {0};
+  gethostname(host, sizeof(host) - 1);
+  const std::string my_host = host;
+  const std::string mine = my_host + "\n" + std::string(reinterpret_cast<const char*>(addr), addr_len);
   ucp_worker_release_address(im.worker, addr);
   if (auto st = store->Set(absl::StrCat(prefix, "/ucx/", rank), mine); !st.ok()) {
     return absl::Status(st.code(), absl::StrCat("publishing rank ", rank, "'s UCX address: ", st.message()));
@@ -117,15 +144,25 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(int rank, int
                           absl::StrCat("rank ", rank, " waiting for rank ", peer, "'s UCX address: ",
                                        remote.status().message()));
     }
+    const size_t nl = remote->find('\n');
+    if (nl == std::string::npos) {
+      return absl::DataLossError(absl::StrCat("rank ", peer, "'s published UCX address is malformed"));
+    }
+    const std::string peer_host = remote->substr(0, nl);
+    const std::string peer_addr = remote->substr(nl + 1);
     im.err_args.push_back(std::make_unique<Impl::ErrArg>(Impl::ErrArg{&im, peer}));
     ucp_ep_params_t ep{};
     ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE |
                     UCP_EP_PARAM_FIELD_ERR_HANDLER;
-    ep.address = reinterpret_cast<const ucp_address_t*>(remote->data());
-    ep.err_mode = UCP_ERR_HANDLING_MODE_PEER;
+    ep.address = reinterpret_cast<const ucp_address_t*>(peer_addr.data());
+    // Peer error handling restricts UCX to transports that can report a dead peer (TCP), which
+    // rules out shared memory. Same-host peers use shared memory without it (a dead or stalled
+    // local peer is caught by the collective's deadline); other hosts get PEER mode.
+    ep.err_mode = peer_host == my_host ? UCP_ERR_HANDLING_MODE_NONE : UCP_ERR_HANDLING_MODE_PEER;
     ep.err_handler.cb = &Impl::OnEndpointError;
     ep.err_handler.arg = im.err_args.back().get();
-    if (auto st = UCX_STATUS(ucp_ep_create(im.worker, &ep, &im.eps[peer]), absl::StrCat("ucp_ep_create to rank ", peer));
+    if (auto st = UCX_STATUS(ucp_ep_create(im.worker, &ep, &im.eps[peer]),
+                             absl::StrCat("ucp_ep_create to rank ", peer, " on ", peer_host));
         !st.ok()) {
       return st;
     }
@@ -135,84 +172,105 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(int rank, int
 
 UcxTransport::~UcxTransport() = default;
 
-absl::Status UcxTransport::SendRecv(int to, const void* send, size_t send_bytes, int from, void* recv,
-                                    size_t recv_bytes, uint64_t tag, absl::Time deadline, const char* what) {
+absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time deadline, const char* what,
+                                    const std::function<void(size_t)>& on_recv) {
   Impl& im = *impl_;
-  if ((to >= size_) || (from >= size_)) return absl::InvalidArgumentError(absl::StrCat(what, ": bad peer"));
-  ucs_status_ptr_t sreq = nullptr, rreq = nullptr;
-  ucs_status_t recv_status = UCS_OK;
-  size_t received = 0;
-  if (from >= 0) {
-    ucp_request_param_t p{};
-    rreq = ucp_tag_recv_nbx(im.worker, recv, recv_bytes, (tag << 16) | static_cast<uint64_t>(from), ~uint64_t{0}, &p);
-    if (UCS_PTR_IS_ERR(rreq)) {
-      return absl::InternalError(absl::StrCat(what, ": receive from rank ", from, ": ",
-                                              ucs_status_string(UCS_PTR_STATUS(rreq))));
-    }
+  for (const P2POp& op : ops) {
+    if (op.peer < 0 || op.peer >= size_) return absl::InvalidArgumentError(absl::StrCat(what, ": bad peer ", op.peer));
   }
-  if (to >= 0) {
-    ucp_request_param_t p{};
-    sreq = ucp_tag_send_nbx(im.eps[to], send, send_bytes, (tag << 16) | static_cast<uint64_t>(rank_), &p);
-    if (UCS_PTR_IS_ERR(sreq)) {
-      const ucs_status_t e = UCS_PTR_STATUS(sreq);
-      if (UCS_PTR_IS_PTR(rreq)) {
-        ucp_request_cancel(im.worker, rreq);
-        ucp_request_free(rreq);
-      }
-      im.broken = true;
-      return absl::UnavailableError(absl::StrCat(what, ": send to rank ", to, ": ", ucs_status_string(e)));
-    }
-  }
-  auto done = [&](ucs_status_ptr_t r) { return !UCS_PTR_IS_PTR(r) || ucp_request_check_status(r) != UCS_INPROGRESS; };
+  std::vector<ucs_status_ptr_t> reqs(ops.size(), nullptr);
+  std::vector<bool> finished(ops.size(), false);
   absl::Status result;
-  while (!(done(sreq) && done(rreq))) {
-    if (aborted_.load()) {
-      result = absl::AbortedError(absl::StrCat(what, ": communicator aborted"));
-    } else if (to >= 0 && im.peer_status[to] != UCS_OK) {
-      result = absl::UnavailableError(
-          absl::StrCat(what, ": rank ", to, " failed (", ucs_status_string(im.peer_status[to]), ")"));
-    } else if (from >= 0 && im.peer_status[from] != UCS_OK) {
-      result = absl::UnavailableError(
-          absl::StrCat(what, ": rank ", from, " failed (", ucs_status_string(im.peer_status[from]), ")"));
-    } else if (absl::Now() > deadline) {
-      const int peer = !done(rreq) ? from : to;
-      result = absl::DeadlineExceededError(absl::StrCat(what, ": timed out waiting for rank ", peer,
-                                                        !done(rreq) ? " to send" : " to receive"));
+  // Receives first, so that a peer's eager send finds its match posted.
+  for (int pass = 0; pass < 2 && result.ok(); ++pass) {
+    for (size_t i = 0; i < ops.size() && result.ok(); ++i) {
+      const P2POp& op = ops[i];
+      ucp_request_param_t p{};
+      if (pass == 0 && op.kind == P2POp::kRecv) {
+        reqs[i] = ucp_tag_recv_nbx(im.worker, op.buf, op.bytes, (op.tag << 16) | static_cast<uint64_t>(op.peer),
+                                   ~uint64_t{0}, &p);
+      } else if (pass == 1 && op.kind == P2POp::kSend) {
+        reqs[i] = ucp_tag_send_nbx(im.eps[op.peer], op.buf, op.bytes, (op.tag << 16) | static_cast<uint64_t>(rank_), &p);
+      } else {
+        continue;
+      }
+      if (UCS_PTR_IS_ERR(reqs[i])) {
+        result = absl::UnavailableError(absl::StrCat(what, ": ", op.kind == P2POp::kSend ? "send to" : "receive from",
+                                                     " rank ", op.peer, ": ", ucs_status_string(UCS_PTR_STATUS(reqs[i]))));
+        reqs[i] = nullptr;
+      }
+    }
+  }
+  size_t remaining = ops.size();
+  while (result.ok() && remaining > 0) {
+    bool any = false;
+    for (size_t i = 0; i < ops.size() && result.ok(); ++i) {
+      if (finished[i]) continue;
+      const P2POp& op = ops[i];
+      if (UCS_PTR_IS_PTR(reqs[i])) {
+        const ucs_status_t st = ucp_request_check_status(reqs[i]);
+        if (st == UCS_INPROGRESS) continue;
+        size_t length = op.bytes;
+        if (op.kind == P2POp::kRecv && st == UCS_OK) {
+          ucp_tag_recv_info_t info{};
+          if (ucp_tag_recv_request_test(reqs[i], &info) == UCS_OK) length = info.length;
+        }
+        ucp_request_free(reqs[i]);
+        reqs[i] = nullptr;
+        if (st != UCS_OK) {
+          result = absl::UnavailableError(absl::StrCat(what, ": ", op.kind == P2POp::kSend ? "send to" : "receive from",
+                                                       " rank ", op.peer, ": ", ucs_status_string(st)));
+          break;
+        }
+        if (length != op.bytes) {
+          result = absl::DataLossError(absl::StrCat(what, ": rank ", op.peer, " sent ", length, " bytes, expected ",
+                                                    op.bytes));
+          break;
+        }
+      }
+      finished[i] = true;  // completed (or completed immediately at posting)
+      --remaining;
+      any = true;
+      if (op.kind == P2POp::kRecv && on_recv) on_recv(i);
+    }
+    if (!result.ok() || remaining == 0) break;
+    // Failure checks, then progress.
+    for (size_t i = 0; i < ops.size() && result.ok(); ++i) {
+      if (!finished[i] && im.peer_status[ops[i].peer] != UCS_OK) {
+        result = absl::UnavailableError(absl::StrCat(what, ": rank ", ops[i].peer, " failed (",
+                                                     ucs_status_string(im.peer_status[ops[i].peer]), ")"));
+      }
     }
     if (!result.ok()) break;
-    im.ProgressOrSleep();
-  }
-  // Completion statuses; cancel whatever is still pending (after an error).
-  for (ucs_status_ptr_t* r : {&sreq, &rreq}) {
-    if (!UCS_PTR_IS_PTR(*r)) continue;
-    if (ucp_request_check_status(*r) == UCS_INPROGRESS) {
-      ucp_request_cancel(im.worker, *r);
-      for (int i = 0; i < 1000 && ucp_request_check_status(*r) == UCS_INPROGRESS; ++i) ucp_worker_progress(im.worker);
+    if (aborted_.load()) {
+      result = absl::AbortedError(absl::StrCat(what, ": communicator aborted"));
+      break;
     }
-    const ucs_status_t st = ucp_request_check_status(*r);
-    if (r == &rreq) {
-      ucp_tag_recv_info_t info{};
-      if (st == UCS_OK && ucp_tag_recv_request_test(*r, &info) == UCS_OK) received = info.length;
-      recv_status = st;
-    } else if (result.ok() && st != UCS_OK) {
-      result = absl::UnavailableError(absl::StrCat(what, ": send to rank ", to, ": ", ucs_status_string(st)));
+    if (absl::Now() > deadline) {
+      for (size_t i = 0; i < ops.size(); ++i) {
+        if (finished[i]) continue;
+        result = absl::DeadlineExceededError(absl::StrCat(what, ": timed out waiting for rank ", ops[i].peer,
+                                                          ops[i].kind == P2POp::kRecv ? " to send" : " to receive"));
+        break;
+      }
+      break;
     }
-    if (ucp_request_check_status(*r) != UCS_INPROGRESS) ucp_request_free(*r);
+    if (!any) im.ProgressOrSleep();
   }
   if (!result.ok()) {
+    // Cancel what is still pending (receives can be cancelled; sends are completed by the forced
+    // endpoint close when the transport is destroyed).
+    for (size_t i = 0; i < ops.size(); ++i) {
+      if (!UCS_PTR_IS_PTR(reqs[i])) continue;
+      if (ucp_request_check_status(reqs[i]) == UCS_INPROGRESS && ops[i].kind == P2POp::kRecv) {
+        ucp_request_cancel(im.worker, reqs[i]);
+        for (int n = 0; n < 1000 && ucp_request_check_status(reqs[i]) == UCS_INPROGRESS; ++n) ucp_worker_progress(im.worker);
+      }
+      ucp_request_free(reqs[i]);
+    }
     im.broken = true;
-    return result;
   }
-  if (UCS_PTR_IS_PTR(rreq) && recv_status != UCS_OK) {
-    im.broken = true;
-    return absl::UnavailableError(
-        absl::StrCat(what, ": receive from rank ", from, ": ", ucs_status_string(recv_status)));
-  }
-  if (UCS_PTR_IS_PTR(rreq) && received != recv_bytes) {
-    im.broken = true;
-    return absl::DataLossError(absl::StrCat(what, ": rank ", from, " sent ", received, " bytes, expected ", recv_bytes));
-  }
-  return absl::OkStatus();
+  return result;
 }
 
 }  // namespace lmsgd::comm

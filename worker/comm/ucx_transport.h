@@ -1,9 +1,11 @@
 // Transport over UCX (ucp tagged messages). UCX picks the wire: shared memory between processes
 // on one host, TCP across hosts (override with UCX's own variables, e.g. UCX_TLS=tcp).
 //
-// Bootstrap: every rank creates a ucp worker, publishes its address in the Store under
-// "<prefix>/ucx/<rank>", reads every other rank's address and creates an endpoint to each
-// with peer error handling, so a dead peer surfaces as an endpoint error instead of a hang.
+// Bootstrap: every rank creates a ucp worker, publishes its host name and address in the Store
+// under "<prefix>/ucx/<rank>", reads every other rank's and creates an endpoint to each. Peers on
+// other hosts get UCX peer error handling (a dead peer surfaces as an endpoint error at once);
+// peers on the same host talk over shared memory, which UCX cannot combine with peer error
+// handling, so a dead local peer is caught by the collective's deadline instead. Never a hang.
 // Waiting does not spin: after draining ucp_worker_progress, the thread sleeps on the worker's
 // event fd (ucp_worker_arm + poll, at most 1 ms), so a communication thread leaves the cores to
 // the backward pass. One thread at a time may call SendRecv; Abort() may come from any thread.
@@ -25,14 +27,17 @@ namespace lmsgd::comm {
 class UcxTransport final : public Transport {
  public:
   // Connects to all `size` ranks through `store` (keys under `prefix`, e.g. "job/gen3").
+  // `single_host`: every rank runs on this host (the coordinator knows; it selects shared-memory
+  // transports only, see the .cc).
   static absl::StatusOr<std::unique_ptr<UcxTransport>> Create(int rank, int size, Store* store,
-                                                               const std::string& prefix, absl::Time deadline);
+                                                               const std::string& prefix, absl::Time deadline,
+                                                               bool single_host = false);
   ~UcxTransport() override;
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
-  absl::Status SendRecv(int to, const void* send, size_t send_bytes, int from, void* recv, size_t recv_bytes,
-                        uint64_t tag, absl::Time deadline, const char* what) override;
+  absl::Status Exchange(const std::vector<P2POp>& ops, absl::Time deadline, const char* what,
+                        const std::function<void(size_t)>& on_recv) override;
   void Abort() override { aborted_.store(true); }
 
  private:
