@@ -1,9 +1,10 @@
 // lmsgd-worker: one training process (one GPU, or one CPU share).
 //
+//   lmsgd-worker --coordinator HOST:PORT [--job JOB_ID] [--threads N] [--local_device I]
+//       joins a job of the coordinator (or the next one that needs workers) and trains its
+//       rank's shard with the others (worker/distributed.h); re-joins after failures.
 //   lmsgd-worker --standalone --job_file JOB.textproto [--threads N]
 //       trains the job in this process (k = 1; virtual workers allowed), no coordinator.
-//
-// Joining a coordinator (--coordinator ADDR) arrives with distributed training.
 #include <iostream>
 
 #include "absl/flags/flag.h"
@@ -12,6 +13,7 @@
 #include "absl/strings/str_format.h"
 #include "common/job_spec.h"
 #include "common/logging.h"
+#include "worker/distributed.h"
 #include "worker/standalone.h"
 
 ABSL_FLAG(bool, standalone, false, "Train --job_file in this process, without a coordinator");
@@ -23,14 +25,41 @@ ABSL_FLAG(std::string, checkpoint_dir, "", "Overrides the job's checkpoint_dir")
 ABSL_FLAG(bool, resume, true, "Resume from the checkpoint dir's latest checkpoint when there is one");
 ABSL_FLAG(int32_t, log_every, 0, "Print progress every N iterations (0 = once per epoch)");
 ABSL_FLAG(uint64_t, epochs, 0, "Overrides the job's epochs (0 = keep)");
+ABSL_FLAG(std::string, job, "", "Job id to join (default: the next job that needs workers)");
+ABSL_FLAG(std::string, host, "", "Host name reported to the coordinator (default: this machine's)");
+ABSL_FLAG(uint32_t, local_device, 0, "Index of this worker on its host (GPU index or CPU share)");
+ABSL_FLAG(std::string, tls_ca, "", "CA certificate to verify the coordinator (enables TLS)");
+ABSL_FLAG(std::string, tls_cert, "", "Client certificate for mutual TLS");
+ABSL_FLAG(std::string, tls_key, "", "Client private key for mutual TLS");
+ABSL_FLAG(int32_t, join_timeout_s, 86400, "How long to wait for a job to join");
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("lmsgd-worker --standalone --job_file FILE [--threads N]");
   absl::ParseCommandLine(argc, argv);
   if (!absl::GetFlag(FLAGS_standalone)) {
-    std::cerr << "lmsgd-worker: only --standalone is available in this build (joining a coordinator with "
-                 "--coordinator is not implemented yet)\n";
-    return 2;
+    if (absl::GetFlag(FLAGS_coordinator).empty()) {
+      std::cerr << "lmsgd-worker: give --coordinator HOST:PORT (or --standalone --job_file FILE)\n";
+      return 2;
+    }
+    lmsgd::worker::WorkerOptions wo;
+    wo.client.address = absl::GetFlag(FLAGS_coordinator);
+    wo.client.tls.ca = absl::GetFlag(FLAGS_tls_ca);
+    wo.client.tls.cert = absl::GetFlag(FLAGS_tls_cert);
+    wo.client.tls.key = absl::GetFlag(FLAGS_tls_key);
+    wo.job_id = absl::GetFlag(FLAGS_job);
+    wo.host = absl::GetFlag(FLAGS_host);
+    wo.local_device = absl::GetFlag(FLAGS_local_device);
+    wo.threads = absl::GetFlag(FLAGS_threads);
+    if (absl::GetFlag(FLAGS_data_threads) > 0) wo.data_threads = absl::GetFlag(FLAGS_data_threads);
+    wo.join_timeout = absl::Seconds(absl::GetFlag(FLAGS_join_timeout_s));
+    wo.log = &std::cout;
+    const absl::Status st = lmsgd::worker::RunWorker(wo);
+    if (!st.ok()) {
+      std::cerr << "lmsgd-worker: " << st.ToString() << "\n";
+      return 1;
+    }
+    std::cout << "lmsgd-worker: job finished" << std::endl;
+    return 0;
   }
   if (absl::GetFlag(FLAGS_job_file).empty()) {
     std::cerr << "lmsgd-worker: --standalone needs --job_file\n";

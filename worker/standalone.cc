@@ -88,7 +88,9 @@ absl::StatusOr<StandaloneResult> RunStandalone(const v1::JobSpec& job, const Sta
     lo.skip_corrupt = spec.dataset().skip_corrupt();
     lo.first_batch = iteration - static_cast<uint64_t>(epoch) * ipe;
     data::BatchLoader loader(datasets->train.get(),
-                             data::ShardForRank(datasets->train->size(), spec.seed(), epoch, 0, 1), lo);
+                             data::WorkerOrder(datasets->train->size(), spec.seed(), epoch, 0, 1,
+                                               spec.virtual_workers_per_worker(), spec.per_worker_batch()),
+                             lo);
     double loss_sum = 0, lr = 0, data_wait = 0;
     uint64_t steps = 0;
     while (iteration < static_cast<uint64_t>(epoch + 1) * ipe) {

@@ -37,4 +37,24 @@ std::vector<uint64_t> ShardForRank(uint64_t n, uint64_t seed, uint64_t epoch, ui
                                perm.begin() + static_cast<std::ptrdiff_t>((rank + 1) * part));
 }
 
+std::vector<uint64_t> WorkerOrder(uint64_t n, uint64_t seed, uint64_t epoch, uint32_t rank, uint32_t world_size,
+                                  uint32_t virtual_workers, uint32_t batch) {
+  if (virtual_workers <= 1) return ShardForRank(n, seed, epoch, rank, world_size);
+  if (world_size == 0 || rank >= world_size || batch == 0) return {};
+  const uint64_t parts = static_cast<uint64_t>(world_size) * virtual_workers;
+  const std::vector<uint64_t> perm = EpochPermutation(n, seed, epoch);
+  const uint64_t part = n / parts;
+  const uint64_t steps = part / batch;
+  std::vector<uint64_t> out;
+  out.reserve(steps * batch * virtual_workers);
+  for (uint64_t t = 0; t < steps; ++t) {
+    for (uint32_t j = 0; j < virtual_workers; ++j) {
+      const uint64_t base = (static_cast<uint64_t>(rank) * virtual_workers + j) * part + t * batch;
+      out.insert(out.end(), perm.begin() + static_cast<std::ptrdiff_t>(base),
+                 perm.begin() + static_cast<std::ptrdiff_t>(base + batch));
+    }
+  }
+  return out;
+}
+
 }  // namespace lmsgd::data

@@ -19,6 +19,15 @@ std::vector<uint64_t> EpochPermutation(uint64_t n, uint64_t seed, uint64_t epoch
 // The indices rank `rank` of `world_size` visits in `epoch`, in order.
 std::vector<uint64_t> ShardForRank(uint64_t n, uint64_t seed, uint64_t epoch, uint32_t rank, uint32_t world_size);
 
+// The order in which a worker with `virtual_workers` (m) groups of `batch` (n) examples visits
+// an epoch: the permutation split into world_size * m parts; virtual worker j of rank r takes
+// part r * m + j. Step t's m*n examples are part (r*m)'s examples [t*n, (t+1)*n), then part
+// (r*m+1)'s, and so on, so one process with m virtual workers sees exactly what m real workers
+// would (and k workers with m virtual workers each simulate k*m workers). With m = 1 this is
+// ShardForRank.
+std::vector<uint64_t> WorkerOrder(uint64_t n, uint64_t seed, uint64_t epoch, uint32_t rank, uint32_t world_size,
+                                  uint32_t virtual_workers, uint32_t batch);
+
 // SplitMix64: a small, well-mixed, portable 64-bit generator.
 class SplitMix64 {
  public:

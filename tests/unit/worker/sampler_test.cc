@@ -59,5 +59,25 @@ TEST(SamplerTest, BelowIsRoughlyUniform) {
   for (int c : counts) EXPECT_NEAR(c, 10000, 400);
 }
 
+TEST(WorkerOrderTest, VirtualWorkersSeeWhatRealWorkersWould) {
+  const uint64_t n = 1000;
+  // 1 process x 4 virtual workers of 8 == 4 ranks of 8: step t's 32 examples are ranks 0..3's
+  // step-t batches in order.
+  const auto v = WorkerOrder(n, 5, 3, 0, 1, 4, 8);
+  std::vector<std::vector<uint64_t>> ranks;
+  for (uint32_t r = 0; r < 4; ++r) ranks.push_back(ShardForRank(n, 5, 3, r, 4));
+  ASSERT_EQ(v.size(), (n / 4 / 8) * 8 * 4);
+  for (size_t t = 0; t < v.size() / 32; ++t) {
+    for (uint32_t j = 0; j < 4; ++j) {
+      for (size_t i = 0; i < 8; ++i) EXPECT_EQ(v[t * 32 + j * 8 + i], ranks[j][t * 8 + i]);
+    }
+  }
+  // 2 ranks x 2 virtual workers: rank 1 covers parts 2 and 3.
+  const auto r1 = WorkerOrder(n, 5, 3, 1, 2, 2, 8);
+  EXPECT_EQ(r1[0], ranks[2][0]);
+  EXPECT_EQ(r1[8], ranks[3][0]);
+  EXPECT_EQ(WorkerOrder(n, 5, 3, 1, 2, 1, 8), ShardForRank(n, 5, 3, 1, 2));
+}
+
 }  // namespace
 }  // namespace lmsgd::data
