@@ -108,6 +108,17 @@ class Heartbeater {
   std::thread thread_;
 };
 
+absl::Status ReportFailureTo(CoordinatorClient* client, const v1::JoinJobResponse& join, bool fatal,
+                             const absl::Status& st) {
+  v1::ReportFailureRequest r;
+  r.set_job_id(join.job_id());
+  r.set_worker_id(join.worker_id());
+  r.set_generation(join.generation());
+  r.set_fatal(fatal);
+  r.set_message(st.ToString());
+  return client->ReportFailure(r);
+}
+
 comm::Algorithm ToAlgorithm(v1::AllreduceAlgorithm a, bool* auto_small) {
   *auto_small = false;
   switch (a) {
@@ -132,15 +143,7 @@ class Generation {
     if (o_.log) *o_.log << absl::StrFormat("[rank %d/%d gen %d] ", join_.rank(), join_.world_size(), join_.generation())
                         << line << std::endl;
   }
-  absl::Status ReportFailure(const absl::Status& st) {
-    v1::ReportFailureRequest r;
-    r.set_job_id(join_.job_id());
-    r.set_worker_id(join_.worker_id());
-    r.set_generation(join_.generation());
-    r.set_fatal(false);
-    r.set_message(st.ToString());
-    return client_->ReportFailure(r);
-  }
+  absl::Status ReportFailure(const absl::Status& st) { return ReportFailureTo(client_, join_, false, st); }
 
   const WorkerOptions& o_;
   CoordinatorClient* client_;
@@ -177,7 +180,8 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
   auto comm = comm::Communicator::Create(std::move(*transport), copt);
   if (!comm.ok()) return comm.status();
   Heartbeater heart(client_, join_, comm->get());
-  const absl::Time far = absl::Now() + copt.collective_timeout * 4;
+  // Deadline for waiting on one collective, from now (each collective also has its own timeout).
+  auto far = [&] { return absl::Now() + copt.collective_timeout * 2; };
 
   auto failed = [&](const absl::Status& st) -> absl::StatusOr<End> {
     if (heart.stop()) return End::kStop;
@@ -198,7 +202,7 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
     auto w1 = (*comm)->BroadcastAsync(trainer.store().params().data(), trainer.store().params().size(), 0);
     auto w2 = (*comm)->BroadcastAsync(trainer.store().buffers().data(), trainer.store().buffers().size(), 0);
     for (auto* w : {&w1, &w2}) {
-      if (auto st = (*w)->Wait(far); !st.ok()) return failed(st);
+      if (auto st = (*w)->Wait(far()); !st.ok()) return failed(st);
     }
   }
 
@@ -206,7 +210,6 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
   const uint64_t local_batch = static_cast<uint64_t>(spec.per_worker_batch()) * spec.virtual_workers_per_worker();
   comm::BucketedReducer reducer(comm->get(), &trainer.store(), spec.bucket_bytes(), spec.first_bucket_bytes(),
                                 copt.collective_timeout);
-  const double n_train = static_cast<double>(datasets_->train->size());
   for (uint32_t epoch = static_cast<uint32_t>(iteration / ipe); epoch < spec.epochs(); ++epoch) {
     const auto epoch_start = Clock::now();
     data::LoaderOptions lo;
@@ -260,7 +263,7 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
       counts[0] = static_cast<float>(c->examples);
       counts[1] = static_cast<float>(c->top1_correct);
       counts[2] = static_cast<float>(c->top5_correct);
-      if (auto st = (*comm)->AllreduceAsync(counts, 3)->Wait(far); !st.ok()) return failed(st);
+      if (auto st = (*comm)->AllreduceAsync(counts, 3)->Wait(far()); !st.ok()) return failed(st);
     }
     const double n_eval = std::max(1.0f, counts[0]);
     v1::Evaluation ev;
@@ -271,7 +274,6 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
     Log(absl::StrFormat("epoch %d/%d  iter %d  loss %.4f  lr %.4f  %.1f img/s (job)  val top1_err %.4f top5_err %.4f",
                         epoch + 1, spec.epochs(), iteration, steps ? loss_sum * k / steps : 0.0, lr,
                         steps * local_batch * k / train_s, ev.top1_error(), ev.top5_error()));
-    (void)n_train;
     if (rank == 0 && counts[0] > 0) {
       v1::ReportEvaluationRequest r;
       r.set_job_id(join_.job_id());
@@ -331,13 +333,7 @@ absl::Status RunWorker(const WorkerOptions& o) {
     if (datasets == nullptr || datasets_for != join->job_id()) {
       auto ds = train::OpenDatasets(join->spec());
       if (!ds.ok()) {
-        v1::ReportFailureRequest r;
-        r.set_job_id(join->job_id());
-        r.set_worker_id(join->worker_id());
-        r.set_generation(join->generation());
-        r.set_fatal(true);
-        r.set_message(ds.status().ToString());
-        (void)(*client)->ReportFailure(r);
+        (void)ReportFailureTo(client->get(), *join, /*fatal=*/true, ds.status());
         return ds.status();
       }
       datasets = std::make_unique<train::Datasets>(std::move(*ds));
@@ -353,13 +349,7 @@ absl::Status RunWorker(const WorkerOptions& o) {
     std::string why;
     auto end = Generation(o, client->get(), *join, datasets.get()).Run(&why);
     if (!end.ok()) {
-      v1::ReportFailureRequest r;
-      r.set_job_id(join->job_id());
-      r.set_worker_id(join->worker_id());
-      r.set_generation(join->generation());
-      r.set_fatal(false);
-      r.set_message(end.status().ToString());
-      (void)(*client)->ReportFailure(r);
+      (void)ReportFailureTo(client->get(), *join, /*fatal=*/false, end.status());
       return end.status();
     }
     if (*end == End::kJobDone || *end == End::kStop) return absl::OkStatus();
