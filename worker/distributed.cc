@@ -180,6 +180,8 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
   auto comm = comm::Communicator::Create(std::move(*transport), copt);
   if (!comm.ok()) return comm.status();
   Heartbeater heart(client_, join_, comm->get());
+  WorkerMetrics* metrics = o_.metrics;
+  if (metrics) metrics->SetIdentity(join_.job_id(), rank, join_.generation());
   // Deadline for waiting on one collective, from now (each collective also has its own timeout).
   auto far = [&] { return absl::Now() + copt.collective_timeout * 2; };
 
@@ -229,8 +231,11 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
     uint64_t steps = 0;
     while (iteration < static_cast<uint64_t>(epoch + 1) * ipe) {
       if (heart.abort() || heart.stop()) return failed(absl::AbortedError("directive"));
+      const auto wait_start = Clock::now();
       auto batch = loader.Next(absl::Minutes(10));
       if (!batch.ok()) return batch.status();
+      const double data_wait = Since(wait_start);
+      const uint64_t bytes_before = reducer.bytes_reduced();
       auto stats = trainer.Step(iteration, (*batch)->images.data(), (*batch)->labels.data(), &reducer);
       if (!stats.ok()) return failed(stats.status());
       ++iteration;
@@ -244,6 +249,15 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
       p.set_loss(stats->loss * k);  // rank 0's share x k: the global loss estimated from one shard
       p.set_images_per_second(steps * local_batch * k / Since(epoch_start));
       heart.Update(p);
+      if (metrics) {
+        metrics->ObserveStep(data_wait, stats->forward_s, stats->backward_s, stats->reduce_wait_s, stats->optimizer_s,
+                             stats->loss * k, stats->lr, iteration, steps * local_batch / Since(epoch_start));
+        metrics->AddAllreduceBytes(reducer.bytes_reduced() - bytes_before);
+      }
+    }
+    if (metrics) {
+      metrics->SetEpoch(epoch + 1);
+      metrics->AddCorrupt(loader.skipped());
     }
     {
       v1::Progress p;  // the epoch is complete
@@ -271,6 +285,7 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
     ev.set_examples(static_cast<uint64_t>(counts[0]));
     ev.set_top1_error(1 - counts[1] / n_eval);
     ev.set_top5_error(1 - counts[2] / n_eval);
+    if (metrics && counts[0] > 0) metrics->SetEvaluation(ev.top1_error(), ev.top5_error());
     Log(absl::StrFormat("epoch %d/%d  iter %d  loss %.4f  lr %.4f  %.1f img/s (job)  val top1_err %.4f top5_err %.4f",
                         epoch + 1, spec.epochs(), iteration, steps ? loss_sum * k / steps : 0.0, lr,
                         steps * local_batch * k / train_s, ev.top1_error(), ev.top5_error()));

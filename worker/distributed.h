@@ -25,6 +25,7 @@
 #include "absl/status/status.h"
 #include "absl/time/time.h"
 #include "worker/coordinator_client.h"
+#include "worker/metrics.h"
 
 namespace lmsgd::worker {
 
@@ -38,6 +39,7 @@ struct WorkerOptions {
   absl::Duration join_timeout = absl::Hours(24);
   int max_generations = 100;   // re-joins before giving up
   std::ostream* log = nullptr;
+  WorkerMetrics* metrics = nullptr;  // optional (served by main on --metrics_listen)
 };
 
 // Runs until the job succeeds (OK), the coordinator says STOP (OK), or a final error.

@@ -13,6 +13,7 @@
 #include "absl/strings/str_format.h"
 #include "common/job_spec.h"
 #include "common/logging.h"
+#include "prometheus/exposer.h"
 #include "worker/distributed.h"
 #include "worker/standalone.h"
 
@@ -32,6 +33,7 @@ ABSL_FLAG(std::string, tls_ca, "", "CA certificate to verify the coordinator (en
 ABSL_FLAG(std::string, tls_cert, "", "Client certificate for mutual TLS");
 ABSL_FLAG(std::string, tls_key, "", "Client private key for mutual TLS");
 ABSL_FLAG(int32_t, join_timeout_s, 86400, "How long to wait for a job to join");
+ABSL_FLAG(std::string, metrics_listen, "", "Serve Prometheus /metrics here (host:port; empty: off)");
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("lmsgd-worker --standalone --job_file FILE [--threads N]");
@@ -53,6 +55,23 @@ int main(int argc, char** argv) {
     if (absl::GetFlag(FLAGS_data_threads) > 0) wo.data_threads = absl::GetFlag(FLAGS_data_threads);
     wo.join_timeout = absl::Seconds(absl::GetFlag(FLAGS_join_timeout_s));
     wo.log = &std::cout;
+    lmsgd::worker::WorkerMetrics metrics;
+    std::unique_ptr<prometheus::Exposer> exposer;
+    if (!absl::GetFlag(FLAGS_metrics_listen).empty()) {
+      try {  // prometheus-cpp reports a busy/bad address by throwing; stop here, before training
+        exposer = std::make_unique<prometheus::Exposer>(absl::GetFlag(FLAGS_metrics_listen));
+      } catch (const std::exception& e) {
+        std::cerr << "lmsgd-worker: cannot serve metrics on " << absl::GetFlag(FLAGS_metrics_listen) << ": "
+                  << e.what() << "\n";
+        return 2;
+      }
+      exposer->RegisterCollectable(metrics.registry());
+      const std::string listen = absl::GetFlag(FLAGS_metrics_listen);
+      const auto ports = exposer->GetListeningPorts();  // the real port when asked for port 0
+      std::cout << "metrics on http://" << listen.substr(0, listen.rfind(':')) << ":"
+                << (ports.empty() ? 0 : ports[0]) << "/metrics" << std::endl;
+      wo.metrics = &metrics;
+    }
     const absl::Status st = lmsgd::worker::RunWorker(wo);
     if (!st.ok()) {
       std::cerr << "lmsgd-worker: " << st.ToString() << "\n";

@@ -12,7 +12,10 @@
 #include <filesystem>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "common/file_util.h"
 #include "common/job_spec.h"
 #include "google/protobuf/text_format.h"
@@ -66,13 +69,25 @@ std::string Ctl(const std::string& addr, const std::vector<std::string>& args) {
 }
 
 std::unique_ptr<testing::Subprocess> StartWorker(const std::string& addr, const std::string& job, int device,
-                                                 const std::string& log) {
+                                                 const std::string& log, std::vector<std::string> extra = {}) {
   auto p = std::make_unique<testing::Subprocess>();
-  EXPECT_TRUE(p->Start({LMSGD_WORKER_BIN, "--coordinator=" + addr, "--job=" + job, "--threads=1",
-                        absl::StrCat("--local_device=", device), "--host=localhost"},
-                       log)
-                  .ok());
+  std::vector<std::string> argv = {LMSGD_WORKER_BIN, "--coordinator=" + addr, "--job=" + job, "--threads=1",
+                                   absl::StrCat("--local_device=", device), "--host=localhost"};
+  argv.insert(argv.end(), extra.begin(), extra.end());
+  EXPECT_TRUE(p->Start(argv, log).ok());
   return p;
+}
+
+// Value of `name{...}` lines containing every `must` substring; NaN if absent.
+double Metric(const std::string& text, const std::string& name, const std::vector<std::string>& must) {
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    if (!absl::StartsWith(line, name + "{")) continue;
+    bool all = true;
+    for (const auto& m : must) all = all && absl::StrContains(line, m);
+    double v;
+    if (all && absl::SimpleAtod(line.substr(line.rfind(' ') + 1), &v)) return v;
+  }
+  return std::nan("");
 }
 
 std::string JobState(const std::string& addr, const std::string& job) {
@@ -150,6 +165,45 @@ TEST_F(WorkerIntegrationTest, TwoWorkersTrainToSuccessAndMatchOneProcessWithTwoV
   ASSERT_TRUE(r.ok()) << r.status();
   const double diff = MaxRelDiff(Params(dir_ + "/ckpt/ckpt-0000000144.safetensors"), Params(r->last_checkpoint));
   EXPECT_LT(diff, 1e-5) << "2 workers vs 1 worker x 2 virtual workers";
+}
+
+TEST_F(WorkerIntegrationTest, WorkerMetricsAreScrapedWhileTraining) {
+  const v1::JobSpec spec = BarsJob(data_, dir_ + "/ckpt", 768, 20);
+  const std::string job = Ctl(coord_->grpc_address(), {"submit", WriteJob(dir_, spec)});
+  auto w0 = StartWorker(coord_->grpc_address(), job, 0, dir_ + "/w0.log", {"--metrics_listen=127.0.0.1:0"});
+  auto w1 = StartWorker(coord_->grpc_address(), job, 1, dir_ + "/w1.log");
+  std::string text;
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
+  while (absl::Now() < deadline) {
+    const std::string log = ReadFileToString(dir_ + "/w0.log").value_or("");
+    const auto p = log.find("metrics on http://");
+    if (p != std::string::npos) {
+      const std::string hostport = log.substr(p + 18, log.find("/metrics", p) - p - 18);
+      auto body = testing::HttpGet(hostport, "/metrics");
+      if (body.ok() && Metric(*body, "lmsgd_worker_steps_total", {}) >= 20 &&
+          Metric(*body, "lmsgd_worker_epoch", {}) >= 1) {
+        text = *body;
+        break;
+      }
+    }
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  ASSERT_FALSE(text.empty()) << ReadFileToString(dir_ + "/w0.log").value_or("");
+  const std::vector<std::string> me = {"job=\"" + job + "\"", "rank=\"0\""};
+  for (const char* phase : {"data_wait", "forward", "backward", "exposed_communication", "optimizer"}) {
+    std::vector<std::string> l = me;
+    l.push_back(absl::StrCat("phase=\"", phase, "\""));
+    EXPECT_GE(Metric(text, "lmsgd_worker_step_phase_seconds_total", l), 0.0) << phase << "\n" << text;
+  }
+  EXPECT_GT(Metric(text, "lmsgd_worker_step_phase_seconds_total", {"phase=\"forward\""}), 0.0);
+  EXPECT_GT(Metric(text, "lmsgd_worker_allreduce_bytes_total", me), 0.0);
+  EXPECT_GT(Metric(text, "lmsgd_worker_images_per_second", me), 0.0);
+  EXPECT_GT(Metric(text, "lmsgd_worker_learning_rate", me), 0.0);
+  EXPECT_GE(Metric(text, "lmsgd_worker_eval_top1_error", me), 0.0);
+  EXPECT_EQ(Metric(text, "lmsgd_worker_generation", me), 1.0);
+  Ctl(coord_->grpc_address(), {"cancel", job});
+  (void)w0->Wait(absl::Seconds(30));
+  (void)w1->Wait(absl::Seconds(30));
 }
 
 TEST_F(WorkerIntegrationTest, KilledWorkerIsReplacedAndTrainingResumesFromTheCheckpoint) {
