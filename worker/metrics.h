@@ -13,7 +13,8 @@
 //   lmsgd_worker_epoch                           gauge: epochs completed
 //   lmsgd_worker_iteration                       gauge: global iteration
 //   lmsgd_worker_generation                      gauge
-//   lmsgd_worker_eval_top1_error / _top5_error   gauge: last evaluation (whole validation set)
+//   lmsgd_worker_eval_top1_error                 gauge: last evaluation (whole validation set)
+//   lmsgd_worker_eval_top5_error                 gauge
 //   lmsgd_worker_corrupt_examples_total          counter: unreadable examples skipped
 #pragma once
 
