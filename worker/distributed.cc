@@ -5,6 +5,8 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <deque>
+#include <functional>
 #include <mutex>
 #include <random>
 #include <set>
@@ -31,14 +33,17 @@ double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::
 // Why a generation ended.
 enum class End { kJobDone, kStop, kRejoin };
 
-// Heartbeats progress from a background thread (never blocking the step) and turns the
-// coordinator's directive into flags the training loop polls.
+// Heartbeats progress from a background thread and sends the reports (evaluation, checkpoint)
+// queued by the training loop, so that no coordinator RPC ever blocks a step (the coordinator
+// may be restarting: RPCs retry with backoff). Turns the coordinator's directive into flags the
+// training loop polls.
 class Heartbeater {
  public:
   Heartbeater(CoordinatorClient* client, const v1::JoinJobResponse& join, comm::Communicator* comm)
       : client_(client), join_(join), comm_(comm) {
     const double interval = join.heartbeat_interval_s() > 0 ? join.heartbeat_interval_s() : 2.0;
     thread_ = std::thread([this, interval] { Loop(absl::Seconds(interval)); });
+    reporter_ = std::thread([this] { ReportLoop(); });
   }
   ~Heartbeater() {
     {
@@ -47,10 +52,24 @@ class Heartbeater {
     }
     cv_.notify_all();
     thread_.join();
+    reporter_.join();
   }
   void Update(const v1::Progress& p) {
     std::lock_guard<std::mutex> lock(mu_);
     progress_ = p;
+  }
+  // Runs `report` on the background thread, in order.
+  void Post(std::function<void()> report) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      reports_.push_back(std::move(report));
+    }
+    cv_.notify_all();
+  }
+  // Waits (bounded) until every posted report has been sent.
+  void Flush(absl::Duration timeout) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_for(lock, absl::ToChronoNanoseconds(timeout), [&] { return reports_.empty() && !sending_; });
   }
   bool abort() const { return abort_.load(); }
   bool stop() const { return stop_.load(); }
@@ -86,6 +105,8 @@ class Heartbeater {
       comm_->Abort();  // a collective in flight returns at once
     }
   }
+  // Heartbeats on their own thread: a report retrying through a coordinator restart must not
+  // delay them past the heartbeat timeout.
   void Loop(absl::Duration interval) {
     for (;;) {
       {
@@ -95,17 +116,37 @@ class Heartbeater {
       (void)Beat(false);  // errors: retried by the client; the coordinator's timeout decides
     }
   }
+  void ReportLoop() {
+    for (;;) {
+      std::function<void()> report;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return done_ || !reports_.empty(); });
+        if (reports_.empty()) return;  // done and drained
+        report = std::move(reports_.front());
+        reports_.pop_front();
+        sending_ = true;
+      }
+      report();
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        sending_ = false;
+      }
+      cv_.notify_all();
+    }
+  }
 
   CoordinatorClient* client_;
   v1::JoinJobResponse join_;
   comm::Communicator* comm_;
   std::mutex mu_;
   std::condition_variable cv_;
-  bool done_ = false;
+  bool done_ = false, sending_ = false;
+  std::deque<std::function<void()>> reports_;
   v1::Progress progress_;
   std::string message_;
   std::atomic<bool> abort_{false}, stop_{false};
-  std::thread thread_;
+  std::thread thread_, reporter_;
 };
 
 absl::Status ReportFailureTo(CoordinatorClient* client, const v1::JoinJobResponse& join, bool fatal,
@@ -295,7 +336,7 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
       r.set_worker_id(join_.worker_id());
       r.set_generation(join_.generation());
       *r.mutable_evaluation() = ev;
-      (void)client_->ReportEvaluation(r);
+      heart.Post([this, r] { (void)client_->ReportEvaluation(r); });
     }
     const uint32_t interval = spec.checkpoint_interval_epochs();
     const uint32_t done_epochs = epoch + 1;
@@ -313,14 +354,29 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
       ci->set_epoch(done_epochs);
       ci->set_iteration(iteration);
       ci->set_generation(join_.generation());
-      if (auto st = client_->ReportCheckpoint(r); !st.ok()) Log(absl::StrCat("ReportCheckpoint: ", st.ToString()));
+      heart.Post([this, r] {
+        if (auto st = client_->ReportCheckpoint(r); !st.ok()) Log(absl::StrCat("ReportCheckpoint: ", st.ToString()));
+      });
       Log(absl::StrCat("checkpoint ", *path));
     }
   }
-  // Every rank reports completion; rank 0's ends the job.
-  auto resp = heart.Beat(true);
-  if (!resp.ok()) Log(absl::StrCat("final heartbeat: ", resp.status().ToString()));
-  return End::kJobDone;
+  // Every rank reports completion (after its queued reports) until the coordinator says the job
+  // ended (STOP); rank 0's report ends it. If the job is being re-formed instead (e.g. the
+  // coordinator restarted and lost track of a worker), re-join: the new generation resumes
+  // from the last checkpoint and finishes.
+  heart.Flush(absl::Minutes(2));
+  const absl::Time give_up = absl::Now() + absl::Minutes(10);
+  while (absl::Now() < give_up) {
+    auto resp = heart.Beat(true);
+    if (resp.ok() && resp->directive() == v1::DIRECTIVE_STOP) return End::kJobDone;
+    if (heart.abort() || (resp.ok() && resp->directive() == v1::DIRECTIVE_ABORT_AND_REJOIN)) {
+      *why = absl::StrCat("finished, but the coordinator re-forms the job: ", heart.message());
+      return End::kRejoin;
+    }
+    if (!resp.ok()) Log(absl::StrCat("final heartbeat: ", resp.status().ToString()));
+    absl::SleepFor(absl::Milliseconds(200));
+  }
+  return absl::DeadlineExceededError("finished training, but the coordinator never confirmed the job's end");
 }
 
 }  // namespace

@@ -6,7 +6,11 @@
 //     worker joins, training resumes from the last checkpoint, and the final weights equal the
 //     uninterrupted run's.
 #include <gtest/gtest.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <cmath>
 #include <filesystem>
@@ -181,7 +185,7 @@ TEST_F(WorkerIntegrationTest, WorkerMetricsAreScrapedWhileTraining) {
       const std::string hostport = log.substr(p + 18, log.find("/metrics", p) - p - 18);
       auto body = testing::HttpGet(hostport, "/metrics");
       if (body.ok() && Metric(*body, "lmsgd_worker_steps_total", {}) >= 20 &&
-          Metric(*body, "lmsgd_worker_epoch", {}) >= 1) {
+          Metric(*body, "lmsgd_worker_epoch", {}) >= 1 && Metric(*body, "lmsgd_worker_eval_top1_error", {}) >= 0) {
         text = *body;
         break;
       }
@@ -204,6 +208,54 @@ TEST_F(WorkerIntegrationTest, WorkerMetricsAreScrapedWhileTraining) {
   Ctl(coord_->grpc_address(), {"cancel", job});
   (void)w0->Wait(absl::Seconds(30));
   (void)w1->Wait(absl::Seconds(30));
+}
+
+// A free loopback port (bound, read, released).
+int FreePort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  socklen_t len = sizeof(a);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  close(fd);
+  return ntohs(a.sin_port);
+}
+
+// kill -9 of the coordinator while workers train: they keep training (collectives are peer to
+// peer) and keep retrying their RPCs; the coordinator restarted on the same address and state
+// dir picks the job up and the job succeeds.
+TEST_F(WorkerIntegrationTest, CoordinatorKilledAndRestartedWhileWorkersTrain) {
+  const int port = FreePort();
+  testing::CoordinatorProcess coord(dir_ + "/coord2",
+                                    {absl::StrCat("--listen=127.0.0.1:", port), "--heartbeat_interval=0.5s",
+                                     "--heartbeat_timeout=10s"});
+  std::filesystem::create_directories(dir_ + "/coord2");
+  ASSERT_TRUE(coord.Start().ok());
+  const std::string addr = coord.grpc_address();
+  const v1::JobSpec spec = BarsJob(data_, dir_ + "/ckpt", 768, 12);
+  const std::string job = Ctl(addr, {"submit", WriteJob(dir_, spec)});
+  auto w0 = StartWorker(addr, job, 0, dir_ + "/w0.log");
+  auto w1 = StartWorker(addr, job, 1, dir_ + "/w1.log");
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
+  while (!std::filesystem::exists(dir_ + "/ckpt/ckpt-0000000048.safetensors") && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  coord.Kill9();
+  absl::SleepFor(absl::Seconds(1));
+  ASSERT_TRUE(coord.Start().ok()) << coord.Log();
+  ASSERT_EQ(coord.grpc_address(), addr);
+  std::string state;
+  const absl::Time end = absl::Now() + absl::Seconds(120);
+  while (absl::Now() < end) {
+    state = JobState(addr, job);
+    if (state == "JOB_STATE_SUCCEEDED" || state == "JOB_STATE_FAILED") break;
+    absl::SleepFor(absl::Milliseconds(200));
+  }
+  EXPECT_EQ(state, "JOB_STATE_SUCCEEDED") << ReadFileToString(dir_ + "/w0.log").value_or("") << coord.Log();
+  EXPECT_EQ(*w0->Wait(absl::Seconds(30)), 0);
+  EXPECT_EQ(*w1->Wait(absl::Seconds(30)), 0);
 }
 
 TEST_F(WorkerIntegrationTest, KilledWorkerIsReplacedAndTrainingResumesFromTheCheckpoint) {
