@@ -420,7 +420,12 @@ absl::Status RunWorker(const WorkerOptions& o) {
     std::string why;
     auto end = Generation(o, client->get(), *join, datasets.get()).Run(&why);
     if (!end.ok()) {
-      (void)ReportFailureTo(client->get(), *join, /*fatal=*/false, end.status());
+      // Deterministic failures (a corrupt file without skip_corrupt, an unloadable checkpoint, a
+      // bad spec) would fail every re-formation the same way: they fail the job, naming the cause.
+      const absl::StatusCode c = end.status().code();
+      const bool fatal = c == absl::StatusCode::kDataLoss || c == absl::StatusCode::kInvalidArgument ||
+                         c == absl::StatusCode::kNotFound || c == absl::StatusCode::kFailedPrecondition;
+      (void)ReportFailureTo(client->get(), *join, fatal, end.status());
       return end.status();
     }
     if (*end == End::kJobDone || *end == End::kStop) return absl::OkStatus();

@@ -210,6 +210,25 @@ TEST_F(WorkerIntegrationTest, WorkerMetricsAreScrapedWhileTraining) {
   (void)w1->Wait(absl::Seconds(30));
 }
 
+// A damaged data file is a clear, final job failure naming the file (not endless re-forming).
+TEST_F(WorkerIntegrationTest, CorruptDatasetFailsTheJobNamingTheFile) {
+  const std::string bad = dir_ + "/bad";
+  std::filesystem::create_directories(bad);
+  lmsgd::testing::WriteBarsIdx(bad, 768, 64, 12, 4);
+  const std::string images = bad + "/train-images-idx3-ubyte";
+  auto bytes = ReadFileToString(images);
+  ASSERT_TRUE(bytes.ok());
+  ASSERT_TRUE(WriteFileAtomically(images, bytes->substr(0, bytes->size() / 2)).ok());
+  const std::string job = Ctl(coord_->grpc_address(), {"submit", WriteJob(dir_, BarsJob(bad, dir_ + "/ckpt", 768, 2))});
+  auto w0 = StartWorker(coord_->grpc_address(), job, 0, dir_ + "/w0.log");
+  auto w1 = StartWorker(coord_->grpc_address(), job, 1, dir_ + "/w1.log");
+  EXPECT_EQ(WaitForEnd(job, absl::Seconds(60)), "JOB_STATE_FAILED");
+  const std::string status = Ctl(coord_->grpc_address(), {"--output=json", "status", job});
+  EXPECT_NE(status.find("train-images-idx3-ubyte"), std::string::npos) << status;
+  EXPECT_NE(*w0->Wait(absl::Seconds(30)), 0);
+  EXPECT_NE(*w1->Wait(absl::Seconds(30)), 0);
+}
+
 // A free loopback port (bound, read, released).
 int FreePort() {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
