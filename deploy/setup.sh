@@ -24,7 +24,7 @@ packages=(
   libturbojpeg0-dev libjpeg62-turbo-dev zlib1g-dev
   libgtest-dev libgmock-dev googletest libbenchmark-dev
   dataset-fashion-mnist
-  curl openssl iproute2 procps
+  curl openssl iproute2 procps python3 python3-yaml
 )
 if [ "$with_baselines" = 1 ]; then
   packages+=(python3-torch python3-torchvision libopenmpi-dev openmpi-bin libgloo-dev)
