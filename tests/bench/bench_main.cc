@@ -48,11 +48,16 @@ ABSL_FLAG(std::string, impls, "lmsgd,gloo,openmpi", "allreduce: implementations 
 ABSL_FLAG(int32_t, rank, 0, "(internal) allreduce-rank: this process's rank");
 ABSL_FLAG(std::string, store, "", "(internal) allreduce-rank: rendezvous directory");
 ABSL_FLAG(std::string, impl, "lmsgd", "(internal) allreduce-rank: lmsgd | gloo");
+ABSL_FLAG(int32_t, workers, 1024, "coordinator-load: simulated workers");
+ABSL_FLAG(int32_t, seconds, 20, "coordinator-load: heartbeat phase length");
+ABSL_FLAG(int32_t, client_threads, 32, "coordinator-load: client threads driving the simulated workers");
+ABSL_FLAG(std::string, coordinator_bin, "", "coordinator-load: lmsgd-coordinator (default: next to this build)");
 
 namespace lmsgd::bench {
 int RunAllreduceRank(const std::string& impl, int rank, int k, const std::string& store_dir, size_t min_bytes,
                      size_t max_bytes);
 bool HaveGloo();
+int RunCoordinatorLoad(const std::string& coordinator_bin, int workers, int seconds, int threads);
 }  // namespace lmsgd::bench
 
 namespace {
@@ -302,12 +307,24 @@ int main(int argc, char** argv) {
   const std::string cmd = args.size() == 2 ? args[1] : "";
   if (cmd == "train") return Train(argv[0]);
   if (cmd == "allreduce") return Allreduce();
+  if (cmd == "coordinator-load") {
+    std::string bin = absl::GetFlag(FLAGS_coordinator_bin);
+    if (bin.empty()) {
+      const auto self = std::filesystem::canonical("/proc/self/exe").parent_path();
+      for (const auto& p : {self / "lmsgd-coordinator", self / "../coordinator/lmsgd-coordinator"}) {
+        if (std::filesystem::exists(p)) bin = std::filesystem::canonical(p).string();
+      }
+    }
+    return lmsgd::bench::RunCoordinatorLoad(bin, absl::GetFlag(FLAGS_workers), absl::GetFlag(FLAGS_seconds),
+                                            absl::GetFlag(FLAGS_client_threads));
+  }
   if (cmd == "allreduce-rank") {
     return lmsgd::bench::RunAllreduceRank(absl::GetFlag(FLAGS_impl), absl::GetFlag(FLAGS_rank),
                                           absl::GetFlag(FLAGS_ranks), absl::GetFlag(FLAGS_store),
                                           absl::GetFlag(FLAGS_min_bytes), absl::GetFlag(FLAGS_max_bytes));
   }
   std::cerr << "usage: lmsgd-bench train [--model=resnet50] [--batch=32] [--device=cpu] [--compare=pytorch]\n"
-               "       lmsgd-bench allreduce --ranks=K [--min_bytes=4096] [--max_bytes=268435456] [--json]\n";
+               "       lmsgd-bench allreduce --ranks=K [--min_bytes=4096] [--max_bytes=268435456] [--json]\n"
+               "       lmsgd-bench coordinator-load [--workers=1024] [--seconds=20]\n";
   return 2;
 }

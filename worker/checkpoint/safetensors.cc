@@ -30,7 +30,10 @@ std::string JsonString(const std::string& s) {
 // A minimal JSON reader for the safetensors header: objects, arrays, strings, integers.
 struct JsonValue {
   enum Kind { kObject, kArray, kString, kNumber } kind = kNumber;
-  std::vector<std::pair<std::string, JsonValue>> object;
+  // Object members as parallel vectors (keys[i] -> values[i]): a vector of pairs holding this
+  // still-incomplete type is rejected by some standard libraries.
+  std::vector<std::string> keys;
+  std::vector<JsonValue> values;
   std::vector<JsonValue> array;
   std::string str;
   int64_t number = 0;
@@ -105,7 +108,8 @@ class JsonParser {
         ++pos_;
         auto val = Value(depth + 1);
         if (!val.ok()) return val;
-        v.object.emplace_back(std::move(*key), std::move(*val));
+        v.keys.push_back(std::move(*key));
+        v.values.push_back(std::move(*val));
         Ws();
         if (pos_ < s_.size() && s_[pos_] == ',') {
           ++pos_;
@@ -210,10 +214,14 @@ absl::StatusOr<SafetensorsFile> ParseSafetensors(const std::string& bytes, const
   if (json->kind != JsonValue::kObject) return bad("header is not a JSON object");
   SafetensorsFile out;
   size_t covered = 0;
-  for (const auto& [key, v] : json->object) {
+  for (size_t m = 0; m < json->keys.size(); ++m) {
+    const std::string& key = json->keys[m];
+    const JsonValue& v = json->values[m];
     if (key == "__metadata__") {
       if (v.kind != JsonValue::kObject) return bad("__metadata__ is not an object");
-      for (const auto& [mk, mv] : v.object) {
+      for (size_t j = 0; j < v.keys.size(); ++j) {
+        const std::string& mk = v.keys[j];
+        const JsonValue& mv = v.values[j];
         if (mv.kind != JsonValue::kString) return bad(absl::StrCat("metadata '", mk, "' is not a string"));
         out.metadata[mk] = mv.str;
       }
@@ -221,7 +229,9 @@ absl::StatusOr<SafetensorsFile> ParseSafetensors(const std::string& bytes, const
     }
     if (v.kind != JsonValue::kObject) return bad(absl::StrCat("entry '", key, "' is not an object"));
     const JsonValue *dtype = nullptr, *shape = nullptr, *offsets = nullptr;
-    for (const auto& [fk, fv] : v.object) {
+    for (size_t j = 0; j < v.keys.size(); ++j) {
+      const std::string& fk = v.keys[j];
+      const JsonValue& fv = v.values[j];
       if (fk == "dtype") dtype = &fv;
       if (fk == "shape") shape = &fv;
       if (fk == "data_offsets") offsets = &fv;
