@@ -208,7 +208,8 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
   const bool single_host = std::set<std::string>(hosts.begin(), hosts.end()).size() <= 1;
   CoordinatorStore store(client_, join_.job_id(), join_.generation(), rank);
   auto transport = comm::UcxTransport::Create(rank, k, &store, absl::StrCat("gen", join_.generation()),
-                                              absl::Now() + absl::Seconds(120), single_host);
+                                              absl::Now() + absl::Seconds(120), single_host,
+                                              rank < static_cast<int>(hosts.size()) ? hosts[rank] : "");
   if (!transport.ok()) {
     *why = absl::StrCat("communicator bootstrap: ", transport.status().message());
     (void)ReportFailure(transport.status());

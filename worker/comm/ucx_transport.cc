@@ -91,7 +91,7 @@ struct UcxTransport::Impl {
 
 absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(int rank, int size, Store* store,
                                                                      const std::string& prefix, absl::Time deadline,
-                                                                     bool single_host) {
+                                                                     bool single_host, const std::string& host_name) {
   if (size < 1 || rank < 0 || rank >= size || size > 0xffff) {
     return absl::InvalidArgumentError(absl::StrCat("rank ", rank, " of ", size));
   }
@@ -129,7 +129,7 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(int rank, int
   // Published value: "<hostname>\n<ucp address bytes>".
   char host[256] = {0};
   gethostname(host, sizeof(host) - 1);
-  const std::string my_host = host;
+  const std::string my_host = host_name.empty() ? std::string(host) : host_name;
   const std::string mine = my_host + "\n" + std::string(reinterpret_cast<const char*>(addr), addr_len);
   ucp_worker_release_address(im.worker, addr);
   if (auto st = store->Set(absl::StrCat(prefix, "/ucx/", rank), mine); !st.ok()) {

@@ -28,10 +28,12 @@ class UcxTransport final : public Transport {
  public:
   // Connects to all `size` ranks through `store` (keys under `prefix`, e.g. "job/gen3").
   // `single_host`: every rank runs on this host (the coordinator knows; it selects shared-memory
-  // transports only, see the .cc).
+  // transports only, see the .cc). `host`: this rank's host as the job knows it (the worker's
+  // --host; empty: gethostname), compared with the peers' to choose the endpoint mode.
   static absl::StatusOr<std::unique_ptr<UcxTransport>> Create(int rank, int size, Store* store,
                                                                const std::string& prefix, absl::Time deadline,
-                                                               bool single_host = false);
+                                                               bool single_host = false,
+                                                               const std::string& host = "");
   ~UcxTransport() override;
 
   int rank() const override { return rank_; }
