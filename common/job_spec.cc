@@ -270,6 +270,9 @@ LrScheduleParams ScheduleParams(const v1::Schedule& s) {
   p.decay_epochs.assign(s.decay_epochs().begin(), s.decay_epochs().end());
   p.decay_factor = s.decay_factor();
   p.iterations_per_epoch = s.iterations_per_epoch();
+  p.rewarm_start = s.rewarm_start_iteration();
+  p.rewarm_iterations = s.rewarm_iterations();
+  p.rewarm_from = s.rewarm_from_lr();
   return p;
 }
 

@@ -30,7 +30,12 @@ double LearningRate(const LrScheduleParams& p, uint64_t iteration) {
       lr = p.base_lr;
     }
   }
-  return lr * decay;
+  lr *= decay;
+  if (p.rewarm_iterations > 0 && iteration >= p.rewarm_start && iteration < p.rewarm_start + p.rewarm_iterations) {
+    const double alpha = static_cast<double>(iteration - p.rewarm_start) / static_cast<double>(p.rewarm_iterations);
+    lr = p.rewarm_from + (lr - p.rewarm_from) * alpha;
+  }
+  return lr;
 }
 
 double MomentumCorrection(const LrScheduleParams& p, uint64_t iteration) {

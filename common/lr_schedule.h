@@ -14,6 +14,10 @@
 // Momentum correction (paper section 2.1): with the velocity holding lr-scaled updates,
 //   v <- m * (lr(t) / lr(t-1)) * v + lr(t) * (g + wd * w)
 // MomentumCorrection(t) returns lr(t) / lr(t-1) (1 at t = 0).
+//
+// Elastic jobs: when a generation re-forms with k' workers the coordinator recomputes the
+// schedule for kn' (linear scaling rule) and adds a short linear ramp ("re-warmup") from the
+// rate the old generation had reached to the new one (rewarm_* fields).
 #pragma once
 
 #include <cstdint>
@@ -32,6 +36,11 @@ struct LrScheduleParams {
   std::vector<uint32_t> decay_epochs = {30, 60, 80};
   double decay_factor = 0.1;
   uint64_t iterations_per_epoch = 1;
+  // Elastic re-formation (kn changed): for t in [rewarm_start, rewarm_start + rewarm_iterations)
+  // lr(t) = rewarm_from + (lr_schedule(t) - rewarm_from) * (t - rewarm_start) / rewarm_iterations.
+  uint64_t rewarm_start = 0;
+  uint64_t rewarm_iterations = 0;
+  double rewarm_from = 0;
 };
 
 // base_lr * global_batch / reference_batch.

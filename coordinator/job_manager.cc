@@ -1,5 +1,7 @@
 #include "coordinator/job_manager.h"
 
+#include "common/lr_schedule.h"
+
 #include <algorithm>
 #include <set>
 #include <tuple>
@@ -240,7 +242,20 @@ absl::Status JobManager::TryForm(Job& job) {
   for (auto& [id, m] : job.members) {
     if (m.ready && IsAlive(m, now)) ready.push_back(&m);
   }
-  const uint32_t need = job.status.spec().world_size();
+  // Elastic jobs (min_workers < world_size or max_workers > world_size): grow up to max_workers
+  // whenever more are ready; after a loss, once the survivors have had a heartbeat timeout to
+  // come back, re-form with as few as min_workers (see FormSchedule for the learning rate).
+  const v1::JobSpec& spec = job.status.spec();
+  uint32_t need = spec.world_size();
+  const uint32_t avail = static_cast<uint32_t>(std::min<size_t>(ready.size(), spec.max_workers()));
+  if (spec.min_workers() < spec.world_size() || spec.max_workers() > spec.world_size()) {
+    if (avail >= spec.world_size()) {
+      need = avail;
+    } else if (state == v1::JOB_STATE_RECOVERING && avail >= spec.min_workers() &&
+               now - job.recovering_since >= options_.heartbeat_timeout) {
+      need = avail;
+    }
+  }
   if (ready.size() < need) {
     if (state == v1::JOB_STATE_PENDING && !ready.empty()) {
       v1::JobStatus next = Snapshot(job);
@@ -268,6 +283,19 @@ absl::Status JobManager::TryForm(Job& job) {
   next.set_state(v1::JOB_STATE_RUNNING);
   next.set_world_size(need);
   *next.mutable_schedule() = MakeSchedule(next.spec(), need);
+  const v1::Schedule& old = job.status.schedule();
+  if (old.global_batch() != 0 && old.global_batch() != next.schedule().global_batch() &&
+      !job.status.last_checkpoint().path().empty()) {
+    // kn changed (elastic): the new generation resumes at the checkpoint's epoch boundary with
+    // the rate rescaled by the linear scaling rule, ramped from the old rate over 1/4 epoch.
+    v1::Schedule* sch = next.mutable_schedule();
+    sch->set_rewarm_start_iteration(job.status.last_checkpoint().epoch() * sch->iterations_per_epoch());
+    sch->set_rewarm_iterations(std::max<uint64_t>(1, sch->iterations_per_epoch() / 4));
+    sch->set_rewarm_from_lr(LearningRate(ScheduleParams(old), job.status.last_checkpoint().iteration()));
+    LOG(INFO) << "job " << next.job_id() << ": elastic re-formation with " << need << " workers (was "
+              << job.status.world_size() << "): kn " << old.global_batch() << " -> " << sch->global_batch()
+              << ", peak lr " << old.peak_lr() << " -> " << sch->peak_lr();
+  }
   next.mutable_progress()->set_total_iterations(next.schedule().total_iterations());
   next.set_message("");
   next.clear_workers();
@@ -326,6 +354,7 @@ absl::Status JobManager::BreakGeneration(Job& job, const std::string& reason, bo
     PersistOrRetryLater(job, std::move(next));
   }
   job.bootstrap.clear();
+  job.recovering_since = options_.now();
   return absl::OkStatus();
 }
 
@@ -724,6 +753,11 @@ void JobManager::Tick() {
       Changed(job);
     } else if (metrics_ != nullptr) {
       metrics_->SetJob(job.status, AliveCount(job, now));
+    }
+    // Elastic re-formation is due by time, not by a Join: try it here too (waiting joiners are
+    // woken by the transition).
+    if (job.status.state() == v1::JOB_STATE_RECOVERING && job.status.spec().min_workers() < job.status.spec().world_size()) {
+      (void)TryForm(job);
     }
   }
 }

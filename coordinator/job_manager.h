@@ -105,6 +105,7 @@ class JobManager {
     std::map<std::string, std::map<int, std::string>> bootstrap;  // key -> rank -> blob
     uint64_t version = 1;
     bool dirty = false;  // the last transition is not yet on disk (Tick retries)
+    absl::Time recovering_since = absl::InfinitePast();  // elastic: when the generation broke
   };
 
   static bool IsFinal(v1::JobState state);

@@ -241,6 +241,13 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
     auto state = checkpoint::LoadCheckpoint(join_.resume_from().path(), model_name, &trainer.store(), &trainer.sgd());
     if (!state.ok()) return state.status();
     iteration = state->iteration;
+    if (state->global_batch != schedule.global_batch()) {
+      // Elastic re-formation: kn changed, so did iterations per epoch; checkpoints sit at epoch
+      // boundaries, so resume at the same epoch under the new schedule.
+      iteration = static_cast<uint64_t>(state->epoch) * schedule.iterations_per_epoch();
+      Log(absl::StrFormat("kn %d -> %d: resuming at epoch %d (iteration %d), peak lr %.4g", state->global_batch,
+                          schedule.global_batch(), state->epoch, iteration, schedule.peak_lr()));
+    }
     Log(absl::StrCat("resumed from ", join_.resume_from().path(), " at iteration ", iteration));
   } else {
     auto w1 = (*comm)->BroadcastAsync(trainer.store().params().data(), trainer.store().params().size(), 0);

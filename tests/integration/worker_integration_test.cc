@@ -229,6 +229,37 @@ TEST_F(WorkerIntegrationTest, CorruptDatasetFailsTheJobNamingTheFile) {
   EXPECT_NE(*w1->Wait(absl::Seconds(30)), 0);
 }
 
+// Elastic: 3 workers with min_workers 2; one is killed and not replaced. After a heartbeat timeout
+// the survivors re-form as 2 workers: kn 24 -> 16, the peak rate rescaled by the linear scaling
+// rule (0.15 -> 0.1) with a short ramp from the old rate, resuming at the checkpoint's epoch.
+TEST_F(WorkerIntegrationTest, ElasticJobShrinksAndRescalesTheLearningRate) {
+  v1::JobSpec spec = BarsJob(data_, dir_ + "/ckpt", 768, 4);
+  spec.set_world_size(3);
+  spec.set_min_workers(2);
+  spec.set_max_workers(3);
+  const std::string job = Ctl(coord_->grpc_address(), {"submit", WriteJob(dir_, spec)});
+  auto w0 = StartWorker(coord_->grpc_address(), job, 0, dir_ + "/w0.log");
+  auto w1 = StartWorker(coord_->grpc_address(), job, 1, dir_ + "/w1.log");
+  auto w2 = StartWorker(coord_->grpc_address(), job, 2, dir_ + "/w2.log");
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
+  while (!std::filesystem::exists(dir_ + "/ckpt/ckpt-0000000032.safetensors") && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  w2->Signal(SIGKILL);
+  (void)w2->Wait(absl::Seconds(10));
+  EXPECT_EQ(WaitForEnd(job, absl::Seconds(120)), "JOB_STATE_SUCCEEDED")
+      << ReadFileToString(dir_ + "/w0.log").value_or("") << coord_->Log();
+  const std::string status = Ctl(coord_->grpc_address(), {"--output=json", "status", job});
+  EXPECT_NE(status.find("\"world_size\": 2,"), std::string::npos) << status;
+  EXPECT_NE(status.find("\"global_batch\": \"16\""), std::string::npos) << status;
+  EXPECT_NE(status.find("\"peak_lr\": 0.1,"), std::string::npos) << status;
+  EXPECT_NE(status.find("\"rewarm_from_lr\": 0.15"), std::string::npos) << status;
+  const std::string log0 = ReadFileToString(dir_ + "/w0.log").value_or("");
+  EXPECT_NE(log0.find("kn 24 -> 16"), std::string::npos) << log0;
+  EXPECT_EQ(*w0->Wait(absl::Seconds(30)), 0);
+  EXPECT_EQ(*w1->Wait(absl::Seconds(30)), 0);
+}
+
 // A free loopback port (bound, read, released).
 int FreePort() {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);

@@ -99,4 +99,20 @@ TEST(LrScheduleTest, MomentumCorrectionIsRatioOfRates) {
 }
 
 }  // namespace
+TEST(LrScheduleTest, ElasticRewarmRampsLinearlyFromTheOldRate) {
+  LrScheduleParams p;
+  p.global_batch = 4096;  // peak 1.6
+  p.iterations_per_epoch = 100;
+  p.warmup_epochs = 1;
+  p.decay_epochs = {30};
+  p.rewarm_start = 500;   // re-formed at epoch 5
+  p.rewarm_iterations = 25;
+  p.rewarm_from = 3.2;    // the rate the kn = 8192 generation had reached
+  EXPECT_DOUBLE_EQ(LearningRate(p, 499), 1.6);
+  EXPECT_DOUBLE_EQ(LearningRate(p, 500), 3.2);
+  EXPECT_NEAR(LearningRate(p, 510), 3.2 + (1.6 - 3.2) * 10 / 25.0, 1e-12);
+  EXPECT_DOUBLE_EQ(LearningRate(p, 525), 1.6);
+  EXPECT_NEAR(MomentumCorrection(p, 501), LearningRate(p, 501) / 3.2, 1e-15);
+}
+
 }  // namespace lmsgd
