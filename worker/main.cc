@@ -34,10 +34,21 @@ ABSL_FLAG(std::string, tls_cert, "", "Client certificate for mutual TLS");
 ABSL_FLAG(std::string, tls_key, "", "Client private key for mutual TLS");
 ABSL_FLAG(int32_t, join_timeout_s, 86400, "How long to wait for a job to join");
 ABSL_FLAG(std::string, metrics_listen, "", "Serve Prometheus /metrics here (host:port; empty: off)");
+ABSL_FLAG(std::string, device, "cpu", "cpu, or cuda:N (the GPU backend)");
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("lmsgd-worker --standalone --job_file FILE [--threads N]");
   absl::ParseCommandLine(argc, argv);
+  const std::string device = absl::GetFlag(FLAGS_device);
+  if (device != "cpu") {
+    if (device.rfind("cuda:", 0) == 0) {
+      std::cerr << "lmsgd-worker: --device " << device
+                << ": this build trains on the CPU only (the cuDNN backend is not built yet); use --device cpu\n";
+    } else {
+      std::cerr << "lmsgd-worker: --device " << device << " is not cpu or cuda:N\n";
+    }
+    return 2;
+  }
   if (!absl::GetFlag(FLAGS_standalone)) {
     if (absl::GetFlag(FLAGS_coordinator).empty()) {
       std::cerr << "lmsgd-worker: give --coordinator HOST:PORT (or --standalone --job_file FILE)\n";

@@ -260,6 +260,21 @@ TEST_F(WorkerIntegrationTest, ElasticJobShrinksAndRescalesTheLearningRate) {
   EXPECT_EQ(*w1->Wait(absl::Seconds(30)), 0);
 }
 
+// A worker that cannot serve the job (a CPU worker for a GPU job) is refused with a clear error,
+// and an unavailable device is refused at startup.
+TEST_F(WorkerIntegrationTest, IncompatibleWorkersAreRefusedClearly) {
+  v1::JobSpec spec = BarsJob(data_, dir_ + "/ckpt", 768, 2);
+  spec.set_device(v1::DEVICE_CUDA);
+  const std::string job = Ctl(coord_->grpc_address(), {"submit", WriteJob(dir_, spec)});
+  auto w = StartWorker(coord_->grpc_address(), job, 0, dir_ + "/w.log");
+  EXPECT_EQ(*w->Wait(absl::Seconds(30)), 1);
+  const std::string log = ReadFileToString(dir_ + "/w.log").value_or("");
+  EXPECT_NE(log.find("trains on DEVICE_CUDA but this worker offers DEVICE_CPU"), std::string::npos) << log;
+  auto gpu = testing::RunCommand({LMSGD_WORKER_BIN, "--coordinator=" + coord_->grpc_address(), "--device=cuda:0"});
+  EXPECT_EQ(gpu.exit_code, 2);
+  EXPECT_NE(gpu.err.find("--device cuda:0"), std::string::npos) << gpu.err;
+}
+
 // A free loopback port (bound, read, released).
 int FreePort() {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
