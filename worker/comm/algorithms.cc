@@ -89,9 +89,143 @@ absl::Status RingAllreduce::Run(float* data, size_t count, uint64_t seq, absl::T
   return absl::OkStatus();
 }
 
+// Binary blocks (Gloo's scheme for non-powers of two). k is split into blocks of power-of-two
+// sizes s_0 > s_1 > ... (its binary digits), ranks contiguous per block. The buffer is cut into
+// P = s_0 pieces; in a block of size s, index i owns pieces [i P/s, (i+1) P/s).
+//   1. Every block reduce-scatters inside itself (recursive halving).
+//   2. From the smallest block up, block b hands its owned regions to block b-1 (each region is
+//      P/s_b pieces = s_{b-1}/s_b regions of block b-1), which adds them: block 0 ends up owning
+//      the sum over all ranks.
+//   3. Block 0 allgathers (recursive doubling): its ranks hold the result.
+//   4. From block 1 down, block b receives its regions from block b-1 and allgathers inside.
+// No rank idles through the reduction as with pairing, and the pieces stay balanced.
+absl::Status HalvingDoublingAllreduce::RunBinaryBlocks(float* data, size_t count, uint64_t seq,
+                                                       absl::Time deadline) {
+  const int k = t_->size(), r = t_->rank();
+  std::vector<int> size_of, start_of;
+  for (int bit = 30, start = 0; bit >= 0; --bit) {
+    if (k & (1 << bit)) {
+      size_of.push_back(1 << bit);
+      start_of.push_back(start);
+      start += 1 << bit;
+    }
+  }
+  const int nb = static_cast<int>(size_of.size());
+  int b = 0;
+  while (b + 1 < nb && r >= start_of[b + 1]) ++b;
+  const int s = size_of[b], i = r - start_of[b], P = size_of[0];
+  auto off = [&](int piece) { return BlockStart(count, P, piece); };
+  auto region = [&](int size, int idx, int* lo, int* hi) {
+    *lo = idx * (P / size);
+    *hi = (idx + 1) * (P / size);
+  };
+  if (scratch_.size() < count) scratch_.resize(count);
+  // 1. Reduce-scatter inside the block.
+  int lo = 0, hi = P;
+  uint32_t t = 0;
+  for (int mask = s / 2; mask >= 1; mask /= 2, ++t) {
+    const int partner = start_of[b] + (i ^ mask);
+    const int mid = lo + (hi - lo) / 2;
+    const bool keep_low = (i & mask) == 0;
+    const int send_lo = keep_low ? mid : lo, send_hi = keep_low ? hi : mid;
+    const int keep_lo = keep_low ? lo : mid, keep_hi = keep_low ? mid : hi;
+    const size_t rn = off(keep_hi) - off(keep_lo);
+    if (auto st = t_->SendRecv(partner, data + off(send_lo), (off(send_hi) - off(send_lo)) * sizeof(float), partner,
+                               scratch_.data(), rn * sizeof(float), MakeTag(seq, 100 + t), deadline,
+                               "halving/doubling allreduce (binary blocks: reduce-scatter)");
+        !st.ok()) {
+      return st;
+    }
+    Add(data + off(keep_lo), scratch_.data(), rn);
+    lo = keep_lo;
+    hi = keep_hi;
+  }
+  // 2. Hand partial sums up, smallest block first.
+  for (int c = nb - 1; c >= 1; --c) {
+    const int ratio = size_of[c - 1] / size_of[c];
+    if (b == c) {  // send my region, split among `ratio` ranks of block c-1
+      std::vector<P2POp> ops;
+      for (int j = 0; j < ratio; ++j) {
+        int plo, phi;
+        region(size_of[c - 1], i * ratio + j, &plo, &phi);
+        ops.push_back({P2POp::kSend, start_of[c - 1] + i * ratio + j, data + off(plo),
+                       (off(phi) - off(plo)) * sizeof(float), MakeTag(seq, 200 + static_cast<uint32_t>(c))});
+      }
+      if (auto st = t_->Exchange(ops, deadline, "halving/doubling allreduce (binary blocks: hand up)", nullptr);
+          !st.ok()) {
+        return st;
+      }
+    } else if (b == c - 1) {  // receive my region's partial sums from block c
+      const size_t rn = off(hi) - off(lo);
+      if (auto st = t_->SendRecv(-1, nullptr, 0, start_of[c] + i / ratio, scratch_.data(), rn * sizeof(float),
+                                 MakeTag(seq, 200 + static_cast<uint32_t>(c)), deadline,
+                                 "halving/doubling allreduce (binary blocks: hand up)");
+          !st.ok()) {
+        return st;
+      }
+      Add(data + off(lo), scratch_.data(), rn);
+    }
+  }
+  // 3./4. Block 0 allgathers; every smaller block first receives its regions from the block
+  // above it, then allgathers.
+  auto allgather = [&](uint32_t tag_base) -> absl::Status {
+    int glo = lo, ghi = hi;
+    uint32_t u = 0;
+    for (int mask = 1; mask < s; mask *= 2, ++u) {
+      const int partner = start_of[b] + (i ^ mask);
+      const int width = ghi - glo;
+      const bool low = (i & mask) == 0;
+      const int other_lo = low ? ghi : glo - width, other_hi = low ? ghi + width : glo;
+      if (auto st = t_->SendRecv(partner, data + off(glo), (off(ghi) - off(glo)) * sizeof(float), partner,
+                                 data + off(other_lo), (off(other_hi) - off(other_lo)) * sizeof(float),
+                                 MakeTag(seq, tag_base + u), deadline,
+                                 "halving/doubling allreduce (binary blocks: allgather)");
+          !st.ok()) {
+        return st;
+      }
+      glo = std::min(glo, other_lo);
+      ghi = std::max(ghi, other_hi);
+    }
+    return absl::OkStatus();
+  };
+  if (b == 0) {
+    if (auto st = allgather(300); !st.ok()) return st;
+  }
+  for (int c = 1; c < nb; ++c) {
+    const int ratio = size_of[c - 1] / size_of[c];
+    if (b == c - 1) {  // send the full result for every region of block c that my part covers
+      // Rank idx of block c owns the regions of block c-1 ranks idx*ratio .. idx*ratio+ratio-1; after
+      // block c-1's allgather every rank there has everything, so each sends the piece it owned.
+      int plo, phi;
+      region(size_of[c - 1], i, &plo, &phi);
+      if (auto st = t_->SendRecv(start_of[c] + i / ratio, data + off(plo), (off(phi) - off(plo)) * sizeof(float), -1,
+                                 nullptr, 0, MakeTag(seq, 400 + static_cast<uint32_t>(c)), deadline,
+                                 "halving/doubling allreduce (binary blocks: hand down)");
+          !st.ok()) {
+        return st;
+      }
+    } else if (b == c) {
+      std::vector<P2POp> ops;
+      for (int j = 0; j < ratio; ++j) {
+        int plo, phi;
+        region(size_of[c - 1], i * ratio + j, &plo, &phi);
+        ops.push_back({P2POp::kRecv, start_of[c - 1] + i * ratio + j, data + off(plo),
+                       (off(phi) - off(plo)) * sizeof(float), MakeTag(seq, 400 + static_cast<uint32_t>(c))});
+      }
+      if (auto st = t_->Exchange(ops, deadline, "halving/doubling allreduce (binary blocks: hand down)", nullptr);
+          !st.ok()) {
+        return st;
+      }
+      if (auto st = allgather(500); !st.ok()) return st;
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t seq, absl::Time deadline) {
   const int k = t_->size(), r = t_->rank();
   if (k == 1 || count == 0) return absl::OkStatus();
+  if ((k & (k - 1)) != 0 && binary_blocks_) return RunBinaryBlocks(data, count, seq, deadline);
   int p = 1;
   while (p * 2 <= k) p *= 2;
   const int extra = k - p;  // ranks 0..2*extra-1 pair up: even hands off to odd

@@ -14,9 +14,9 @@
 // Recursive halving/doubling (Rabenseifner; Thakur et al. 2005): for p = 2^m ranks, m
 // reduce-scatter steps with partner rank XOR p/2, p/4, ..., 1, each exchanging half of the
 // current range, then m allgather steps in reverse. 2 log2(p) steps: latency optimal, the
-// paper's choice for small messages. Non-powers of two: the first 2r ranks (r = k - p) pair
-// up; the even rank of a pair hands its whole buffer to the odd one first and gets the result
-// back last, the other p ranks run the power-of-two algorithm.
+// paper's choice for small messages. Non-powers of two: Gloo's "binary blocks" (see the .cc),
+// or, optionally, pairing: the first 2r ranks (r = k - p) pair up; the even rank of a pair hands
+// its whole buffer to the odd one first and gets the result back last.
 //
 // Hierarchical (the paper's three phases): ranks are contiguous per host; the local ranks
 // send their buffers to the host's first rank (the leader), which sums them in rank order;
@@ -59,11 +59,14 @@ class RingAllreduce final : public AllreduceAlgorithm {
 
 class HalvingDoublingAllreduce final : public AllreduceAlgorithm {
  public:
-  explicit HalvingDoublingAllreduce(Transport* t) : t_(t) {}
+  // `binary_blocks`: non-powers of two by Gloo's binary blocks (default); false: by pairing.
+  explicit HalvingDoublingAllreduce(Transport* t, bool binary_blocks = true) : t_(t), binary_blocks_(binary_blocks) {}
   absl::Status Run(float* data, size_t count, uint64_t sequence, absl::Time deadline) override;
 
  private:
+  absl::Status RunBinaryBlocks(float* data, size_t count, uint64_t sequence, absl::Time deadline);
   Transport* t_;
+  bool binary_blocks_;
   std::vector<float> scratch_;
 };
 
