@@ -160,13 +160,12 @@ absl::Status ReportFailureTo(CoordinatorClient* client, const v1::JoinJobRespons
   return client->ReportFailure(r);
 }
 
-comm::Algorithm ToAlgorithm(v1::AllreduceAlgorithm a, bool* auto_small) {
-  *auto_small = false;
+comm::Algorithm ToAlgorithm(v1::AllreduceAlgorithm a) {
   switch (a) {
     case v1::ALLREDUCE_RING: return comm::Algorithm::kRing;
     case v1::ALLREDUCE_HALVING_DOUBLING: return comm::Algorithm::kHalvingDoubling;
     case v1::ALLREDUCE_HIERARCHICAL: return comm::Algorithm::kHierarchical;
-    default: *auto_small = true; return comm::Algorithm::kRing;
+    default: return comm::Algorithm::kAuto;
   }
 }
 
@@ -216,7 +215,7 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
     return End::kRejoin;
   }
   comm::CommunicatorOptions copt;
-  copt.algorithm = ToAlgorithm(spec.allreduce(), &copt.auto_small);
+  copt.algorithm = ToAlgorithm(spec.allreduce());
   if (static_cast<int>(hosts.size()) == k) copt.host_of_rank = hosts;
   copt.collective_timeout = absl::Seconds(spec.collective_timeout_s() > 0 ? spec.collective_timeout_s() : 60);
   auto comm = comm::Communicator::Create(std::move(*transport), copt);

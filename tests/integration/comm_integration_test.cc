@@ -72,7 +72,7 @@ TEST_P(AllreduceTest, ExactSumIdenticalOnAllRanks) {
 
 INSTANTIATE_TEST_SUITE_P(Worlds, AllreduceTest,
                          ::testing::Combine(::testing::Values(1, 2, 3, 4, 5, 7, 8),
-                                            ::testing::Values("ring", "hd", "hier")),
+                                            ::testing::Values("ring", "hd", "hier", "auto")),
                          [](const auto& info) {
                            return absl::StrCat("k", std::get<0>(info.param), "_", std::get<1>(info.param));
                          });

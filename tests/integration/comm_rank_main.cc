@@ -69,6 +69,7 @@ int Run(int argc, char** argv) {
   if (a.count("timeout_s")) (void)absl::SimpleAtod(a["timeout_s"], &timeout_s);
   const std::string mode = a["mode"];
   Algorithm algo = Algorithm::kRing;
+  if (a["algo"] == "auto") algo = Algorithm::kAuto;
   if (a["algo"] == "hd") algo = Algorithm::kHalvingDoubling;
   if (a["algo"] == "hier") algo = Algorithm::kHierarchical;
   std::vector<std::string> hosts;

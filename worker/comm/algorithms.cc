@@ -18,16 +18,12 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void Add(float* __r
                                                                        const float* __restrict src, size_t n) {
   for (size_t i = 0; i < n; ++i) dst[i] += src[i];
 }
-// dst = a + b (the lower rank's values first, for a fixed order).
-__attribute__((target_clones("avx512f", "avx2", "default"))) void AddTo(float* __restrict dst,
-                                                                         const float* __restrict a, size_t n) {
-  for (size_t i = 0; i < n; ++i) dst[i] = a[i] + dst[i];
-}
 
 }  // namespace
 
 const char* AlgorithmName(Algorithm a) {
   switch (a) {
+    case Algorithm::kAuto: return "auto";
     case Algorithm::kRing: return "ring";
     case Algorithm::kHalvingDoubling: return "halving_doubling";
     case Algorithm::kHierarchical: return "hierarchical";
@@ -98,10 +94,11 @@ absl::Status RingAllreduce::Run(float* data, size_t count, uint64_t seq, absl::T
 //      the sum over all ranks.
 //   3. Block 0 allgathers (recursive doubling): its ranks hold the result.
 //   4. From block 1 down, block b receives its regions from block b-1 and allgathers inside.
-// No rank idles through the reduction as with pairing, and the pieces stay balanced.
-absl::Status HalvingDoublingAllreduce::RunBinaryBlocks(float* data, size_t count, uint64_t seq,
-                                                       absl::Time deadline) {
+// For a power of two there is one block and this is plain recursive halving/doubling. No rank
+// idles through the reduction (as pairing would make the extra ranks do).
+absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t seq, absl::Time deadline) {
   const int k = t_->size(), r = t_->rank();
+  if (k == 1 || count == 0) return absl::OkStatus();
   std::vector<int> size_of, start_of;
   for (int bit = 30, start = 0; bit >= 0; --bit) {
     if (k & (1 << bit)) {
@@ -217,98 +214,6 @@ absl::Status HalvingDoublingAllreduce::RunBinaryBlocks(float* data, size_t count
         return st;
       }
       if (auto st = allgather(500); !st.ok()) return st;
-    }
-  }
-  return absl::OkStatus();
-}
-
-absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t seq, absl::Time deadline) {
-  const int k = t_->size(), r = t_->rank();
-  if (k == 1 || count == 0) return absl::OkStatus();
-  if ((k & (k - 1)) != 0 && binary_blocks_) return RunBinaryBlocks(data, count, seq, deadline);
-  int p = 1;
-  while (p * 2 <= k) p *= 2;
-  const int extra = k - p;  // ranks 0..2*extra-1 pair up: even hands off to odd
-  uint32_t step = 0;
-  if (scratch_.size() < count) scratch_.resize(count);
-  // Pre-step for non-powers of two.
-  int vrank;  // rank within the power-of-two group, -1 when handed off
-  if (r < 2 * extra) {
-    if (r % 2 == 0) {
-      if (auto st = t_->SendRecv(r + 1, data, count * sizeof(float), -1, nullptr, 0, MakeTag(seq, step), deadline,
-                                 "halving/doubling allreduce (hand-off)");
-          !st.ok()) {
-        return st;
-      }
-      vrank = -1;
-    } else {
-      if (auto st = t_->SendRecv(-1, nullptr, 0, r - 1, scratch_.data(), count * sizeof(float), MakeTag(seq, step),
-                                 deadline, "halving/doubling allreduce (hand-off)");
-          !st.ok()) {
-        return st;
-      }
-      // Fixed order: lower rank's values first.
-      AddTo(data, scratch_.data(), count);
-      vrank = r / 2;
-    }
-  } else {
-    vrank = r - extra;
-  }
-  ++step;
-  auto real = [&](int v) { return v < extra ? 2 * v + 1 : v + extra; };
-  if (vrank >= 0) {
-    auto off = [&](int block) { return BlockStart(count, p, block); };
-    // Reduce-scatter by recursive halving: the owned block range [lo, hi) halves each step.
-    int lo = 0, hi = p;
-    for (int mask = p / 2; mask >= 1; mask /= 2, ++step) {
-      const int partner = real(vrank ^ mask);
-      const int mid = lo + (hi - lo) / 2;
-      const bool keep_low = (vrank & mask) == 0;
-      const int send_lo = keep_low ? mid : lo, send_hi = keep_low ? hi : mid;
-      const int keep_lo = keep_low ? lo : mid, keep_hi = keep_low ? mid : hi;
-      const size_t rn = off(keep_hi) - off(keep_lo);
-      if (auto st = t_->SendRecv(partner, data + off(send_lo), (off(send_hi) - off(send_lo)) * sizeof(float), partner,
-                                 scratch_.data(), rn * sizeof(float), MakeTag(seq, step), deadline,
-                                 "halving/doubling allreduce (reduce-scatter)");
-          !st.ok()) {
-        return st;
-      }
-      // Fixed order: the lower virtual rank's values first, so both halves agree bitwise.
-      float* dst = data + off(keep_lo);
-      if (keep_low) {
-        Add(dst, scratch_.data(), rn);
-      } else {
-        AddTo(dst, scratch_.data(), rn);
-      }
-      lo = keep_lo;
-      hi = keep_hi;
-    }
-    // Allgather by recursive doubling: exchange the owned range with the partner's sibling range.
-    for (int mask = 1; mask < p; mask *= 2, ++step) {
-      const int partner = real(vrank ^ mask);
-      const int width = hi - lo;
-      const bool low = (vrank & mask) == 0;
-      const int other_lo = low ? hi : lo - width, other_hi = low ? hi + width : lo;
-      if (auto st = t_->SendRecv(partner, data + off(lo), (off(hi) - off(lo)) * sizeof(float), partner,
-                                 data + off(other_lo), (off(other_hi) - off(other_lo)) * sizeof(float),
-                                 MakeTag(seq, step), deadline, "halving/doubling allreduce (allgather)");
-          !st.ok()) {
-        return st;
-      }
-      lo = std::min(lo, other_lo);
-      hi = std::max(hi, other_hi);
-    }
-  } else {
-    step += 2 * static_cast<uint32_t>(__builtin_ctz(static_cast<unsigned>(p)));
-  }
-  // Post-step: odd ranks of the pairs return the result.
-  if (r < 2 * extra) {
-    const bool odd = r % 2 == 1;
-    if (auto st = t_->SendRecv(odd ? r - 1 : -1, data, odd ? count * sizeof(float) : 0, odd ? -1 : r + 1, data,
-                               odd ? 0 : count * sizeof(float), MakeTag(seq, 0xfffe), deadline,
-                               "halving/doubling allreduce (hand-back)");
-        !st.ok()) {
-      return st;
     }
   }
   return absl::OkStatus();

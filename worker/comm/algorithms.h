@@ -14,9 +14,7 @@
 // Recursive halving/doubling (Rabenseifner; Thakur et al. 2005): for p = 2^m ranks, m
 // reduce-scatter steps with partner rank XOR p/2, p/4, ..., 1, each exchanging half of the
 // current range, then m allgather steps in reverse. 2 log2(p) steps: latency optimal, the
-// paper's choice for small messages. Non-powers of two: Gloo's "binary blocks" (see the .cc),
-// or, optionally, pairing: the first 2r ranks (r = k - p) pair up; the even rank of a pair hands
-// its whole buffer to the odd one first and gets the result back last.
+// paper's choice for small messages. Non-powers of two: Gloo's "binary blocks" (see the .cc).
 //
 // Hierarchical (the paper's three phases): ranks are contiguous per host; the local ranks
 // send their buffers to the host's first rank (the leader), which sums them in rank order;
@@ -36,7 +34,8 @@
 
 namespace lmsgd::comm {
 
-enum class Algorithm { kRing, kHalvingDoubling, kHierarchical };
+// kAuto: chosen per collective by the Communicator (ChooseAlgorithm).
+enum class Algorithm { kAuto, kRing, kHalvingDoubling, kHierarchical };
 const char* AlgorithmName(Algorithm a);
 
 class AllreduceAlgorithm {
@@ -59,14 +58,11 @@ class RingAllreduce final : public AllreduceAlgorithm {
 
 class HalvingDoublingAllreduce final : public AllreduceAlgorithm {
  public:
-  // `binary_blocks`: non-powers of two by Gloo's binary blocks (default); false: by pairing.
-  explicit HalvingDoublingAllreduce(Transport* t, bool binary_blocks = true) : t_(t), binary_blocks_(binary_blocks) {}
+  explicit HalvingDoublingAllreduce(Transport* t) : t_(t) {}
   absl::Status Run(float* data, size_t count, uint64_t sequence, absl::Time deadline) override;
 
  private:
-  absl::Status RunBinaryBlocks(float* data, size_t count, uint64_t sequence, absl::Time deadline);
   Transport* t_;
-  bool binary_blocks_;
   std::vector<float> scratch_;
 };
 

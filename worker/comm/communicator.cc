@@ -47,6 +47,7 @@ absl::StatusOr<std::unique_ptr<Communicator>> Communicator::Create(std::unique_p
   c->halving_doubling_ = std::make_unique<HalvingDoublingAllreduce>(c->transport_.get());
   std::vector<std::string> hosts = options.host_of_rank;
   if (hosts.empty()) hosts.assign(c->transport_->size(), "localhost");
+  c->num_hosts_ = static_cast<int>(std::set<std::string>(hosts.begin(), hosts.end()).size());
   auto h = HierarchicalAllreduce::Create(c->transport_.get(), hosts);
   if (!h.ok()) return h.status();
   c->hierarchical_ = std::move(*h);
@@ -117,15 +118,11 @@ void Communicator::Loop() {
 }
 
 std::shared_ptr<Work> Communicator::AllreduceAsync(float* data, size_t count) {
+  Algorithm choice = options_.algorithm;
+  if (choice == Algorithm::kAuto) choice = ChooseAlgorithm(count * sizeof(float), size(), num_hosts_);
   AllreduceAlgorithm* algo = ring_.get();
-  std::set<std::string> hosts(options_.host_of_rank.begin(), options_.host_of_rank.end());
-  switch (options_.algorithm) {
-    case Algorithm::kRing:
-      if (options_.auto_small && count * sizeof(float) <= options_.small_bytes) algo = halving_doubling_.get();
-      break;
-    case Algorithm::kHalvingDoubling: algo = halving_doubling_.get(); break;
-    case Algorithm::kHierarchical: algo = hierarchical_.get(); break;
-  }
+  if (choice == Algorithm::kHalvingDoubling) algo = halving_doubling_.get();
+  if (choice == Algorithm::kHierarchical) algo = hierarchical_.get();
   return Enqueue(absl::StrCat("allreduce of ", count, " floats"),
                  [algo, data, count](uint64_t seq, absl::Time deadline) { return algo->Run(data, count, seq, deadline); });
 }

@@ -43,13 +43,9 @@ class Work {
 };
 
 struct CommunicatorOptions {
-  Algorithm algorithm = Algorithm::kRing;  // AUTO is resolved by the caller (see ChooseAlgorithm)
+  Algorithm algorithm = Algorithm::kAuto;  // kAuto: ChooseAlgorithm per collective
   absl::Duration collective_timeout = absl::Seconds(60);
-  std::vector<std::string> host_of_rank;   // for kHierarchical; empty = all on one host
-  // AUTO within one host: messages up to small_bytes use halving/doubling, larger ones ring
-  // (applies when algorithm is kRing and auto_small is set).
-  bool auto_small = false;
-  size_t small_bytes = 256 << 10;
+  std::vector<std::string> host_of_rank;   // for kHierarchical / kAuto; empty = all on one host
 };
 
 // The AUTO choice, from the measurements in the README (lmsgd-bench allreduce, k = 2 and 4 on
@@ -82,6 +78,7 @@ class Communicator {
   std::unique_ptr<Transport> transport_;
   CommunicatorOptions options_;
   std::unique_ptr<AllreduceAlgorithm> ring_, halving_doubling_, hierarchical_;
+  int num_hosts_ = 1;
   struct Op {
     std::shared_ptr<Work> work;
     std::function<absl::Status(uint64_t, absl::Time)> fn;

@@ -83,6 +83,8 @@ struct ConvBn {
 
   // Params in the store (plain layouts).
   size_t w_index = 0, gamma_index = 0, beta_index = 0;
+  float* running_mean = nullptr;  // BN running statistics in the store (looked up once, at build)
+  float* running_var = nullptr;
   memory w_user, dw_user;
   // Conv.
   dnnl::convolution_forward conv_fwd;
@@ -177,7 +179,6 @@ class Net final : public Network {
   size_t fc_w_index_ = 0, fc_b_index_ = 0;
   std::vector<int32_t> labels_;
   // Scratch buffers shared across layers (sized after Build, handles set then).
-  std::vector<std::pair<memory*, int>> scratch_users_;
   size_t scratch_bytes_[2] = {0, 0};
   std::vector<float> scratch_[2];
   std::deque<memory> scratch_mems_;
@@ -270,6 +271,12 @@ absl::Status Net::BuildConvBn(ConvBn* u, memory* in, const memory::desc& in_md, 
   const memory::desc c_md({C}, Dt::f32, Tag::x);
   u->scale = memory(c_md, eng_, store_->param(u->gamma_index));
   u->shift = memory(c_md, eng_, store_->param(u->beta_index));
+  auto rm = store_->BufferIndex(u->bn.name + ".running_mean");
+  auto rv = store_->BufferIndex(u->bn.name + ".running_var");
+  if (!rm.ok()) return rm.status();
+  if (!rv.ok()) return rv.status();
+  u->running_mean = store_->buffer(*rm);
+  u->running_var = store_->buffer(*rv);
   normalization_flags flags = normalization_flags::use_scale | normalization_flags::use_shift;
   if (u->relu) flags = flags | normalization_flags::fuse_norm_relu;
   const float eps = static_cast<float>(opt_.bn_eps);
@@ -282,8 +289,8 @@ absl::Status Net::BuildConvBn(ConvBn* u, memory* in, const memory::desc& in_md, 
     u->bn_fwd = batch_normalization_forward(pd);
     u->g_src = {u->conv_out};
     u->g_dst = {u->out};
-    u->g_mean = {memory(c_md, eng_, store_->BufferByName(u->bn.name + ".running_mean"))};
-    u->g_var = {memory(c_md, eng_, store_->BufferByName(u->bn.name + ".running_var"))};
+    u->g_mean = {memory(c_md, eng_, u->running_mean)};
+    u->g_var = {memory(c_md, eng_, u->running_var)};
     return absl::OkStatus();
   }
   const int g = opt_.bn_group;
@@ -481,8 +488,8 @@ void Net::UpdateRunningStats(ConvBn* u) {
   const double cnt = static_cast<double>(opt_.bn_group) * u->out_h * u->out_w;
   const double unbias = cnt > 1 ? cnt / (cnt - 1) : 0.0;
   const double m = opt_.bn_momentum;
-  float* rm = store_->BufferByName(u->bn.name + ".running_mean");
-  float* rv = store_->BufferByName(u->bn.name + ".running_var");
+  float* rm = u->running_mean;
+  float* rv = u->running_var;
   for (int c = 0; c < C; ++c) {
     double mean = 0, var = 0;
     for (int k = 0; k < u->groups; ++k) {
