@@ -262,19 +262,10 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
                                 copt.collective_timeout);
   for (uint32_t epoch = static_cast<uint32_t>(iteration / ipe); epoch < spec.epochs(); ++epoch) {
     const auto epoch_start = Clock::now();
-    data::LoaderOptions lo;
-    lo.batch = static_cast<int>(local_batch);
-    lo.seed = spec.seed();
-    lo.epoch = epoch;
-    lo.threads = o_.data_threads;
-    lo.prefetch = spec.dataset().prefetch_batches() > 0 ? static_cast<int>(spec.dataset().prefetch_batches()) : 4;
-    lo.skip_corrupt = spec.dataset().skip_corrupt();
-    lo.first_batch = iteration - static_cast<uint64_t>(epoch) * ipe;
-    data::BatchLoader loader(datasets_->train.get(),
-                             data::WorkerOrder(datasets_->train->size(), spec.seed(), epoch, static_cast<uint32_t>(rank),
-                                               static_cast<uint32_t>(k), spec.virtual_workers_per_worker(),
-                                               spec.per_worker_batch()),
-                             lo);
+    auto loader_ptr = train::MakeEpochLoader(spec, datasets_->train.get(), epoch, static_cast<uint32_t>(rank),
+                                             static_cast<uint32_t>(k),
+                                      iteration - static_cast<uint64_t>(epoch) * ipe, o_.data_threads);
+    data::BatchLoader& loader = *loader_ptr;
     double loss_sum = 0, lr = 0;
     uint64_t steps = 0;
     while (iteration < static_cast<uint64_t>(epoch + 1) * ipe) {

@@ -3,6 +3,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/job_spec.h"
 #include "worker/data/image_folder.h"
+#include "worker/data/sampler.h"
 
 namespace lmsgd::train {
 
@@ -84,6 +85,25 @@ absl::StatusOr<Datasets> OpenDatasets(const v1::JobSpec& spec) {
                                                    d.train_path(), "' holds ", out.train->size(), " examples"));
   }
   return out;
+}
+
+std::unique_ptr<data::BatchLoader> MakeEpochLoader(const v1::JobSpec& spec, const data::Dataset* train,
+                                                   uint32_t epoch, uint32_t rank, uint32_t world_size,
+                                                   uint64_t first_batch, int data_threads) {
+  data::LoaderOptions lo;
+  lo.batch = static_cast<int>(spec.per_worker_batch() * spec.virtual_workers_per_worker());
+  lo.train = true;
+  lo.seed = spec.seed();
+  lo.epoch = epoch;
+  lo.threads = data_threads;
+  lo.prefetch = spec.dataset().prefetch_batches() > 0 ? static_cast<int>(spec.dataset().prefetch_batches()) : 4;
+  lo.skip_corrupt = spec.dataset().skip_corrupt();
+  lo.first_batch = first_batch;
+  return std::make_unique<data::BatchLoader>(
+      train,
+      data::WorkerOrder(train->size(), spec.seed(), epoch, rank, world_size, spec.virtual_workers_per_worker(),
+                        spec.per_worker_batch()),
+      lo);
 }
 
 }  // namespace lmsgd::train

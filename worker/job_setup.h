@@ -7,6 +7,7 @@
 #include "absl/status/statusor.h"
 #include "lmsgd/v1/job.pb.h"
 #include "worker/data/dataset.h"
+#include "worker/data/loader.h"
 #include "worker/trainer.h"
 
 namespace lmsgd::train {
@@ -20,5 +21,11 @@ struct Datasets {
 // Opens the job's datasets and checks them against the spec (example count, classes, size);
 // errors name the path and the mismatch.
 absl::StatusOr<Datasets> OpenDatasets(const v1::JobSpec& spec);
+
+// The loader for one rank's training epoch: the rank's examples in WorkerOrder (its virtual
+// workers' shards interleaved), batches of m*n, starting at batch `first_batch` (resume).
+std::unique_ptr<data::BatchLoader> MakeEpochLoader(const v1::JobSpec& spec, const data::Dataset* train,
+                                                   uint32_t epoch, uint32_t rank, uint32_t world_size,
+                                                   uint64_t first_batch, int data_threads);
 
 }  // namespace lmsgd::train

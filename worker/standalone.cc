@@ -78,19 +78,9 @@ absl::StatusOr<StandaloneResult> RunStandalone(const v1::JobSpec& job, const Sta
 
   for (uint32_t epoch = static_cast<uint32_t>(iteration / ipe); epoch < spec.epochs(); ++epoch) {
     const auto epoch_start = Clock::now();
-    data::LoaderOptions lo;
-    lo.batch = static_cast<int>(kn_local);
-    lo.train = true;
-    lo.seed = spec.seed();
-    lo.epoch = epoch;
-    lo.threads = data_threads;
-    lo.prefetch = spec.dataset().prefetch_batches() > 0 ? static_cast<int>(spec.dataset().prefetch_batches()) : 4;
-    lo.skip_corrupt = spec.dataset().skip_corrupt();
-    lo.first_batch = iteration - static_cast<uint64_t>(epoch) * ipe;
-    data::BatchLoader loader(datasets->train.get(),
-                             data::WorkerOrder(datasets->train->size(), spec.seed(), epoch, 0, 1,
-                                               spec.virtual_workers_per_worker(), spec.per_worker_batch()),
-                             lo);
+    auto loader_ptr = MakeEpochLoader(spec, datasets->train.get(), epoch, 0, 1,
+                                      iteration - static_cast<uint64_t>(epoch) * ipe, data_threads);
+    data::BatchLoader& loader = *loader_ptr;
     double loss_sum = 0, lr = 0, data_wait = 0;
     uint64_t steps = 0;
     while (iteration < static_cast<uint64_t>(epoch + 1) * ipe) {
