@@ -17,19 +17,14 @@
 
 #include "absl/time/time.h"
 #include "worker/comm/communicator.h"
+#include "worker/model/buckets.h"
 #include "worker/model/param_store.h"
 #include "worker/trainer.h"
 
 namespace lmsgd::comm {
 
-struct Bucket {
-  size_t first_param = 0, end_param = 0;  // parameters [first, end) in store order
-  size_t offset = 0, count = 0;           // the slice of the flat gradient array
-};
-
-// Buckets over `store`'s parameters in reverse order: the first capped at first_bucket_bytes,
-// the others at bucket_bytes (a parameter larger than the cap gets a bucket of its own).
-std::vector<Bucket> MakeBuckets(const model::ParamStore& store, size_t bucket_bytes, size_t first_bucket_bytes);
+using model::Bucket;
+using model::MakeBuckets;
 
 class BucketedReducer final : public train::GradientReducer {
  public:
