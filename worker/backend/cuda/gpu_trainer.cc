@@ -32,7 +32,9 @@ absl::StatusOr<std::unique_ptr<GpuTrainer>> GpuTrainer::Create(GpuResNet* net, c
   // paper: none on BN gamma/beta unless configured), exactly optim::Sgd's rule.
   const size_t n = net->param_floats();
   CUDA_RETURN_IF_ERROR(cudaMalloc(reinterpret_cast<void**>(&t->velocity_), n * sizeof(float)));
-  CUDA_RETURN_IF_ERROR(cudaMemset(t->velocity_, 0, n * sizeof(float)));
+  // Setup copies go on the network's stream (non-blocking: the legacy default stream would not
+  // order against it) and are waited for.
+  CUDA_RETURN_IF_ERROR(cudaMemsetAsync(t->velocity_, 0, n * sizeof(float), net->stream()));
   std::vector<::lmsgd::cuda::SgdChunk> chunks;
   for (size_t i = 0; i < store.num_params(); ++i) {
     const model::TensorSpec& ps = store.param_specs()[i];
@@ -48,8 +50,9 @@ absl::StatusOr<std::unique_ptr<GpuTrainer>> GpuTrainer::Create(GpuResNet* net, c
   }
   t->num_chunks_ = static_cast<int>(chunks.size());
   CUDA_RETURN_IF_ERROR(cudaMalloc(reinterpret_cast<void**>(&t->chunks_), chunks.size() * sizeof(chunks[0])));
-  CUDA_RETURN_IF_ERROR(
-      cudaMemcpy(t->chunks_, chunks.data(), chunks.size() * sizeof(chunks[0]), cudaMemcpyHostToDevice));
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(t->chunks_, chunks.data(), chunks.size() * sizeof(chunks[0]),
+                                       cudaMemcpyHostToDevice, net->stream()));
+  RETURN_IF_ERROR(net->Synchronize());
   return t;
 }
 
@@ -126,10 +129,9 @@ absl::Status GpuTrainer::UploadVelocity(const std::vector<float>& velocity) {
     return absl::InvalidArgumentError(
         absl::StrCat("velocity has ", velocity.size(), " floats, the model ", net_->param_floats()));
   }
-  RETURN_IF_ERROR(net_->Synchronize());
-  CUDA_RETURN_IF_ERROR(
-      cudaMemcpy(velocity_, velocity.data(), velocity.size() * sizeof(float), cudaMemcpyHostToDevice));
-  return absl::OkStatus();
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(velocity_, velocity.data(), velocity.size() * sizeof(float),
+                                       cudaMemcpyHostToDevice, net_->stream()));
+  return net_->Synchronize();
 }
 
 }  // namespace lmsgd::backend::cuda

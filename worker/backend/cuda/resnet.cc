@@ -310,16 +310,16 @@ const void* GpuResNet::Impl::Weights(const Unit& u) const {
 
 namespace {
 
-// Picks the first usable result: succeeded, fits the workspace, and (fp32) FMA-only.
+// Picks the first (fastest, or heuristically best) result that succeeded and fits the
+// workspace.
 template <typename Perf>
-absl::StatusOr<AlgoChoice> Pick(const Perf* perf, int n, size_t limit, bool fma_only, absl::string_view what) {
+absl::StatusOr<AlgoChoice> Pick(const Perf* perf, int n, size_t limit, absl::string_view what) {
   std::string seen;
   for (int i = 0; i < n; ++i) {
     const Perf& p = perf[i];
     absl::StrAppend(&seen, " [algo ", static_cast<int>(p.algo), " ", cudnnGetErrorString(p.status), " ",
                     p.memory >> 20, " MiB math ", static_cast<int>(p.mathType), "]");
     if (p.status != CUDNN_STATUS_SUCCESS || p.memory > limit) continue;
-    if (fma_only && p.mathType != CUDNN_FMA_MATH) continue;
     return AlgoChoice{static_cast<int>(p.algo), p.mathType, p.memory, p.time};
   }
   return absl::NotFoundError(absl::StrCat("no cuDNN algorithm for ", what, " within ", limit >> 20,
@@ -330,7 +330,9 @@ absl::StatusOr<AlgoChoice> Pick(const Perf* perf, int n, size_t limit, bool fma_
 
 absl::Status GpuResNet::Impl::ChooseAlgorithms(Unit* u, void* ws, size_t ws_bytes) {
   const bool find = gpu.search == ConvSearch::kFind;
-  const bool fma_only = gpu.precision == Precision::kFp32;
+  // fp32 keeps CUDNN_FMA_MATH on its descriptors (no tensor cores, no TF32 whatever the
+  // search reports); tf32/bf16 take the math type of the chosen result.
+  const bool keep_math = gpu.precision == Precision::kFp32;
   const size_t limit = gpu.workspace_limit_bytes;
   const std::string shape = absl::StrCat(u->n, "x", u->in_c, "x", u->in_h, "x", u->in_w, " k", u->out_c, " r",
                                          u->conv.kernel, " s", u->conv.stride, " p", u->conv.padding);
@@ -338,7 +340,7 @@ absl::Status GpuResNet::Impl::ChooseAlgorithms(Unit* u, void* ws, size_t ws_byte
   auto record = [&](const std::string& key, const AlgoChoice& c, cudnnConvolutionDescriptor_t desc) -> absl::Status {
     algo_cache[key] = c;
     workspace_bytes = std::max(workspace_bytes, c.memory);
-    CUDNN_RETURN_IF_ERROR(cudnnSetConvolutionMathType(desc, c.math));
+    if (!keep_math) CUDNN_RETURN_IF_ERROR(cudnnSetConvolutionMathType(desc, c.math));
     return absl::OkStatus();
   };
   {
@@ -359,7 +361,7 @@ absl::Status GpuResNet::Impl::ChooseAlgorithms(Unit* u, void* ws, size_t ws_byte
                                                                      u->out_desc, CUDNN_CONVOLUTION_FWD_ALGO_COUNT, &n,
                                                                      perf));
       }
-      ASSIGN_OR_RETURN(c, Pick(perf, n, limit, fma_only, u->name + " forward (" + shape + ")"));
+      ASSIGN_OR_RETURN(c, Pick(perf, n, limit, u->name + " forward (" + shape + ")"));
     }
     u->fwd_algo = static_cast<cudnnConvolutionFwdAlgo_t>(c.algo);
     RETURN_IF_ERROR(record(key, c, u->fwd_desc));
@@ -384,7 +386,7 @@ absl::Status GpuResNet::Impl::ChooseAlgorithms(Unit* u, void* ws, size_t ws_byte
             cudnn, u->in_desc, u->out_desc, u->bwd_filter_desc, u->w_desc, CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT,
             &n, perf));
       }
-      ASSIGN_OR_RETURN(c, Pick(perf, n, limit, fma_only, u->name + " backward filter (" + shape + ")"));
+      ASSIGN_OR_RETURN(c, Pick(perf, n, limit, u->name + " backward filter (" + shape + ")"));
     }
     u->bwd_filter_algo = static_cast<cudnnConvolutionBwdFilterAlgo_t>(c.algo);
     RETURN_IF_ERROR(record(key, c, u->bwd_filter_desc));
@@ -408,7 +410,7 @@ absl::Status GpuResNet::Impl::ChooseAlgorithms(Unit* u, void* ws, size_t ws_byte
             cudnn, u->w_desc, u->out_desc, u->bwd_data_desc, u->in_desc, CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT, &n,
             perf));
       }
-      ASSIGN_OR_RETURN(c, Pick(perf, n, limit, fma_only, u->name + " backward data (" + shape + ")"));
+      ASSIGN_OR_RETURN(c, Pick(perf, n, limit, u->name + " backward data (" + shape + ")"));
     }
     u->bwd_data_algo = static_cast<cudnnConvolutionBwdDataAlgo_t>(c.algo);
     RETURN_IF_ERROR(record(key, c, u->bwd_data_desc));
@@ -739,13 +741,16 @@ absl::Status GpuResNet::Impl::Upload(const model::ParamStore& s) {
         for (int r = 0; r < R; ++r)
           for (int c = 0; c < R; ++c) dst[((static_cast<size_t>(o) * R + r) * R + c) * I + i] = src[((static_cast<size_t>(o) * I + i) * R + r) * R + c];
   }
-  CUDA_RETURN_IF_ERROR(cudaMemcpy(d_params, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
+  // On our stream, then waited for: the legacy default stream does not order against a
+  // non-blocking stream.
+  CUDA_RETURN_IF_ERROR(
+      cudaMemcpyAsync(d_params, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice, stream));
   if (!s.buffers().empty()) {
-    CUDA_RETURN_IF_ERROR(
-        cudaMemcpy(d_buffers, s.buffers().data(), s.buffers().size() * sizeof(float), cudaMemcpyHostToDevice));
+    CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d_buffers, s.buffers().data(), s.buffers().size() * sizeof(float),
+                                         cudaMemcpyHostToDevice, stream));
   }
   batches_tracked = 0;
-  return absl::OkStatus();
+  return Sync("uploading parameters");
 }
 
 absl::Status GpuResNet::Impl::Download(model::ParamStore* s, bool grads) {
