@@ -3,8 +3,8 @@
 #
 #   deploy/gpu_check.sh --prepare
 #       On the development machine (Debian, CUDA 13 + cuDNN 9 + NCCL, Abseil): builds
-#       lmsgd-gpu-check and cuda_test (build-gpu/, Release) and bundles them, stripped, with the
-#       Abseil shared libraries into .gpu_bundle/ (git-ignored; a few MiB). The GPU machine has
+#       lmsgd-gpu-check, cuda_test and engine_test (build-gpu/, Release) and bundles them, stripped, with the
+#       shared libraries they need into .gpu_bundle/ (git-ignored; ~55 MiB). The GPU machine has
 #       no Debian packages, so the bundle brings what it lacks and uses its CUDA, cuDNN, cuBLAS
 #       and NCCL (the toolkit's and PyTorch's pip wheels).
 #
@@ -25,15 +25,17 @@ BUNDLE=.gpu_bundle
 if [[ "${1:-}" == "--prepare" ]]; then
   set -e
   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DLMSGD_WITH_CUDA=ON >/dev/null
-  cmake --build build-gpu --target lmsgd-gpu-check cuda_test
+  cmake --build build-gpu --target lmsgd-gpu-check cuda_test engine_test
   rm -rf "$BUNDLE"
   mkdir -p "$BUNDLE/bin" "$BUNDLE/lib"
-  for b in build-gpu/tests/lmsgd-gpu-check build-gpu/tests/cuda_test; do
+  for b in build-gpu/tests/lmsgd-gpu-check build-gpu/tests/cuda_test build-gpu/tests/engine_test; do
     strip -o "$BUNDLE/bin/$(basename "$b")" "$b"
   done
-  # Everything the binaries load that is neither glibc/libstdc++ nor CUDA's own libraries.
+  # Everything the binaries load except glibc, libstdc++/libgcc and CUDA's own libraries
+  # (Abseil, and for engine_test's GPU trainer tests oneDNN, protobuf, libjpeg-turbo, ...).
   for b in "$BUNDLE"/bin/*; do
-    ldd "$b" | awk '/=>/ {print $3}' | grep -E 'libabsl_|libz\.so|libgtest|libgmock' || true
+    ldd "$b" | awk '/=>/ {print $3}' |
+      grep -v -E '/(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+)\.so|libcud|libnccl' || true
   done | sort -u | while read -r lib; do cp -L "$lib" "$BUNDLE/lib/"; done
   du -sh "$BUNDLE"
   echo "bundle ready: carry .gpu_bundle to the GPU machine and run deploy/gpu_check.sh there"
@@ -64,7 +66,7 @@ fi
 # CUDA libraries: the bundle first, then PyTorch's pip wheels (nvidia-*), then the toolkit.
 LIBDIRS="$PWD/$BUNDLE/lib"
 SITES=$(python3 -c 'import site, sys; print(" ".join(site.getsitepackages() + [site.getusersitepackages()]))' 2>/dev/null)
-for lib in libcudnn.so.9 libnccl.so.2 libcublas.so.13 libcublasLt.so.13 libcudart.so.13; do
+for lib in libcudnn.so.9 libnccl.so.2 libcudart.so.13; do
   dir=""
   for root in $SITES /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/lib/x86_64-linux-gnu; do
     [[ -d "$root" ]] || continue
@@ -92,6 +94,7 @@ fi
 rc=0
 echo; echo "== GPU unit tests (cuda_test) =="
 timeout 180 "$BUNDLE/bin/cuda_test" --gtest_brief=1 || rc=1
+timeout 120 "$BUNDLE/bin/engine_test" --gtest_brief=1 --gtest_filter='TrainerTest.Gpu*' || rc=1
 echo
 timeout 180 "$BUNDLE/bin/lmsgd-gpu-check" --mode=agree --json="$JSON" || rc=1
 timeout 300 "$BUNDLE/bin/lmsgd-gpu-check" --mode=speed --batches=$BATCHES --precisions=$PRECS --json="$JSON" || rc=1

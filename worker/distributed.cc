@@ -1,5 +1,9 @@
 #include "worker/distributed.h"
 
+#ifdef LMSGD_HAVE_CUDA
+#include "worker/comm/nccl_communicator.h"
+#endif
+
 #include <unistd.h>
 
 #include <atomic>
@@ -197,6 +201,8 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
   const int rank = join_.rank(), k = join_.world_size();
   auto config = train::TrainerConfigFromJob(spec, schedule);
   if (!config.ok()) return config.status();
+  if (auto st = train::CheckDevice(spec, o_.cuda_device); !st.ok()) return st;
+  config->cuda_device = o_.cuda_device;
   auto trainer_or = train::Trainer::Create(*config);
   if (!trainer_or.ok()) return trainer_or.status();
   train::Trainer& trainer = **trainer_or;
@@ -220,6 +226,22 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
   copt.collective_timeout = absl::Seconds(spec.collective_timeout_s() > 0 ? spec.collective_timeout_s() : 60);
   auto comm = comm::Communicator::Create(std::move(*transport), copt);
   if (!comm.ok()) return comm.status();
+#ifdef LMSGD_HAVE_CUDA
+  // GPU gradients go over NCCL (unique id through the coordinator, like the UCX addresses);
+  // the UCX communicator stays for the broadcast of initial weights and evaluation counts.
+  std::unique_ptr<comm::NcclCommunicator> nccl;
+  if (trainer.on_gpu() && k > 1) {
+    auto n = comm::NcclCommunicator::Create(rank, k, o_.cuda_device, &store, absl::StrCat("gen", join_.generation()),
+                                            absl::Now() + absl::Seconds(120));
+    if (!n.ok()) {
+      *why = absl::StrCat("NCCL bootstrap: ", n.status().message());
+      (void)ReportFailure(n.status());
+      return End::kRejoin;
+    }
+    nccl = std::move(*n);
+    if (auto st = trainer.AttachNccl(nccl.get(), spec.bucket_bytes(), spec.first_bucket_bytes()); !st.ok()) return st;
+  }
+#endif
   Heartbeater heart(client_, join_, comm->get());
   WorkerMetrics* metrics = o_.metrics;
   if (metrics) metrics->SetIdentity(join_.job_id(), rank, join_.generation());
@@ -255,6 +277,7 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
       if (auto st = (*w)->Wait(far()); !st.ok()) return failed(st);
     }
   }
+  if (auto st = trainer.HostStateChanged(); !st.ok()) return st;  // GPU: weights to the device
 
   const uint64_t ipe = schedule.iterations_per_epoch();
   const uint64_t local_batch = static_cast<uint64_t>(spec.per_worker_batch()) * spec.virtual_workers_per_worker();
@@ -342,6 +365,7 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
         ((interval > 0 && done_epochs % interval == 0) || done_epochs == spec.epochs())) {
       checkpoint::TrainingState state{iteration, done_epochs, model_name, spec.seed(), schedule.global_batch(),
                                       static_cast<uint32_t>(k), lr};
+      if (auto st = trainer.SyncHostState(); !st.ok()) return st;
       auto path = checkpoint::SaveCheckpoint(spec.checkpoint_dir(), trainer.store(), trainer.sgd(), state);
       if (!path.ok()) return path.status();
       v1::ReportCheckpointRequest r;
@@ -390,7 +414,7 @@ absl::Status RunWorker(const WorkerOptions& o) {
   std::random_device rd;
   id.set_incarnation(absl::StrFormat("%08x%08x-%d", rd(), rd(), getpid()));
   id.set_build_version(LMSGD_VERSION);
-  id.set_device(v1::DEVICE_CPU);
+  id.set_device(o.cuda_device >= 0 ? v1::DEVICE_CUDA : v1::DEVICE_CPU);
   backend::onednn::SetNumThreads(o.threads);
   std::string job_id = o.job_id;
   uint64_t last_generation = 0;

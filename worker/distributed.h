@@ -34,6 +34,7 @@ struct WorkerOptions {
   std::string job_id;          // empty: the next job that needs workers
   std::string host;            // empty: this machine's host name
   uint32_t local_device = 0;   // distinguishes workers of one host
+  int cuda_device = -1;        // >= 0: train on GPU cuda:N (gradients over NCCL); -1: the CPU
   int threads = 0;             // compute threads (0 = cores)
   int data_threads = 2;
   absl::Duration join_timeout = absl::Hours(24);

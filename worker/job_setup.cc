@@ -33,7 +33,23 @@ absl::StatusOr<TrainerConfig> TrainerConfigFromJob(const v1::JobSpec& spec, cons
   c.zero_init_last_bn_gamma = spec.zero_init_last_bn_gamma();
   c.seed = spec.seed();
   c.eval_batch = std::max(c.per_worker_batch, 64);
+  switch (spec.precision()) {
+    case v1::PRECISION_FP32: c.precision = ComputePrecision::kFp32; break;
+    case v1::PRECISION_TF32: c.precision = ComputePrecision::kTf32; break;
+    case v1::PRECISION_BF16: c.precision = ComputePrecision::kBf16; break;
+    default:
+      return absl::UnimplementedError(absl::StrCat("precision ", v1::Precision_Name(spec.precision()),
+                                                   " is not implemented (fp16 with loss scaling); use PRECISION_BF16"));
+  }
   return c;
+}
+
+absl::Status CheckDevice(const v1::JobSpec& spec, int cuda_device) {
+  const bool job_gpu = spec.device() == v1::DEVICE_CUDA;
+  if (job_gpu == (cuda_device >= 0)) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat("the job trains on ", v1::Device_Name(spec.device()), " but this worker was started with --device ",
+                   cuda_device >= 0 ? absl::StrCat("cuda:", cuda_device) : "cpu"));
 }
 
 absl::StatusOr<Datasets> OpenDatasets(const v1::JobSpec& spec) {

@@ -14,6 +14,10 @@ namespace lmsgd::train {
 
 absl::StatusOr<TrainerConfig> TrainerConfigFromJob(const v1::JobSpec& spec, const v1::Schedule& schedule);
 
+// The worker's device (--device: cuda_device >= 0 for cuda:N, -1 for cpu) must be the job's
+// (JobSpec.device); FAILED_PRECONDITION names both otherwise.
+absl::Status CheckDevice(const v1::JobSpec& spec, int cuda_device);
+
 struct Datasets {
   std::unique_ptr<data::Dataset> train;
   std::unique_ptr<data::Dataset> val;  // null when the job has none

@@ -10,11 +10,16 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/job_spec.h"
 #include "common/logging.h"
 #include "prometheus/exposer.h"
 #include "worker/distributed.h"
+#ifdef LMSGD_HAVE_CUDA
+#include "worker/backend/cuda/device.h"
+#endif
 #include "worker/standalone.h"
 
 ABSL_FLAG(bool, standalone, false, "Train --job_file in this process, without a coordinator");
@@ -39,15 +44,31 @@ ABSL_FLAG(std::string, device, "cpu", "cpu, or cuda:N (the GPU backend)");
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("lmsgd-worker --standalone --job_file FILE [--threads N]");
   absl::ParseCommandLine(argc, argv);
+  // --device: cpu, or cuda:N (the cuDNN backend; a machine without a GPU gets a clear error
+  // when the trainer is built, and the CPU stays available).
   const std::string device = absl::GetFlag(FLAGS_device);
+  int cuda_device = -1;
   if (device != "cpu") {
-    if (device.rfind("cuda:", 0) == 0) {
-      std::cerr << "lmsgd-worker: --device " << device
-                << ": this build trains on the CPU only (the cuDNN backend is not built yet); use --device cpu\n";
-    } else {
+    if (device.rfind("cuda:", 0) != 0 || !absl::SimpleAtoi(device.substr(5), &cuda_device) || cuda_device < 0) {
       std::cerr << "lmsgd-worker: --device " << device << " is not cpu or cuda:N\n";
+      return 2;
     }
+    // Checked before joining anything: a machine without the GPU must not fail a job.
+#ifdef LMSGD_HAVE_CUDA
+    auto n = lmsgd::cuda::DeviceCount();
+    if (!n.ok() || *n <= cuda_device) {
+      std::cerr << "lmsgd-worker: --device " << device << ": "
+                << (!n.ok()    ? n.status().ToString()
+                    : *n == 0 ? std::string("no CUDA device on this machine (no GPU or no driver)")
+                              : absl::StrCat("only ", *n, " CUDA device(s) on this machine"))
+                << "; the CPU backend is available with --device cpu\n";
+      return 2;
+    }
+#else
+    std::cerr << "lmsgd-worker: --device " << device
+              << ": this build has no CUDA backend (configured without LMSGD_WITH_CUDA); use --device cpu\n";
     return 2;
+#endif
   }
   if (!absl::GetFlag(FLAGS_standalone)) {
     if (absl::GetFlag(FLAGS_coordinator).empty()) {
@@ -62,6 +83,7 @@ int main(int argc, char** argv) {
     wo.job_id = absl::GetFlag(FLAGS_job);
     wo.host = absl::GetFlag(FLAGS_host);
     wo.local_device = absl::GetFlag(FLAGS_local_device);
+    wo.cuda_device = cuda_device;
     wo.threads = absl::GetFlag(FLAGS_threads);
     if (absl::GetFlag(FLAGS_data_threads) > 0) wo.data_threads = absl::GetFlag(FLAGS_data_threads);
     wo.join_timeout = absl::Seconds(absl::GetFlag(FLAGS_join_timeout_s));
@@ -107,6 +129,7 @@ int main(int argc, char** argv) {
   opt.data_threads = absl::GetFlag(FLAGS_data_threads);
   opt.resume = absl::GetFlag(FLAGS_resume);
   opt.log_every = absl::GetFlag(FLAGS_log_every);
+  opt.cuda_device = cuda_device;
   opt.log = &std::cout;
   auto result = lmsgd::train::RunStandalone(*spec, opt);
   if (!result.ok()) {

@@ -25,6 +25,8 @@ absl::StatusOr<StandaloneResult> RunStandalone(const v1::JobSpec& job, const Sta
   const v1::Schedule schedule = MakeSchedule(spec, 1);
   auto config = TrainerConfigFromJob(spec, schedule);
   if (!config.ok()) return config.status();
+  if (auto st = CheckDevice(spec, opt.cuda_device); !st.ok()) return st;
+  config->cuda_device = opt.cuda_device;
   backend::onednn::SetNumThreads(opt.threads);
   auto datasets = OpenDatasets(spec);
   if (!datasets.ok()) return datasets.status();
@@ -54,6 +56,7 @@ absl::StatusOr<StandaloneResult> RunStandalone(const v1::JobSpec& job, const Sta
             state->seed, schedule.global_batch(), spec.seed()));
       }
       iteration = state->iteration;
+      if (auto st = trainer.HostStateChanged(); !st.ok()) return st;
       log(absl::StrFormat("resumed from %s at iteration %d", *latest, iteration));
     } else if (latest.status().code() != absl::StatusCode::kNotFound) {
       return latest.status();
@@ -68,6 +71,7 @@ absl::StatusOr<StandaloneResult> RunStandalone(const v1::JobSpec& job, const Sta
   LocalReducer reducer;
   auto save = [&](uint32_t epochs_done, double lr) -> absl::Status {
     if (ckpt_dir.empty()) return absl::OkStatus();
+    if (auto st = trainer.SyncHostState(); !st.ok()) return st;
     checkpoint::TrainingState state{iteration, epochs_done, model_name, spec.seed(), schedule.global_batch(), 1, lr};
     auto path = checkpoint::SaveCheckpoint(ckpt_dir, trainer.store(), trainer.sgd(), state);
     if (!path.ok()) return path.status();
@@ -102,6 +106,7 @@ absl::StatusOr<StandaloneResult> RunStandalone(const v1::JobSpec& job, const Sta
         result.iterations = iteration;
         result.op_times = trainer.network().times();
         if (auto st = save(epoch, lr); !st.ok()) return st;
+        if (auto st = trainer.SyncHostState(); !st.ok()) return st;
         if (trainer_out) *trainer_out = std::move(*trainer_or);
         return result;
       }
@@ -132,6 +137,7 @@ absl::StatusOr<StandaloneResult> RunStandalone(const v1::JobSpec& job, const Sta
   }
   result.iterations = iteration;
   result.op_times = trainer.network().times();
+  if (auto st = trainer.SyncHostState(); !st.ok()) return st;
   if (trainer_out) *trainer_out = std::move(*trainer_or);
   return result;
 }

@@ -27,6 +27,7 @@ struct StandaloneOptions {
   uint64_t stop_after_iterations = 0;  // stop (with a checkpoint) after this many; 0 = run to the end
   int log_every = 0;                // iterations between progress lines (0 = per epoch only)
   bool evaluate = true;
+  int cuda_device = -1;             // >= 0: train on this GPU (the job's device must be DEVICE_CUDA)
   std::ostream* log = nullptr;      // progress lines (null: none)
 };
 

@@ -26,6 +26,10 @@
 #include "worker/model/resnet.h"
 #include "worker/optim/sgd.h"
 
+namespace lmsgd::comm {
+class NcclCommunicator;
+}
+
 namespace lmsgd::train {
 
 // Sums gradients across workers. GradReady(i) is called once per parameter per step, in
@@ -45,6 +49,8 @@ class LocalReducer final : public GradientReducer {
   absl::Status Finish() override { return absl::OkStatus(); }
 };
 
+enum class ComputePrecision { kFp32, kTf32, kBf16 };
+
 struct TrainerConfig {
   model::Arch arch = model::Arch::kResNet50;
   int in_channels = 3;
@@ -59,6 +65,10 @@ struct TrainerConfig {
   bool zero_init_last_bn_gamma = true;
   uint64_t seed = 1;
   int eval_batch = 0;          // 0 = per_worker_batch
+  // >= 0: train on this CUDA device with the cuDNN backend, the whole step on the GPU
+  // (GpuTrainer: NCCL buckets once AttachNccl is called, fused SGD); -1: the CPU (oneDNN).
+  int cuda_device = -1;
+  ComputePrecision precision = ComputePrecision::kFp32;  // GPU only; the CPU trains in fp32
 };
 
 struct StepStats {
@@ -75,9 +85,23 @@ class Trainer {
  public:
   static absl::StatusOr<std::unique_ptr<Trainer>> Create(const TrainerConfig& config);
 
+  ~Trainer();
+
   // One synchronous SGD step on m*n examples (images (m*n, C, H, W), labels (m*n)).
+  // On a GPU the gradients are summed by the attached NCCL communicator and `reducer` is not
+  // used (it must be a LocalReducer when none is attached).
   absl::StatusOr<StepStats> Step(uint64_t iteration, const float* images, const int32_t* labels,
                                  GradientReducer* reducer);
+
+  // GPU training: gradients allreduced by `nccl` (bucketed during backward) from now on.
+  absl::Status AttachNccl(comm::NcclCommunicator* nccl, size_t bucket_bytes, size_t first_bucket_bytes);
+  // On a GPU the weights, BN statistics and momentum live on the device: SyncHostState copies
+  // them into store()/sgd() (before a checkpoint or reading the weights), HostStateChanged
+  // copies store()/sgd() to the device (after loading a checkpoint or a broadcast). No-ops on
+  // the CPU.
+  absl::Status SyncHostState();
+  absl::Status HostStateChanged();
+  bool on_gpu() const { return gpu_ != nullptr; }
 
   // Top-1/top-5 counts over the examples of `dataset` with index % world == rank (sum the
   // counts over ranks for the whole set). Inference-mode BN (running statistics).
@@ -100,6 +124,8 @@ class Trainer {
   std::unique_ptr<backend::Network> net_;
   std::unique_ptr<backend::Network> eval_net_;
   std::vector<float> accum_;  // gradient accumulator for m > 1
+  struct Gpu;
+  std::unique_ptr<Gpu> gpu_;  // set when training on a GPU
 };
 
 }  // namespace lmsgd::train

@@ -14,6 +14,9 @@
 #include "worker/checkpoint/checkpoint.h"
 #include "worker/model/reference_resnet.h"
 #include "worker/standalone.h"
+#ifdef LMSGD_HAVE_CUDA
+#include "worker/backend/cuda/device.h"
+#endif
 
 namespace lmsgd::train {
 namespace {
@@ -76,6 +79,67 @@ TEST(TrainerTest, VirtualWorkersEqualOneBigBatchWithTheSameBnGroups) {
   EXPECT_LT(MaxRelDiff((*virt)->store().params(), (*big)->store().params()), 1e-5);
   EXPECT_LT(MaxRelDiff((*virt)->store().buffers(), (*big)->store().buffers()), 1e-5);
 }
+
+#ifdef LMSGD_HAVE_CUDA
+bool HaveGpu() {
+  auto n = cuda::DeviceCount();
+  return n.ok() && *n > 0;
+}
+
+// --device cuda:0 on a machine without a GPU: a clear FAILED_PRECONDITION, never a crash.
+TEST(TrainerTest, GpuTrainerWithoutGpuIsAClearError) {
+  if (HaveGpu()) GTEST_SKIP() << "a GPU is present: the no-GPU error path is not reachable here";
+  TrainerConfig c = SmallConfig(4, 1, 4);
+  c.cuda_device = 0;
+  auto t = Trainer::Create(c);
+  ASSERT_FALSE(t.ok());
+  EXPECT_EQ(t.status().code(), absl::StatusCode::kFailedPrecondition) << t.status();
+  EXPECT_NE(t.status().message().find("cuda:0"), std::string::npos) << t.status();
+  EXPECT_NE(t.status().message().find("no CUDA device"), std::string::npos) << t.status();
+}
+
+// Three steps on the GPU (fp32) follow the CPU trainer's weights; the GPU state survives a
+// trip through the host (SyncHostState -> a fresh GPU trainer's HostStateChanged), so a
+// checkpointed GPU run resumes where it stopped.
+TEST(TrainerTest, GpuStepsMatchTheCpuAndHostStateRoundTrips) {
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device on this machine (cudaGetDeviceCount found none)";
+  TrainerConfig c = SmallConfig(8, 1, 4);
+  auto cpu = Trainer::Create(c);
+  ASSERT_TRUE(cpu.ok()) << cpu.status();
+  c.cuda_device = 0;
+  auto gpu = Trainer::Create(c);
+  ASSERT_TRUE(gpu.ok()) << gpu.status();
+  LocalReducer local;
+  std::vector<float> images;
+  std::vector<int32_t> labels;
+  for (uint64_t it = 0; it < 3; ++it) {
+    RandomBatch(8, &images, &labels, static_cast<uint32_t>(10 + it));
+    auto a = (*cpu)->Step(it, images.data(), labels.data(), &local);
+    auto b = (*gpu)->Step(it, images.data(), labels.data(), &local);
+    ASSERT_TRUE(a.ok()) << a.status();
+    ASSERT_TRUE(b.ok()) << b.status();
+    EXPECT_NEAR(a->loss, b->loss, 1e-4 * std::abs(a->loss)) << "step " << it;
+  }
+  ASSERT_TRUE((*gpu)->SyncHostState().ok());
+  EXPECT_LE(MaxRelDiff((*cpu)->store().params(), (*gpu)->store().params()), 1e-4);
+  EXPECT_LE(MaxRelDiff((*cpu)->store().buffers(), (*gpu)->store().buffers()), 1e-4);
+  EXPECT_EQ((*gpu)->store().num_batches_tracked(), 3);
+
+  // A fresh GPU trainer given the host state continues exactly like the original.
+  auto resumed = Trainer::Create(c);
+  ASSERT_TRUE(resumed.ok()) << resumed.status();
+  ASSERT_TRUE((*resumed)->store().Load((*gpu)->store().ToMap()).ok());
+  (*resumed)->store().set_num_batches_tracked((*gpu)->store().num_batches_tracked());
+  ASSERT_TRUE((*resumed)->sgd().SetVelocity((*gpu)->sgd().velocity()).ok());
+  ASSERT_TRUE((*resumed)->HostStateChanged().ok());
+  RandomBatch(8, &images, &labels, 99);
+  ASSERT_TRUE((*gpu)->Step(3, images.data(), labels.data(), &local).ok());
+  ASSERT_TRUE((*resumed)->Step(3, images.data(), labels.data(), &local).ok());
+  ASSERT_TRUE((*gpu)->SyncHostState().ok());
+  ASSERT_TRUE((*resumed)->SyncHostState().ok());
+  EXPECT_LE(MaxRelDiff((*gpu)->store().params(), (*resumed)->store().params()), 1e-6);
+}
+#endif
 
 TEST(TrainerTest, FirstStepWithVirtualWorkersIsThePapersUpdateOnTheReferenceGradient) {
   backend::onednn::SetNumThreads(2);

@@ -1,9 +1,7 @@
-// cuDNN and cuBLAS error conversion at the call site, like cuda_check.h: the Status names the
-// call, file:line and the library's own message (for cuDNN also cudnnGetLastErrorString,
-// which says which argument it rejected).
+// cuDNN error conversion at the call site, like cuda_check.h: the Status names the call,
+// file:line and cuDNN's own message and cudnnGetLastErrorString (which argument it rejected).
 #pragma once
 
-#include <cublas_v2.h>
 #include <cudnn.h>
 
 #include "absl/status/status.h"
@@ -19,21 +17,10 @@ inline absl::Status CudnnStatus(cudnnStatus_t st, const char* expr, const char* 
       absl::StrCat(file, ":", line, ": ", expr, ": ", cudnnGetErrorString(st), detail[0] ? ": " : "", detail));
 }
 
-inline absl::Status CublasStatus(cublasStatus_t st, const char* expr, const char* file, int line) {
-  if (st == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
-  return absl::InternalError(absl::StrCat(file, ":", line, ": ", expr, ": ", cublasGetStatusString(st)));
-}
-
 }  // namespace lmsgd::cuda
 
 #define CUDNN_RETURN_IF_ERROR(expr)                                                                 \
   do {                                                                                              \
     ::absl::Status lmsgd_cudnn_status_ = ::lmsgd::cuda::CudnnStatus((expr), #expr, __FILE__, __LINE__); \
     if (!lmsgd_cudnn_status_.ok()) return lmsgd_cudnn_status_;                                      \
-  } while (false)
-
-#define CUBLAS_RETURN_IF_ERROR(expr)                                                                  \
-  do {                                                                                                \
-    ::absl::Status lmsgd_cublas_status_ = ::lmsgd::cuda::CublasStatus((expr), #expr, __FILE__, __LINE__); \
-    if (!lmsgd_cublas_status_.ok()) return lmsgd_cublas_status_;                                      \
   } while (false)

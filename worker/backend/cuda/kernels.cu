@@ -381,6 +381,56 @@ __global__ void BiasGradKernel(int n, int k, const float* dlogits, float* db, bo
   db[j] = accumulate ? db[j] + s : s;
 }
 
+// 64 x 64 tile of C per block of 256 threads, 4 x 4 outputs per thread, k in steps of 16.
+constexpr int kGemmTile = 64, kGemmK = 16;
+__global__ void SgemmKernel(bool trans_a, bool trans_b, int M, int N, int K, const float* __restrict__ A, int lda,
+                            const float* __restrict__ B, int ldb, float beta, float* __restrict__ C, int ldc) {
+  __shared__ float as[kGemmK][kGemmTile + 1];  // as[p][i] = op(A)[row0 + i][k0 + p]
+  __shared__ float bs[kGemmK][kGemmTile + 1];  // bs[p][j] = op(B)[k0 + p][col0 + j]
+  const int row0 = blockIdx.y * kGemmTile, col0 = blockIdx.x * kGemmTile;
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;  // this thread: rows ty + 16 r, cols tx + 16 c
+  float acc[4][4] = {};
+  for (int k0 = 0; k0 < K; k0 += kGemmK) {
+    for (int e = threadIdx.x; e < kGemmTile * kGemmK; e += blockDim.x) {
+      const int i = e % kGemmTile, p = e / kGemmTile;
+      const int gi = row0 + i, gp = k0 + p;
+      float va = 0;
+      if (gi < M && gp < K) va = trans_a ? A[static_cast<size_t>(gp) * lda + gi] : A[static_cast<size_t>(gi) * lda + gp];
+      as[p][i] = va;
+      const int gj = col0 + i;
+      float vb = 0;
+      if (gj < N && gp < K) vb = trans_b ? B[static_cast<size_t>(gj) * ldb + gp] : B[static_cast<size_t>(gp) * ldb + gj];
+      bs[p][i] = vb;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int p = 0; p < kGemmK; ++p) {
+      float a[4], b[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) a[r] = as[p][ty + 16 * r];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) b[c] = bs[p][tx + 16 * c];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[r][c] = fmaf(a[r], b[c], acc[r][c]);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int i = row0 + ty + 16 * r, j = col0 + tx + 16 * c;
+      if (i < M && j < N) {
+        float* out = C + static_cast<size_t>(i) * ldc + j;
+        *out = beta == 0.0f ? acc[r][c] : acc[r][c] + beta * *out;
+      }
+    }
+  }
+}
+
 __global__ void AddBiasKernel(int n, int k, const float* bias, float* y) {
   const size_t total = static_cast<size_t>(n) * k;
   for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
@@ -548,6 +598,13 @@ absl::Status SoftmaxCrossEntropy(int n, int k, const float* logits, const int32_
 absl::Status BiasGradient(int n, int k, const float* dlogits, float* db, bool accumulate, cudaStream_t stream) {
   BiasGradKernel<<<(k + 127) / 128, 128, 0, stream>>>(n, k, dlogits, db, accumulate);
   return Launched("BiasGradKernel");
+}
+
+absl::Status Sgemm(bool trans_a, bool trans_b, int m, int n, int k, const float* a, int lda, const float* b, int ldb,
+                   float beta, float* c, int ldc, cudaStream_t stream) {
+  const dim3 grid((n + kGemmTile - 1) / kGemmTile, (m + kGemmTile - 1) / kGemmTile);
+  SgemmKernel<<<grid, 256, 0, stream>>>(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
+  return Launched("SgemmKernel");
 }
 
 absl::Status AddBias(int n, int k, const float* bias, float* y, cudaStream_t stream) {

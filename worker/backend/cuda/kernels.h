@@ -86,6 +86,12 @@ absl::Status SoftmaxCrossEntropy(int n, int k, const float* logits, const int32_
                                  float* dlogits, double* row_loss, double* loss, cudaStream_t stream);
 // db (k) = sum over n of dlogits (n, k) (+= with accumulate).
 absl::Status BiasGradient(int n, int k, const float* dlogits, float* db, bool accumulate, cudaStream_t stream);
+// Row-major fp32 GEMM for the FC layer: C (m x n) = op(A) (m x k) * op(B) (k x n) + beta * C,
+// op(A)[i][p] = trans_a ? A[p * lda + i] : A[i * lda + p], likewise B. Our own tiled kernel
+// rather than cuBLAS: libcublasLt's 94 KB of static TLS does not fit the 100 KB thread stacks
+// of civetweb (the Prometheus endpoint of lmsgd-worker), and the FC is < 1% of a step.
+absl::Status Sgemm(bool trans_a, bool trans_b, int m, int n, int k, const float* a, int lda, const float* b, int ldb,
+                   float beta, float* c, int ldc, cudaStream_t stream);
 // y (n, k) += bias (k) broadcast over rows.
 absl::Status AddBias(int n, int k, const float* bias, float* y, cudaStream_t stream);
 

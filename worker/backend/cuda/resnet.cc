@@ -1,6 +1,5 @@
 #include "worker/backend/cuda/resnet.h"
 
-#include <cublas_v2.h>
 #include <cuda_runtime_api.h>
 #include <cudnn.h>
 
@@ -125,7 +124,6 @@ struct GpuResNet::Impl {
 
   cudaStream_t stream = nullptr;
   cudnnHandle_t cudnn = nullptr;
-  cublasHandle_t cublas = nullptr;
   cudaEvent_t staged = nullptr, done = nullptr;
   std::vector<void*> allocations;
   std::vector<void*> host_allocations;
@@ -189,6 +187,7 @@ struct GpuResNet::Impl {
   absl::Status BackwardAll(bool accumulate, const GradReadyFn& on_ready);
   absl::Status Upload(const model::ParamStore& s);
   absl::Status Download(model::ParamStore* s, bool grads);
+  void Reorder(const float* in, float* out, bool to_device) const;
   absl::Status Stage(const float* images, const int32_t* labels);
   absl::Status Sync(absl::string_view what);
   std::vector<const Unit*> AllUnits() const;
@@ -213,7 +212,6 @@ GpuResNet::Impl::~Impl() {
   for (void* p : host_allocations) cudaFreeHost(p);
   if (staged) cudaEventDestroy(staged);
   if (done) cudaEventDestroy(done);
-  if (cublas) cublasDestroy(cublas);
   if (cudnn) cudnnDestroy(cudnn);
   if (stream) cudaStreamDestroy(stream);
 }
@@ -427,10 +425,6 @@ absl::Status GpuResNet::Impl::Build() {
   CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
   CUDNN_RETURN_IF_ERROR(cudnnCreate(&cudnn));
   CUDNN_RETURN_IF_ERROR(cudnnSetStream(cudnn, stream));
-  CUBLAS_RETURN_IF_ERROR(cublasCreate(&cublas));
-  CUBLAS_RETURN_IF_ERROR(cublasSetStream(cublas, stream));
-  CUBLAS_RETURN_IF_ERROR(
-      cublasSetMathMode(cublas, gpu.precision == Precision::kFp32 ? CUBLAS_DEFAULT_MATH : CUBLAS_TF32_TENSOR_OP_MATH));
 
   param_floats = store->params().size();
   buffer_floats = store->buffers().size();
@@ -645,11 +639,9 @@ absl::Status GpuResNet::Impl::Forward(bool training, double normalizer, int grou
   }
   const int N = opt.batch, K = spec.num_classes;
   RETURN_IF_ERROR(k::GlobalAvgPoolForward(dtype, N, feat_hw, feat_c, features, pooled, stream));
-  const float one = 1.0f, zero = 0.0f;
-  // Row-major logits (N, K) = pooled (N, I) x W^T, W row-major (K, I): column-major
-  // logits^T (K x N) = W^T(col-major I x K)^T x pooled^T (I x N).
-  CUBLAS_RETURN_IF_ERROR(cublasSgemm(cublas, CUBLAS_OP_T, CUBLAS_OP_N, K, N, feat_c, &one, d_params + fc_w_offset,
-                                     feat_c, pooled, feat_c, &zero, logits, K));
+  // logits (N, K) = pooled (N, I) x W^T, W (K, I) row-major.
+  RETURN_IF_ERROR(k::Sgemm(false, true, N, K, feat_c, pooled, feat_c, d_params + fc_w_offset, feat_c, 0.0f, logits, K,
+                           stream));
   RETURN_IF_ERROR(k::AddBias(N, K, d_params + fc_b_offset, logits, stream));
   if (training) {
     RETURN_IF_ERROR(
@@ -690,19 +682,17 @@ absl::Status GpuResNet::Impl::BackwardUnit(Unit* u, const void* grad, const void
 
 absl::Status GpuResNet::Impl::BackwardAll(bool accumulate, const GradReadyFn& on_ready) {
   const int N = opt.batch, K = spec.num_classes;
-  const float one = 1.0f, zero = 0.0f, beta_acc = accumulate ? 1.0f : 0.0f;
-  // dW (K, I) row-major = dlogits^T (K x N) x pooled (N x I): column-major dW^T (I x K) =
-  // pooled^T (I x N) x dlogits (N x K).
-  CUBLAS_RETURN_IF_ERROR(cublasSgemm(cublas, CUBLAS_OP_N, CUBLAS_OP_T, feat_c, K, N, &one, pooled, feat_c, dlogits, K,
-                                     &beta_acc, d_grads + fc_w_offset, feat_c));
+  // dW (K, I) = dlogits^T (K x N) x pooled (N x I).
+  RETURN_IF_ERROR(k::Sgemm(true, false, K, feat_c, N, dlogits, K, pooled, feat_c, accumulate ? 1.0f : 0.0f,
+                           d_grads + fc_w_offset, feat_c, stream));
   RETURN_IF_ERROR(k::BiasGradient(N, K, dlogits, d_grads + fc_b_offset, accumulate, stream));
   if (on_ready) {
     on_ready(fc_w_param);
     on_ready(fc_b_param);
   }
-  // dpooled (N, I) = dlogits (N, K) x W (K, I): column-major dpooled^T (I x N) = W^T (I x K) x dlogits^T (K x N).
-  CUBLAS_RETURN_IF_ERROR(cublasSgemm(cublas, CUBLAS_OP_N, CUBLAS_OP_N, feat_c, N, K, &one, d_params + fc_w_offset,
-                                     feat_c, dlogits, K, &zero, d_pooled, feat_c));
+  // dpooled (N, I) = dlogits (N, K) x W (K, I).
+  RETURN_IF_ERROR(k::Sgemm(false, false, N, feat_c, K, dlogits, K, d_params + fc_w_offset, feat_c, 0.0f, d_pooled,
+                           feat_c, stream));
   RETURN_IF_ERROR(k::GlobalAvgPoolBackward(dtype, N, feat_hw, feat_c, d_pooled, d_features, stream));
   for (size_t bi = blocks.size(); bi-- > 0;) {
     Block& b = blocks[bi];
@@ -729,18 +719,34 @@ absl::Status GpuResNet::Impl::BackwardAll(bool accumulate, const GradReadyFn& on
 }
 
 // Conv weights: OIHW (store) <-> KRSC (device). Other tensors are copied as they are.
-absl::Status GpuResNet::Impl::Upload(const model::ParamStore& s) {
-  RETURN_IF_ERROR(Sync("the previous step before uploading parameters"));
-  std::vector<float> host(s.params());
+void GpuResNet::Impl::Reorder(const float* in, float* out, bool to_device) const {
+  std::copy(in, in + param_floats, out);
   for (const Unit* u : AllUnits()) {
     const int O = u->conv.out_channels, I = u->conv.in_channels, R = u->conv.kernel;
-    const float* src = s.params().data() + u->w_offset;
-    float* dst = host.data() + u->w_offset;
-    for (int o = 0; o < O; ++o)
-      for (int i = 0; i < I; ++i)
-        for (int r = 0; r < R; ++r)
-          for (int c = 0; c < R; ++c) dst[((static_cast<size_t>(o) * R + r) * R + c) * I + i] = src[((static_cast<size_t>(o) * I + i) * R + r) * R + c];
+    const float* src = in + u->w_offset;
+    float* dst = out + u->w_offset;
+    for (int o = 0; o < O; ++o) {
+      for (int i = 0; i < I; ++i) {
+        for (int r = 0; r < R; ++r) {
+          for (int c = 0; c < R; ++c) {
+            const size_t oihw = ((static_cast<size_t>(o) * I + i) * R + r) * R + c;
+            const size_t krsc = ((static_cast<size_t>(o) * R + r) * R + c) * I + i;
+            if (to_device) {
+              dst[krsc] = src[oihw];
+            } else {
+              dst[oihw] = src[krsc];
+            }
+          }
+        }
+      }
+    }
   }
+}
+
+absl::Status GpuResNet::Impl::Upload(const model::ParamStore& s) {
+  RETURN_IF_ERROR(Sync("the previous step before uploading parameters"));
+  std::vector<float> host(param_floats);
+  Reorder(s.params().data(), host.data(), /*to_device=*/true);
   // On our stream, then waited for: the legacy default stream does not order against a
   // non-blocking stream.
   CUDA_RETURN_IF_ERROR(
@@ -758,17 +764,7 @@ absl::Status GpuResNet::Impl::Download(model::ParamStore* s, bool grads) {
   std::vector<float> host(param_floats);
   CUDA_RETURN_IF_ERROR(
       cudaMemcpy(host.data(), grads ? d_grads : d_params, host.size() * sizeof(float), cudaMemcpyDeviceToHost));
-  std::vector<float>& out = grads ? s->grads() : s->params();
-  out = host;
-  for (const Unit* u : AllUnits()) {
-    const int O = u->conv.out_channels, I = u->conv.in_channels, R = u->conv.kernel;
-    const float* src = host.data() + u->w_offset;
-    float* dst = out.data() + u->w_offset;
-    for (int o = 0; o < O; ++o)
-      for (int i = 0; i < I; ++i)
-        for (int r = 0; r < R; ++r)
-          for (int c = 0; c < R; ++c) dst[((static_cast<size_t>(o) * I + i) * R + r) * R + c] = src[((static_cast<size_t>(o) * R + r) * R + c) * I + i];
-  }
+  Reorder(host.data(), (grads ? s->grads() : s->params()).data(), /*to_device=*/false);
   if (!grads) {
     if (!s->buffers().empty()) {
       CUDA_RETURN_IF_ERROR(
@@ -899,10 +895,14 @@ absl::Status GpuResNet::Backward(const GradReadyFn& on_ready) {
 }
 
 absl::Status GpuResNet::Predict(const float* images, float* logits) {
+  RETURN_IF_ERROR(UploadState(*impl_->store));
+  return PredictOnDevice(images, logits);
+}
+
+absl::Status GpuResNet::PredictOnDevice(const float* images, float* logits) {
   if (impl_->opt.training) {
     return absl::FailedPreconditionError("Predict on a training network (create one with training=false)");
   }
-  RETURN_IF_ERROR(UploadState(*impl_->store));
   RETURN_IF_ERROR(impl_->Stage(images, nullptr));
   RETURN_IF_ERROR(Annotate(impl_->Forward(false, 1.0, 0, 1), "Predict"));
   const size_t n = static_cast<size_t>(impl_->opt.batch) * impl_->spec.num_classes;
@@ -910,6 +910,9 @@ absl::Status GpuResNet::Predict(const float* images, float* logits) {
       cudaMemcpyAsync(logits, impl_->logits, n * sizeof(float), cudaMemcpyDeviceToHost, impl_->stream));
   return impl_->Sync("Predict's logits");
 }
+
+void GpuResNet::StoreToDeviceOrder(const float* in, float* out) const { impl_->Reorder(in, out, true); }
+void GpuResNet::DeviceToStoreOrder(const float* in, float* out) const { impl_->Reorder(in, out, false); }
 
 std::string GpuResNet::Describe() const {
   cudaDeviceProp prop{};

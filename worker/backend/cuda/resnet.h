@@ -1,6 +1,6 @@
-// ResNet training and inference on one GPU: cuDNN 9 convolutions, cuBLAS for the FC layer,
-// our own kernels (kernels.h) for batch norm (+ReLU, +residual add), pooling, softmax
-// cross-entropy and casts. The GPU core: no gRPC, UCX or oneDNN here.
+// ResNet training and inference on one GPU: cuDNN 9 convolutions, our own kernels
+// (kernels.h) for batch norm (+ReLU, +residual add), pooling, the FC layer's GEMMs, softmax
+// cross-entropy and casts (no cuBLAS: see kernels.h, Sgemm). The GPU core: no gRPC, UCX or oneDNN here.
 //
 // Layout and precision: activations NHWC, in fp32 (Precision kFp32: FMA-only convolutions;
 // kTf32: tensor cores with TF32) or bf16 (kBf16: bf16 activations and a bf16 copy of the
@@ -79,6 +79,13 @@ class GpuResNet : public Network {
   absl::Status UploadState(const model::ParamStore& store);
   absl::Status DownloadState(model::ParamStore* store);
   absl::Status DownloadGrads(model::ParamStore* store);
+  // Flat parameter-shaped arrays (params, grads, velocities) between the store's order and
+  // the device order (conv weights OIHW <-> KRSC); in and out have param_floats() floats.
+  void StoreToDeviceOrder(const float* in, float* out) const;
+  void DeviceToStoreOrder(const float* in, float* out) const;
+  // Inference on the parameters already on the device (UploadState), without uploading them
+  // again: Predict = UploadState + PredictOnDevice. Logits (batch, classes) to host memory.
+  absl::Status PredictOnDevice(const float* images, float* logits);
   // Copies a batch (images NCHW fp32, labels) through pinned memory to the device
   // asynchronously; labels are checked first (INVALID_ARGUMENT names the sample).
   absl::Status StageBatch(const float* images, const int32_t* labels);
