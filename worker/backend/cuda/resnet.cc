@@ -168,6 +168,7 @@ struct GpuResNet::Impl {
   int64_t fc_w_offset = 0, fc_b_offset = 0;
 
   std::map<std::string, AlgoChoice> algo_cache;
+  int search_fallbacks = 0;  // shapes where cudnnFind failed and heuristics chose
   int64_t batches_tracked = 0;  // training forwards (group 0) since the last upload/download
   bool forward_done = false;
   bool staged_once = false;
@@ -350,16 +351,31 @@ absl::Status GpuResNet::Impl::ChooseAlgorithms(Unit* u, void* ws, size_t ws_byte
     } else {
       cudnnConvolutionFwdAlgoPerf_t perf[CUDNN_CONVOLUTION_FWD_ALGO_COUNT];
       int n = 0;
+      const std::string what = u->name + " forward (" + shape + ")";
+      absl::StatusOr<AlgoChoice> got = absl::UnknownError("no search");
       if (find) {
-        CUDNN_RETURN_IF_ERROR(cudnnFindConvolutionForwardAlgorithmEx(
+        const absl::Status st = ::lmsgd::cuda::CudnnStatus(cudnnFindConvolutionForwardAlgorithmEx(
             cudnn, u->in_desc, u->in, u->w_desc, w, u->fwd_desc, u->out_desc, u->x, CUDNN_CONVOLUTION_FWD_ALGO_COUNT,
-            &n, perf, ws, ws_bytes));
-      } else {
+            &n, perf, ws, ws_bytes), "cudnnFindConvolutionForwardAlgorithmEx", __FILE__, __LINE__);
+        got = st.ok() ? Pick(perf, n, limit, what) : absl::StatusOr<AlgoChoice>(st);
+      }
+      if (!find || !got.ok()) {
+        // Heuristics, also as the fallback when the search fails or finds nothing usable.
+        const absl::Status find_error = find ? got.status() : absl::OkStatus();
+        n = 0;
         CUDNN_RETURN_IF_ERROR(cudnnGetConvolutionForwardAlgorithm_v7(cudnn, u->in_desc, u->w_desc, u->fwd_desc,
                                                                      u->out_desc, CUDNN_CONVOLUTION_FWD_ALGO_COUNT, &n,
                                                                      perf));
+        got = Pick(perf, n, limit, what);
+        if (!find_error.ok()) {
+          if (got.ok()) {
+            ++search_fallbacks;
+          } else {
+            got = Annotate(got.status(), absl::StrCat("cudnnFind failed too (", find_error.message(), ")"));
+          }
+        }
       }
-      ASSIGN_OR_RETURN(c, Pick(perf, n, limit, u->name + " forward (" + shape + ")"));
+      ASSIGN_OR_RETURN(c, std::move(got));
     }
     u->fwd_algo = static_cast<cudnnConvolutionFwdAlgo_t>(c.algo);
     RETURN_IF_ERROR(record(key, c, u->fwd_desc));
@@ -375,16 +391,31 @@ absl::Status GpuResNet::Impl::ChooseAlgorithms(Unit* u, void* ws, size_t ws_byte
       cudnnConvolutionBwdFilterAlgoPerf_t perf[CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT];
       int n = 0;
       void* dw = dtype == DType::kF32 ? static_cast<void*>(d_grads + u->w_offset) : d_wgrad_lp;
+      const std::string what = u->name + " backward filter (" + shape + ")";
+      absl::StatusOr<AlgoChoice> got = absl::UnknownError("no search");
       if (find) {
-        CUDNN_RETURN_IF_ERROR(cudnnFindConvolutionBackwardFilterAlgorithmEx(
+        const absl::Status st = ::lmsgd::cuda::CudnnStatus(cudnnFindConvolutionBackwardFilterAlgorithmEx(
             cudnn, u->in_desc, u->in, u->out_desc, scratch_a, u->bwd_filter_desc, u->w_desc, dw,
-            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT, &n, perf, ws, ws_bytes));
-      } else {
+            CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT, &n, perf, ws, ws_bytes), "cudnnFindConvolutionBackwardFilterAlgorithmEx", __FILE__, __LINE__);
+        got = st.ok() ? Pick(perf, n, limit, what) : absl::StatusOr<AlgoChoice>(st);
+      }
+      if (!find || !got.ok()) {
+        // Heuristics, also as the fallback when the search fails or finds nothing usable.
+        const absl::Status find_error = find ? got.status() : absl::OkStatus();
+        n = 0;
         CUDNN_RETURN_IF_ERROR(cudnnGetConvolutionBackwardFilterAlgorithm_v7(
             cudnn, u->in_desc, u->out_desc, u->bwd_filter_desc, u->w_desc, CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT,
             &n, perf));
+        got = Pick(perf, n, limit, what);
+        if (!find_error.ok()) {
+          if (got.ok()) {
+            ++search_fallbacks;
+          } else {
+            got = Annotate(got.status(), absl::StrCat("cudnnFind failed too (", find_error.message(), ")"));
+          }
+        }
       }
-      ASSIGN_OR_RETURN(c, Pick(perf, n, limit, u->name + " backward filter (" + shape + ")"));
+      ASSIGN_OR_RETURN(c, std::move(got));
     }
     u->bwd_filter_algo = static_cast<cudnnConvolutionBwdFilterAlgo_t>(c.algo);
     RETURN_IF_ERROR(record(key, c, u->bwd_filter_desc));
@@ -399,16 +430,31 @@ absl::Status GpuResNet::Impl::ChooseAlgorithms(Unit* u, void* ws, size_t ws_byte
     } else {
       cudnnConvolutionBwdDataAlgoPerf_t perf[CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT];
       int n = 0;
+      const std::string what = u->name + " backward data (" + shape + ")";
+      absl::StatusOr<AlgoChoice> got = absl::UnknownError("no search");
       if (find) {
-        CUDNN_RETURN_IF_ERROR(cudnnFindConvolutionBackwardDataAlgorithmEx(
+        const absl::Status st = ::lmsgd::cuda::CudnnStatus(cudnnFindConvolutionBackwardDataAlgorithmEx(
             cudnn, u->w_desc, w, u->out_desc, scratch_a, u->bwd_data_desc, u->in_desc, scratch_b,
-            CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT, &n, perf, ws, ws_bytes));
-      } else {
+            CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT, &n, perf, ws, ws_bytes), "cudnnFindConvolutionBackwardDataAlgorithmEx", __FILE__, __LINE__);
+        got = st.ok() ? Pick(perf, n, limit, what) : absl::StatusOr<AlgoChoice>(st);
+      }
+      if (!find || !got.ok()) {
+        // Heuristics, also as the fallback when the search fails or finds nothing usable.
+        const absl::Status find_error = find ? got.status() : absl::OkStatus();
+        n = 0;
         CUDNN_RETURN_IF_ERROR(cudnnGetConvolutionBackwardDataAlgorithm_v7(
             cudnn, u->w_desc, u->out_desc, u->bwd_data_desc, u->in_desc, CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT, &n,
             perf));
+        got = Pick(perf, n, limit, what);
+        if (!find_error.ok()) {
+          if (got.ok()) {
+            ++search_fallbacks;
+          } else {
+            got = Annotate(got.status(), absl::StrCat("cudnnFind failed too (", find_error.message(), ")"));
+          }
+        }
       }
-      ASSIGN_OR_RETURN(c, Pick(perf, n, limit, u->name + " backward data (" + shape + ")"));
+      ASSIGN_OR_RETURN(c, std::move(got));
     }
     u->bwd_data_algo = static_cast<cudnnConvolutionBwdDataAlgo_t>(c.algo);
     RETURN_IF_ERROR(record(key, c, u->bwd_data_desc));
@@ -919,11 +965,11 @@ std::string GpuResNet::Describe() const {
   cudaGetDeviceProperties(&prop, impl_->gpu.device);
   const Impl& m = *impl_;
   return absl::StrFormat(
-      "cuda:%d %s (sm_%d%d), cuDNN %d, %s, NHWC activations, conv algorithms by %s (%zu shapes), workspace %.0f MiB, "
-      "batch %d, bn_group %d",
+      "cuda:%d %s (sm_%d%d), cuDNN %d, %s, NHWC activations, conv algorithms by %s (%zu shapes, %d by heuristics "
+      "after a failed search), workspace %.0f MiB, batch %d, bn_group %d",
       m.gpu.device, prop.name, prop.major, prop.minor, static_cast<int>(cudnnGetVersion()),
       PrecisionName(m.gpu.precision), m.gpu.search == ConvSearch::kFind ? "cudnnFind" : "heuristics",
-      m.algo_cache.size(), m.workspace_bytes / 1048576.0, m.opt.batch, m.opt.bn_group);
+      m.algo_cache.size(), m.search_fallbacks, m.workspace_bytes / 1048576.0, m.opt.batch, m.opt.bn_group);
 }
 
 }  // namespace lmsgd::backend::cuda
