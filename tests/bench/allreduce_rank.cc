@@ -37,7 +37,11 @@ int RunLmsgdRank(int rank, int k, const std::string& store_dir, size_t min_bytes
   comm::HalvingDoublingAllreduce hd(t->get());
   uint64_t seq = 1;
   const absl::Time deadline = absl::Now() + absl::Hours(1);
-  for (auto [name, algo] : {std::pair<const char*, comm::AllreduceAlgorithm*>{"ring", &ring}, {"halving_doubling", &hd}}) {
+  auto shm = comm::SharedMemoryAllreduce::Create(t->get(), seq++, deadline);
+  if (!shm.ok()) std::cerr << "rank " << rank << ": no shared-memory allreduce: " << shm.status() << "\n";
+  std::vector<std::pair<const char*, comm::AllreduceAlgorithm*>> algos = {{"ring", &ring}, {"halving_doubling", &hd}};
+  if (shm.ok()) algos.push_back({"shared_memory", shm->get()});
+  for (auto [name, algo] : algos) {
     for (size_t bytes : Sizes(min_bytes, max_bytes)) {
       std::vector<float> buf(bytes / 4, 1.0f);
       const int iters = Iterations(bytes);

@@ -72,7 +72,7 @@ TEST_P(AllreduceTest, ExactSumIdenticalOnAllRanks) {
 
 INSTANTIATE_TEST_SUITE_P(Worlds, AllreduceTest,
                          ::testing::Combine(::testing::Values(1, 2, 3, 4, 5, 7, 8),
-                                            ::testing::Values("ring", "hd", "hier", "auto")),
+                                            ::testing::Values("ring", "hd", "hier", "shm", "auto")),
                          [](const auto& info) {
                            return absl::StrCat("k", std::get<0>(info.param), "_", std::get<1>(info.param));
                          });
@@ -116,7 +116,7 @@ TEST(CommTest, AKilledRankFailsTheOthersWithinTheTimeoutNamingIt) {
 // survivors that talk to it directly name it (a survivor waiting on another survivor that is
 // itself stuck names that survivor: timeouts cannot see further than one hop).
 TEST(CommTest, AStalledRankTimesOutTheOthersNamingIt) {
-  for (const std::string algo : {"ring", "hd"}) {
+  for (const std::string algo : {"ring", "hd", "shm"}) {
     const absl::Time start = absl::Now();
     auto runs = RunRanks(3, {"--mode=stall", "--victim=2", "--timeout_s=3", "--algo=" + algo}, absl::Seconds(60));
     EXPECT_LT(absl::Now() - start, absl::Seconds(25));

@@ -72,6 +72,7 @@ int Run(int argc, char** argv) {
   if (a["algo"] == "auto") algo = Algorithm::kAuto;
   if (a["algo"] == "hd") algo = Algorithm::kHalvingDoubling;
   if (a["algo"] == "hier") algo = Algorithm::kHierarchical;
+  if (a["algo"] == "shm") algo = Algorithm::kSharedMemory;
   std::vector<std::string> hosts;
   if (!a["hosts"].empty()) hosts = absl::StrSplit(a["hosts"], ',');
   std::vector<size_t> counts;

@@ -16,12 +16,19 @@
 // current range, then m allgather steps in reverse. 2 log2(p) steps: latency optimal, the
 // paper's choice for small messages. Non-powers of two: Gloo's "binary blocks" (see the .cc).
 //
+// Shared memory (every rank on one host): the ranks map one segment and, chunk by chunk, copy
+// their data in, each sums its 1/k of the chunk (in rank order) into a result area, and all
+// copy the result out; the segment stays in cache, so each rank's memory traffic is one read
+// and one write of its buffer (a ring over a transport moves it several times). Three
+// flag-synchronized phases per chunk, two chunk slots in flight.
+//
 // Hierarchical (the paper's three phases): ranks are contiguous per host; the local ranks
 // send their buffers to the host's first rank (the leader), which sums them in rank order;
 // the leaders allreduce among themselves (ring); each leader sends the result back to its
 // local ranks.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -35,7 +42,7 @@
 namespace lmsgd::comm {
 
 // kAuto: chosen per collective by the Communicator (ChooseAlgorithm).
-enum class Algorithm { kAuto, kRing, kHalvingDoubling, kHierarchical };
+enum class Algorithm { kAuto, kRing, kHalvingDoubling, kHierarchical, kSharedMemory };
 const char* AlgorithmName(Algorithm a);
 
 class AllreduceAlgorithm {
@@ -64,6 +71,36 @@ class HalvingDoublingAllreduce final : public AllreduceAlgorithm {
  private:
   Transport* t_;
   std::vector<float> scratch_;
+};
+
+class SharedMemoryAllreduce final : public AllreduceAlgorithm {
+ public:
+  // Collective over `t` (every rank calls it, all on one host): rank 0 creates a POSIX
+  // shared-memory segment and sends its name over the transport; every rank maps it; once all
+  // have (checked by an exchange that also makes the outcome the same everywhere), rank 0
+  // unlinks the name, so nothing outlives the processes. `tag_sequence` keys the setup
+  // messages (use one no collective uses). `chunk_floats` per rank and slot.
+  static absl::StatusOr<std::unique_ptr<SharedMemoryAllreduce>> Create(Transport* t, uint64_t tag_sequence,
+                                                                        absl::Time deadline,
+                                                                        size_t chunk_floats = 64 * 1024);
+  ~SharedMemoryAllreduce() override;
+  absl::Status Run(float* data, size_t count, uint64_t sequence, absl::Time deadline) override;
+  // Makes a Run in progress (and every later one) return ABORTED promptly. Thread-safe.
+  void Abort();
+
+  struct Header;
+
+ private:
+  SharedMemoryAllreduce() = default;
+  absl::Status WaitAll(int phase, uint64_t step, absl::Time deadline);
+  int rank_ = 0, size_ = 1;
+  size_t chunk_ = 0;
+  void* base_ = nullptr;
+  size_t bytes_ = 0;
+  Header* header_ = nullptr;
+  float* slots_ = nullptr;  // 2 slots x (size inputs + 1 result) x chunk floats
+  uint64_t step_ = 0;
+  std::atomic<bool> aborted_{false};
 };
 
 // `host_of_rank[r]` names rank r's host; ranks of a host must be contiguous.

@@ -33,8 +33,9 @@ void Work::Complete(absl::Status status) {
   cv_.notify_all();
 }
 
-Algorithm ChooseAlgorithm(size_t bytes, int world_size, int hosts) {
+Algorithm ChooseAlgorithm(size_t bytes, int world_size, int hosts, bool shared_memory) {
   if (hosts > 1 && world_size > hosts) return Algorithm::kHierarchical;
+  if (hosts == 1 && shared_memory && bytes >= kSharedMemoryMinBytes) return Algorithm::kSharedMemory;
   return bytes <= (256u << 10) ? Algorithm::kHalvingDoubling : Algorithm::kRing;
 }
 
@@ -51,6 +52,21 @@ absl::StatusOr<std::unique_ptr<Communicator>> Communicator::Create(std::unique_p
   auto h = HierarchicalAllreduce::Create(c->transport_.get(), hosts);
   if (!h.ok()) return h.status();
   c->hierarchical_ = std::move(*h);
+  // One host: map the shared-memory segment (a collective; sequence 0 is never a collective's).
+  // Unavailable shared memory (the same verdict on every rank) leaves the transport algorithms.
+  if (c->num_hosts_ == 1 && c->transport_->size() > 1) {
+    auto shm = SharedMemoryAllreduce::Create(c->transport_.get(), /*tag_sequence=*/0,
+                                             absl::Now() + options.collective_timeout);
+    if (shm.ok()) {
+      c->shared_memory_ = std::move(*shm);
+    } else if (shm.status().code() != absl::StatusCode::kFailedPrecondition) {
+      return shm.status();
+    }
+  }
+  if (options.algorithm == Algorithm::kSharedMemory && c->shared_memory_ == nullptr && c->transport_->size() > 1) {
+    return absl::FailedPreconditionError(
+        "allreduce algorithm shared_memory needs every rank on one host and POSIX shared memory");
+  }
   c->thread_ = std::thread([p = c.get()] { p->Loop(); });
   return c;
 }
@@ -62,6 +78,7 @@ Communicator::~Communicator() {
   }
   cv_.notify_all();
   transport_->Abort();  // a collective in flight returns promptly
+  if (shared_memory_) shared_memory_->Abort();
   if (thread_.joinable()) thread_.join();
 }
 
@@ -71,6 +88,7 @@ void Communicator::Abort() {
     if (broken_.ok()) broken_ = absl::AbortedError("communicator aborted");
   }
   transport_->Abort();
+  if (shared_memory_) shared_memory_->Abort();
   cv_.notify_all();
 }
 
@@ -119,10 +137,13 @@ void Communicator::Loop() {
 
 std::shared_ptr<Work> Communicator::AllreduceAsync(float* data, size_t count) {
   Algorithm choice = options_.algorithm;
-  if (choice == Algorithm::kAuto) choice = ChooseAlgorithm(count * sizeof(float), size(), num_hosts_);
+  if (choice == Algorithm::kAuto) {
+    choice = ChooseAlgorithm(count * sizeof(float), size(), num_hosts_, shared_memory_ != nullptr);
+  }
   AllreduceAlgorithm* algo = ring_.get();
   if (choice == Algorithm::kHalvingDoubling) algo = halving_doubling_.get();
   if (choice == Algorithm::kHierarchical) algo = hierarchical_.get();
+  if (choice == Algorithm::kSharedMemory && shared_memory_) algo = shared_memory_.get();
   return Enqueue(absl::StrCat("allreduce of ", count, " floats"),
                  [algo, data, count](uint64_t seq, absl::Time deadline) { return algo->Run(data, count, seq, deadline); });
 }

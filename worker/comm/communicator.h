@@ -49,10 +49,12 @@ struct CommunicatorOptions {
 };
 
 // The AUTO choice, from the measurements in the README (lmsgd-bench allreduce, k = 2 and 4 on
-// one host): halving/doubling up to 256 KiB, where it was 1.1-4x faster than ring (latency:
-// 2 log2 k steps instead of 2(k-1)); ring above (bandwidth-optimal, pipelined); hierarchical
-// when the ranks span several hosts.
-Algorithm ChooseAlgorithm(size_t bytes, int world_size, int hosts);
+// one host): all ranks on one host with the shared-memory segment mapped: shared memory from
+// kSharedMemoryMinBytes up; otherwise halving/doubling up to 256 KiB, where it was 1.1-4x
+// faster than ring (latency: 2 log2 k steps instead of 2(k-1)); ring above (bandwidth-optimal,
+// pipelined); hierarchical when the ranks span several hosts.
+constexpr size_t kSharedMemoryMinBytes = 0;
+Algorithm ChooseAlgorithm(size_t bytes, int world_size, int hosts, bool shared_memory = false);
 
 class Communicator {
  public:
@@ -78,6 +80,7 @@ class Communicator {
   std::unique_ptr<Transport> transport_;
   CommunicatorOptions options_;
   std::unique_ptr<AllreduceAlgorithm> ring_, halving_doubling_, hierarchical_;
+  std::unique_ptr<SharedMemoryAllreduce> shared_memory_;  // null unless every rank is on one host
   int num_hosts_ = 1;
   struct Op {
     std::shared_ptr<Work> work;
