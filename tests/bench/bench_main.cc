@@ -17,6 +17,7 @@
 #include <map>
 #include <iostream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -28,6 +29,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "tests/bench/allreduce_bench.h"
 #include "worker/backend/onednn/resnet.h"
 #include "worker/trainer.h"
 
@@ -45,6 +47,9 @@ ABSL_FLAG(uint64_t, min_bytes, 4096, "allreduce: smallest message");
 ABSL_FLAG(uint64_t, max_bytes, 256ull << 20, "allreduce: largest message (sizes step x4)");
 ABSL_FLAG(bool, json, false, "allreduce: print one JSON object per line instead of a table");
 ABSL_FLAG(std::string, impls, "lmsgd,gloo,openmpi", "allreduce: implementations to run");
+ABSL_FLAG(int32_t, rounds, 1,
+          "allreduce: run every implementation this many times, alternating, and report each one's median "
+          "(a noisy machine then disturbs all implementations alike)");
 ABSL_FLAG(int32_t, rank, 0, "(internal) allreduce-rank: this process's rank");
 ABSL_FLAG(std::string, store, "", "(internal) allreduce-rank: rendezvous directory");
 ABSL_FLAG(std::string, impl, "lmsgd", "(internal) allreduce-rank: lmsgd | gloo");
@@ -232,7 +237,11 @@ int Allreduce() {
   const uint64_t lo = absl::GetFlag(FLAGS_min_bytes), hi = absl::GetFlag(FLAGS_max_bytes);
   const std::string self = std::filesystem::canonical("/proc/self/exe").string();
   const std::string dir = std::filesystem::path(self).parent_path().string();
-  std::vector<std::string> results;
+  // (impl, algo, bytes) -> seconds per round, in first-seen order.
+  std::vector<std::tuple<std::string, std::string, uint64_t>> order;
+  std::map<std::tuple<std::string, std::string, uint64_t>, std::vector<double>> times;
+  const int rounds = std::max(1, absl::GetFlag(FLAGS_rounds));
+  for (int round = 0; round < rounds; ++round)
   for (absl::string_view impl : absl::StrSplit(absl::GetFlag(FLAGS_impls), ',', absl::SkipEmpty())) {
     std::string cmd;
     if (impl == "lmsgd" || impl == "gloo") {
@@ -265,13 +274,28 @@ int Allreduce() {
       std::cerr << "lmsgd-bench: " << impl << " failed (exit " << rc << "): " << cmd << "\n";
       return 1;
     }
-    results.insert(results.end(), lines.begin(), lines.end());
+    for (const auto& l : lines) {
+      uint64_t b = 0;
+      double us = 0;
+      (void)absl::SimpleAtoi(Field(l, "bytes"), &b);
+      (void)absl::SimpleAtod(Field(l, "time_us"), &us);
+      auto key = std::make_tuple(Field(l, "impl"), Field(l, "algo"), b);
+      if (!times.count(key)) order.push_back(key);
+      times[key].push_back(us / 1e6);
+    }
+  }
+  std::vector<std::string> results;
+  for (const auto& key : order) {
+    std::vector<double> v = times[key];
+    std::sort(v.begin(), v.end());
+    results.push_back(lmsgd::bench::ResultLine(std::get<0>(key), std::get<1>(key), k, std::get<2>(key), v[v.size() / 2]));
   }
   if (absl::GetFlag(FLAGS_json)) {
     for (const auto& l : results) std::cout << l << "\n";
     return 0;
   }
-  std::cout << absl::StrFormat("allreduce, k=%d processes on this host, float32 sum; busbw = algbw * 2(k-1)/k\n", k);
+  std::cout << absl::StrFormat("allreduce, k=%d processes on this host, float32 sum; busbw = algbw * 2(k-1)/k%s\n", k,
+                               rounds > 1 ? absl::StrFormat("; median of %d alternating rounds", rounds) : "");
   std::cout << absl::StrFormat("%-8s %-18s %12s %12s %10s %10s\n", "impl", "algo", "bytes", "time_us", "algbw", "busbw");
   for (const auto& l : results) {
     std::cout << absl::StrFormat("%-8s %-18s %12s %12s %10s %10s\n", Field(l, "impl"), Field(l, "algo"),
@@ -287,7 +311,8 @@ int Allreduce() {
     (void)absl::SimpleAtod(Field(l, "time_us"), &us);
     if (Field(l, "impl") == "lmsgd") {
       best[b] = std::max(best[b], bw);
-      (Field(l, "algo") == "ring" ? ring : hd)[b] = us;
+      if (Field(l, "algo") == "ring") ring[b] = us;
+      if (Field(l, "algo") == "halving_doubling") hd[b] = us;
     }
     if (Field(l, "impl") == "openmpi") mpi[b] = bw;
   }

@@ -392,6 +392,11 @@ absl::StatusOr<std::unique_ptr<SharedMemoryAllreduce>> SharedMemoryAllreduce::Cr
   auto a = std::unique_ptr<SharedMemoryAllreduce>(new SharedMemoryAllreduce());
   a->rank_ = r;
   a->size_ = k;
+  if (chunk_floats == 0) {
+    // Both slots of k inputs and a result within ~8 MiB (cache-resident), at most 1 MiB a rank.
+    chunk_floats = std::min<size_t>(256 * 1024, (size_t{8} << 20) / (2 * static_cast<size_t>(k + 1) * sizeof(float)));
+    chunk_floats = std::max<size_t>(16, chunk_floats / 16 * 16);
+  }
   a->chunk_ = chunk_floats;
   const size_t header_bytes = (sizeof(Header) + 4095) / 4096 * 4096;
   a->bytes_ = header_bytes + 2 * static_cast<size_t>(k + 1) * chunk_floats * sizeof(float);
@@ -496,29 +501,34 @@ SharedMemoryAllreduce::~SharedMemoryAllreduce() {
 
 void SharedMemoryAllreduce::Abort() { aborted_.store(true); }
 
-// Waits until every rank has completed `phase` for chunk `step`: spin briefly, then yield
-// (ranks may outnumber cores), then sleep in short naps, checking the deadline and Abort().
-absl::Status SharedMemoryAllreduce::WaitAll(int phase, uint64_t step, absl::Time deadline) {
-  for (int q = 0; q < size_; ++q) {
-    const std::atomic<uint64_t>& f = header_->flags[phase][q].v;
-    for (uint64_t spins = 0; f.load(std::memory_order_acquire) < step; ++spins) {
-      if (spins < 64) {
-        __builtin_ia32_pause();
-        continue;
-      }
-      if ((spins & 63) == 0) {
-        if (aborted_.load(std::memory_order_relaxed)) return absl::AbortedError("shared-memory allreduce aborted");
-        if (absl::Now() > deadline) {
-          return absl::DeadlineExceededError(absl::StrFormat(
-              "shared-memory allreduce: timed out waiting for rank %d to %s (chunk %d)", q, kShmPhase[phase], step));
-        }
-      }
-      if (spins < 20000) {
-        sched_yield();
-      } else {
-        std::this_thread::sleep_for(std::chrono::microseconds(20));
+// Waits until rank q has completed `phase` for chunk `step`: spin briefly, then yield (ranks
+// may outnumber cores), then sleep in short naps, checking the deadline and Abort().
+absl::Status SharedMemoryAllreduce::WaitOne(int phase, int q, uint64_t step, absl::Time deadline) {
+  const std::atomic<uint64_t>& f = header_->flags[phase][q].v;
+  for (uint64_t spins = 0; f.load(std::memory_order_acquire) < step; ++spins) {
+    if (spins < 64) {
+      __builtin_ia32_pause();
+      continue;
+    }
+    if ((spins & 63) == 0) {
+      if (aborted_.load(std::memory_order_relaxed)) return absl::AbortedError("shared-memory allreduce aborted");
+      if (absl::Now() > deadline) {
+        return absl::DeadlineExceededError(absl::StrFormat(
+            "shared-memory allreduce: timed out waiting for rank %d to %s (chunk %d)", q, kShmPhase[phase], step));
       }
     }
+    if (spins < 20000) {
+      sched_yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status SharedMemoryAllreduce::WaitAll(int phase, uint64_t step, absl::Time deadline) {
+  for (int q = 0; q < size_; ++q) {
+    if (q != rank_) RETURN_IF_ERROR(WaitOne(phase, q, step, deadline));
   }
   return absl::OkStatus();
 }
@@ -533,21 +543,41 @@ absl::Status SharedMemoryAllreduce::Run(float* data, size_t count, uint64_t /*se
     const uint64_t step = ++step_;
     float* in = slots_ + (step & 1) * static_cast<size_t>(k + 1) * chunk_;
     float* out = in + static_cast<size_t>(k) * chunk_;
-    // The slot was last used two chunks ago: every rank must have copied that result out.
+    float* mine = data + off;
+    const size_t lines = (n + kLine - 1) / kLine;
+    auto slice = [&](int q, size_t* lo, size_t* hi) {
+      *lo = std::min(n, BlockStart(lines, k, q) * kLine);
+      *hi = std::min(n, BlockStart(lines, k, q + 1) * kLine);
+    };
+    size_t lo = 0, hi = 0;
+    slice(r, &lo, &hi);
+    // A. Publish the parts of this chunk the other ranks reduce (not this rank's own slice,
+    //    which it reads from its buffer). The slot was last used two chunks ago: every rank
+    //    must have copied that result out first.
     if (step > 2) RETURN_IF_ERROR(WaitAll(2, step - 2, deadline));
-    std::memcpy(in + static_cast<size_t>(r) * chunk_, data + off, n * sizeof(float));
+    float* my_in = in + static_cast<size_t>(r) * chunk_;
+    std::memcpy(my_in, mine, lo * sizeof(float));
+    std::memcpy(my_in + hi, mine + hi, (n - hi) * sizeof(float));
     header_->flags[0][r].v.store(step, std::memory_order_release);
     RETURN_IF_ERROR(WaitAll(0, step, deadline));
-    // This rank's slice, summed in rank order (every element by one rank: identical results).
-    const size_t lines = (n + kLine - 1) / kLine;
-    const size_t lo = std::min(n, BlockStart(lines, k, r) * kLine), hi = std::min(n, BlockStart(lines, k, r + 1) * kLine);
+    // B. This rank's slice summed in rank order (each element by one rank: identical results
+    //    everywhere), into its buffer and into the result area for the others.
     if (hi > lo) {
-      std::memcpy(out + lo, in + lo, (hi - lo) * sizeof(float));
-      for (int q = 1; q < k; ++q) Add(out + lo, in + static_cast<size_t>(q) * chunk_ + lo, hi - lo);
+      const size_t len = hi - lo;
+      float* acc = out + lo;
+      std::memcpy(acc, r == 0 ? mine + lo : in + lo, len * sizeof(float));
+      for (int q = 1; q < k; ++q) Add(acc, q == r ? mine + lo : in + static_cast<size_t>(q) * chunk_ + lo, len);
+      std::memcpy(mine + lo, acc, len * sizeof(float));
     }
     header_->flags[1][r].v.store(step, std::memory_order_release);
-    RETURN_IF_ERROR(WaitAll(1, step, deadline));
-    std::memcpy(data + off, out, n * sizeof(float));
+    // C. The other ranks' slices, each as soon as it is ready.
+    for (int q = 0; q < k; ++q) {
+      if (q == r) continue;
+      RETURN_IF_ERROR(WaitOne(1, q, step, deadline));
+      size_t qlo = 0, qhi = 0;
+      slice(q, &qlo, &qhi);
+      std::memcpy(mine + qlo, out + qlo, (qhi - qlo) * sizeof(float));
+    }
     header_->flags[2][r].v.store(step, std::memory_order_release);
   }
   return absl::OkStatus();

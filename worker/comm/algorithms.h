@@ -16,11 +16,12 @@
 // current range, then m allgather steps in reverse. 2 log2(p) steps: latency optimal, the
 // paper's choice for small messages. Non-powers of two: Gloo's "binary blocks" (see the .cc).
 //
-// Shared memory (every rank on one host): the ranks map one segment and, chunk by chunk, copy
-// their data in, each sums its 1/k of the chunk (in rank order) into a result area, and all
-// copy the result out; the segment stays in cache, so each rank's memory traffic is one read
-// and one write of its buffer (a ring over a transport moves it several times). Three
-// flag-synchronized phases per chunk, two chunk slots in flight.
+// Shared memory (every rank on one host): the ranks map one segment and, chunk by chunk, each
+// publishes the parts of its data the others reduce, sums its own 1/k of the chunk (in rank
+// order, its own part read in place) into its buffer and a result area, and copies the other
+// slices of the result out as each becomes ready. The segment stays in cache, so each rank's
+// memory traffic is about one read and one write of its buffer (a ring over a transport moves
+// it several times). Flag-synchronized phases per chunk, two chunk slots in flight.
 //
 // Hierarchical (the paper's three phases): ranks are contiguous per host; the local ranks
 // send their buffers to the host's first rank (the leader), which sums them in rank order;
@@ -79,10 +80,10 @@ class SharedMemoryAllreduce final : public AllreduceAlgorithm {
   // shared-memory segment and sends its name over the transport; every rank maps it; once all
   // have (checked by an exchange that also makes the outcome the same everywhere), rank 0
   // unlinks the name, so nothing outlives the processes. `tag_sequence` keys the setup
-  // messages (use one no collective uses). `chunk_floats` per rank and slot.
+  // messages (use one no collective uses). `chunk_floats` per rank and slot (0: sized so that
+  // the segment's two slots stay within ~8 MiB).
   static absl::StatusOr<std::unique_ptr<SharedMemoryAllreduce>> Create(Transport* t, uint64_t tag_sequence,
-                                                                        absl::Time deadline,
-                                                                        size_t chunk_floats = 64 * 1024);
+                                                                        absl::Time deadline, size_t chunk_floats = 0);
   ~SharedMemoryAllreduce() override;
   absl::Status Run(float* data, size_t count, uint64_t sequence, absl::Time deadline) override;
   // Makes a Run in progress (and every later one) return ABORTED promptly. Thread-safe.
@@ -92,7 +93,8 @@ class SharedMemoryAllreduce final : public AllreduceAlgorithm {
 
  private:
   SharedMemoryAllreduce() = default;
-  absl::Status WaitAll(int phase, uint64_t step, absl::Time deadline);
+  absl::Status WaitOne(int phase, int q, uint64_t step, absl::Time deadline);
+  absl::Status WaitAll(int phase, uint64_t step, absl::Time deadline);  // every other rank
   int rank_ = 0, size_ = 1;
   size_t chunk_ = 0;
   void* base_ = nullptr;
