@@ -66,15 +66,23 @@ fi
 # CUDA libraries: the bundle first, then PyTorch's pip wheels (nvidia-*), then the toolkit.
 LIBDIRS="$PWD/$BUNDLE/lib"
 SITES=$(python3 -c 'import site, sys; print(" ".join(site.getsitepackages() + [site.getusersitepackages()]))' 2>/dev/null)
-for lib in libcudnn.so.9 libnccl.so.2 libcudart.so.13; do
-  dir=""
+find_lib_dir() {  # the first directory holding $1 among the pip wheels and the toolkit
+  local root f
   for root in $SITES /usr/local/cuda/lib64 /usr/local/cuda/lib /usr/lib/x86_64-linux-gnu; do
     [[ -d "$root" ]] || continue
-    f=$(find "$root" -name "$lib" 2>/dev/null | head -1)
-    if [[ -n "$f" ]]; then dir=$(dirname "$f"); break; fi
+    f=$(find "$root" -name "$1" 2>/dev/null | head -1)
+    if [[ -n "$f" ]]; then dirname "$f"; return 0; fi
   done
-  if [[ -z "$dir" ]]; then echo "gpu_check: $lib not found on this machine" >&2; exit 2; fi
-  case ":$LIBDIRS:" in *":$dir:"*) ;; *) LIBDIRS="$LIBDIRS:$dir" ;; esac
+  return 1
+}
+add_dir() { case ":$LIBDIRS:" in *":$1:"*) ;; *) LIBDIRS="$LIBDIRS:$1" ;; esac; }
+for lib in libcudnn.so.9 libnccl.so.2 libcudart.so.13; do
+  dir=$(find_lib_dir "$lib") || { echo "gpu_check: $lib not found on this machine" >&2; exit 2; }
+  add_dir "$dir"
+done
+# Loaded by cuDNN at run time when present (runtime-compiled engines, cuBLASLt-backed engines).
+for lib in libnvrtc.so.13 libcublasLt.so.13; do
+  dir=$(find_lib_dir "$lib") && add_dir "$dir"
 done
 export LD_LIBRARY_PATH="$LIBDIRS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 missing=$(ldd "$BUNDLE/bin/lmsgd-gpu-check" | grep 'not found' || true)

@@ -169,6 +169,7 @@ comm::Algorithm ToAlgorithm(v1::AllreduceAlgorithm a) {
     case v1::ALLREDUCE_RING: return comm::Algorithm::kRing;
     case v1::ALLREDUCE_HALVING_DOUBLING: return comm::Algorithm::kHalvingDoubling;
     case v1::ALLREDUCE_HIERARCHICAL: return comm::Algorithm::kHierarchical;
+    case v1::ALLREDUCE_SHARED_MEMORY: return comm::Algorithm::kSharedMemory;
     default: return comm::Algorithm::kAuto;
   }
 }

@@ -562,12 +562,14 @@ absl::Status SharedMemoryAllreduce::Run(float* data, size_t count, uint64_t /*se
     RETURN_IF_ERROR(WaitAll(0, step, deadline));
     // B. This rank's slice summed in rank order (each element by one rank: identical results
     //    everywhere), into its buffer and into the result area for the others.
-    if (hi > lo) {
-      const size_t len = hi - lo;
-      float* acc = out + lo;
-      std::memcpy(acc, r == 0 ? mine + lo : in + lo, len * sizeof(float));
-      for (int q = 1; q < k; ++q) Add(acc, q == r ? mine + lo : in + static_cast<size_t>(q) * chunk_ + lo, len);
-      std::memcpy(mine + lo, acc, len * sizeof(float));
+    // In tiles that stay in L1 while the k inputs are added into them.
+    constexpr size_t kTile = 2048;
+    for (size_t t = lo; t < hi; t += kTile) {
+      const size_t len = std::min(kTile, hi - t);
+      float* acc = out + t;
+      std::memcpy(acc, r == 0 ? mine + t : in + t, len * sizeof(float));
+      for (int q = 1; q < k; ++q) Add(acc, q == r ? mine + t : in + static_cast<size_t>(q) * chunk_ + t, len);
+      std::memcpy(mine + t, acc, len * sizeof(float));
     }
     header_->flags[1][r].v.store(step, std::memory_order_release);
     // C. The other ranks' slices, each as soon as it is ready.
