@@ -441,18 +441,43 @@ __global__ void AddBiasKernel(int n, int k, const float* bias, float* y) {
 
 // ---- layouts, casts ---------------------------------------------------------------------
 template <typename T>
-__global__ void NchwToNhwcKernel(int n, int c, int h, int w, const float* __restrict__ in, T* __restrict__ out) {
-  const size_t total = static_cast<size_t>(n) * c * h * w;
+__global__ void NchwToNhwcKernel(int n, int c, int h, int w, int c_out, const float* __restrict__ in,
+                                 T* __restrict__ out) {
+  const size_t total = static_cast<size_t>(n) * c_out * h * w;
   for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    // i indexes the output (n, h, w, c).
-    const int ch = static_cast<int>(i % c);
-    size_t r = i / c;
+    // i indexes the output (n, h, w, c_out).
+    const int ch = static_cast<int>(i % c_out);
+    size_t r = i / c_out;
     const int x = static_cast<int>(r % w);
     r /= w;
     const int y = static_cast<int>(r % h);
     const size_t s = r / h;
-    Store(out, i, in[((s * c + ch) * h + y) * w + x]);
+    Store(out, i, ch < c ? in[((s * c + ch) * h + y) * w + x] : 0.0f);
+  }
+}
+
+template <typename T>
+__global__ void PadChannelsKernel(size_t rows, int c, int cp, const float* __restrict__ src, T* __restrict__ dst) {
+  const size_t total = rows * cp;
+  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const size_t row = i / cp;
+    const int ch = static_cast<int>(i - row * cp);
+    Store(dst, i, ch < c ? src[row * c + ch] : 0.0f);
+  }
+}
+
+template <typename T>
+__global__ void UnpadChannelsKernel(size_t rows, int c, int cp, const T* __restrict__ src, float* __restrict__ dst,
+                                    bool accumulate) {
+  const size_t total = rows * c;
+  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const size_t row = i / c;
+    const int ch = static_cast<int>(i - row * c);
+    const float v = Load(src, row * cp + ch);
+    dst[i] = accumulate ? dst[i] + v : v;
   }
 }
 
@@ -613,10 +638,25 @@ absl::Status AddBias(int n, int k, const float* bias, float* y, cudaStream_t str
   return Launched("AddBiasKernel");
 }
 
-absl::Status NchwToNhwc(DType t, int n, int c, int h, int w, const float* in, void* out, cudaStream_t stream) {
-  const size_t total = static_cast<size_t>(n) * c * h * w;
-  LMSGD_DISPATCH(t, NchwToNhwcKernel<T><<<Blocks(total, 256), 256, 0, stream>>>(n, c, h, w, in, static_cast<T*>(out)));
+absl::Status NchwToNhwc(DType t, int n, int c, int h, int w, int c_out, const float* in, void* out,
+                        cudaStream_t stream) {
+  const size_t total = static_cast<size_t>(n) * c_out * h * w;
+  LMSGD_DISPATCH(t, NchwToNhwcKernel<T><<<Blocks(total, 256), 256, 0, stream>>>(n, c, h, w, c_out, in,
+                                                                                static_cast<T*>(out)));
   return Launched("NchwToNhwcKernel");
+}
+
+absl::Status PadChannels(DType t, size_t rows, int c, int cp, const float* src, void* dst, cudaStream_t stream) {
+  LMSGD_DISPATCH(t, PadChannelsKernel<T><<<Blocks(rows * cp, 256), 256, 0, stream>>>(rows, c, cp, src,
+                                                                                     static_cast<T*>(dst)));
+  return Launched("PadChannelsKernel");
+}
+
+absl::Status UnpadChannels(DType t, size_t rows, int c, int cp, const void* src, float* dst, bool accumulate,
+                           cudaStream_t stream) {
+  LMSGD_DISPATCH(t, UnpadChannelsKernel<T><<<Blocks(rows * c, 256), 256, 0, stream>>>(
+                        rows, c, cp, static_cast<const T*>(src), dst, accumulate));
+  return Launched("UnpadChannelsKernel");
 }
 
 absl::Status CastFromFloat(DType t, size_t n, const float* in, void* out, cudaStream_t stream) {

@@ -96,8 +96,15 @@ absl::Status Sgemm(bool trans_a, bool trans_b, int m, int n, int k, const float*
 absl::Status AddBias(int n, int k, const float* bias, float* y, cudaStream_t stream);
 
 // --- layouts and precisions --------------------------------------------------------------
-// images (n, c, h, w) fp32 -> (n, h, w, c) in t.
-absl::Status NchwToNhwc(DType t, int n, int c, int h, int w, const float* in, void* out, cudaStream_t stream);
+// images (n, c, h, w) fp32 -> (n, h, w, c_out) in t, channels c..c_out-1 zero (c_out >= c: the
+// stem's input padded to an aligned channel count).
+absl::Status NchwToNhwc(DType t, int n, int c, int h, int w, int c_out, const float* in, void* out,
+                        cudaStream_t stream);
+// dst (rows, cp) in t = src (rows, c) fp32, channels c..cp-1 zero (padded stem weights).
+absl::Status PadChannels(DType t, size_t rows, int c, int cp, const float* src, void* dst, cudaStream_t stream);
+// dst (rows, c) fp32 = (or += with accumulate) src (rows, cp) in t; channels c..cp-1 dropped.
+absl::Status UnpadChannels(DType t, size_t rows, int c, int cp, const void* src, float* dst, bool accumulate,
+                           cudaStream_t stream);
 // out (t) = in (fp32), n elements.
 absl::Status CastFromFloat(DType t, size_t n, const float* in, void* out, cudaStream_t stream);
 // out (fp32) = in (t), or out += in with accumulate.

@@ -74,6 +74,12 @@ struct Unit {
   model::ConvSpec conv;
   model::BnSpec bn;
   int n = 0, in_h = 0, in_w = 0, in_c = 0, out_h = 0, out_w = 0, out_c = 0;
+  // Input channels on the device: in_c, or for the stem in_c rounded up to an aligned count
+  // (3 -> 4, or 8 in bf16) with zero channels and zero weights, which cuDNN's fast NHWC kernels
+  // need; then the conv reads padded weights `w_pad` and writes its weight gradient to `dw_pad`.
+  int in_c_dev = 0;
+  void* w_pad = nullptr;
+  void* dw_pad = nullptr;
   size_t w_param = 0, gamma_param = 0, beta_param = 0;
   int64_t w_offset = 0, gamma_offset = 0, beta_offset = 0;
   float* running_mean = nullptr;
@@ -94,7 +100,8 @@ struct Unit {
 
   size_t rows() const { return static_cast<size_t>(n) * out_h * out_w; }
   size_t out_numel() const { return rows() * out_c; }
-  size_t in_numel() const { return static_cast<size_t>(n) * in_h * in_w * in_c; }
+  size_t in_numel() const { return static_cast<size_t>(n) * in_h * in_w * in_c_dev; }
+  size_t w_rows() const { return static_cast<size_t>(conv.out_channels) * conv.kernel * conv.kernel; }
   size_t w_numel() const { return static_cast<size_t>(conv.out_channels) * conv.in_channels * conv.kernel * conv.kernel; }
 };
 
@@ -142,7 +149,8 @@ struct GpuResNet::Impl {
   size_t scratch_numel = 0;
 
   float* d_images = nullptr;  // staged NCHW fp32
-  void* d_input = nullptr;    // NHWC in dtype
+  void* d_input = nullptr;    // NHWC in dtype, input_c channels
+  int input_c = 0;
   int32_t* d_labels = nullptr;
   float* h_images = nullptr;  // pinned
   int32_t* h_labels = nullptr;
@@ -177,7 +185,7 @@ struct GpuResNet::Impl {
   absl::Status Build();
   absl::StatusOr<void*> Alloc(size_t bytes, absl::string_view what);
   absl::Status MakeUnit(const model::ConvSpec& conv, const model::BnSpec& bn, const void* in, int in_h, int in_w,
-                        Unit* u);
+                        Unit* u, int in_c_dev = 0);
   absl::Status MakeDescriptors(Unit* u);
   absl::Status ChooseAlgorithms(Unit* u, void* find_ws, size_t find_ws_bytes);
   const void* Weights(const Unit& u) const;
@@ -242,7 +250,7 @@ std::vector<const Unit*> GpuResNet::Impl::AllUnits() const {
 }
 
 absl::Status GpuResNet::Impl::MakeUnit(const model::ConvSpec& conv, const model::BnSpec& bn, const void* in, int in_h,
-                                       int in_w, Unit* u) {
+                                       int in_w, Unit* u, int in_c_dev) {
   u->name = conv.name;
   u->conv = conv;
   u->bn = bn;
@@ -250,6 +258,7 @@ absl::Status GpuResNet::Impl::MakeUnit(const model::ConvSpec& conv, const model:
   u->in_h = in_h;
   u->in_w = in_w;
   u->in_c = conv.in_channels;
+  u->in_c_dev = in_c_dev > 0 ? in_c_dev : conv.in_channels;
   u->out_h = (in_h + 2 * conv.padding - conv.kernel) / conv.stride + 1;
   u->out_w = (in_w + 2 * conv.padding - conv.kernel) / conv.stride + 1;
   u->out_c = conv.out_channels;
@@ -276,6 +285,14 @@ absl::Status GpuResNet::Impl::MakeUnit(const model::ConvSpec& conv, const model:
     u->save_invstd = static_cast<float*>(si);
   }
   scratch_numel = std::max(scratch_numel, std::max(u->out_numel(), u->in_numel()));
+  if (u->in_c_dev != u->in_c) {
+    const size_t bytes = u->w_rows() * u->in_c_dev * dsize;
+    ASSIGN_OR_RETURN(u->w_pad, Alloc(bytes, conv.name + " padded weights"));
+    CUDA_RETURN_IF_ERROR(cudaMemsetAsync(u->w_pad, 0, bytes, stream));
+    if (opt.training) {
+      ASSIGN_OR_RETURN(u->dw_pad, Alloc(bytes, conv.name + " padded weight gradient"));
+    }
+  }
   return MakeDescriptors(u);
 }
 
@@ -284,11 +301,12 @@ absl::Status GpuResNet::Impl::MakeDescriptors(Unit* u) {
   CUDNN_RETURN_IF_ERROR(cudnnCreateTensorDescriptor(&u->in_desc));
   CUDNN_RETURN_IF_ERROR(cudnnCreateTensorDescriptor(&u->out_desc));
   CUDNN_RETURN_IF_ERROR(cudnnCreateFilterDescriptor(&u->w_desc));
-  CUDNN_RETURN_IF_ERROR(cudnnSetTensor4dDescriptor(u->in_desc, CUDNN_TENSOR_NHWC, dt, u->n, u->in_c, u->in_h, u->in_w));
+  CUDNN_RETURN_IF_ERROR(
+      cudnnSetTensor4dDescriptor(u->in_desc, CUDNN_TENSOR_NHWC, dt, u->n, u->in_c_dev, u->in_h, u->in_w));
   CUDNN_RETURN_IF_ERROR(
       cudnnSetTensor4dDescriptor(u->out_desc, CUDNN_TENSOR_NHWC, dt, u->n, u->out_c, u->out_h, u->out_w));
   CUDNN_RETURN_IF_ERROR(cudnnSetFilter4dDescriptor(u->w_desc, dt, CUDNN_TENSOR_NHWC, u->conv.out_channels,
-                                                   u->conv.in_channels, u->conv.kernel, u->conv.kernel));
+                                                   u->in_c_dev, u->conv.kernel, u->conv.kernel));
   const cudnnMathType_t math = gpu.precision == Precision::kFp32   ? CUDNN_FMA_MATH
                                : gpu.precision == Precision::kTf32 ? CUDNN_DEFAULT_MATH
                                                                    : CUDNN_TENSOR_OP_MATH;
@@ -303,6 +321,7 @@ absl::Status GpuResNet::Impl::MakeDescriptors(Unit* u) {
 }
 
 const void* GpuResNet::Impl::Weights(const Unit& u) const {
+  if (u.w_pad) return u.w_pad;
   if (dtype == DType::kF32) return d_params + u.w_offset;
   return static_cast<const char*>(d_params_lp) + u.w_offset * dsize;
 }
@@ -333,7 +352,7 @@ absl::Status GpuResNet::Impl::ChooseAlgorithms(Unit* u, void* ws, size_t ws_byte
   // search reports); tf32/bf16 take the math type of the chosen result.
   const bool keep_math = gpu.precision == Precision::kFp32;
   const size_t limit = gpu.workspace_limit_bytes;
-  const std::string shape = absl::StrCat(u->n, "x", u->in_c, "x", u->in_h, "x", u->in_w, " k", u->out_c, " r",
+  const std::string shape = absl::StrCat(u->n, "x", u->in_c_dev, "x", u->in_h, "x", u->in_w, " k", u->out_c, " r",
                                          u->conv.kernel, " s", u->conv.stride, " p", u->conv.padding);
   const void* w = Weights(*u);
   auto record = [&](const std::string& key, const AlgoChoice& c, cudnnConvolutionDescriptor_t desc) -> absl::Status {
@@ -493,7 +512,10 @@ absl::Status GpuResNet::Impl::Build() {
   const int N = opt.batch, C = spec.in_channels, H = opt.height, W = opt.width;
   ASSIGN_OR_RETURN(p, Alloc(sizeof(float) * N * C * H * W, "staged images"));
   d_images = static_cast<float*>(p);
-  ASSIGN_OR_RETURN(d_input, Alloc(dsize * N * C * H * W, "input batch (NHWC)"));
+  // The stem reads its input with channels padded to an aligned count (see Unit::in_c_dev).
+  const int align = dtype == DType::kBF16 ? 8 : 4;
+  input_c = (C + align - 1) / align * align;
+  ASSIGN_OR_RETURN(d_input, Alloc(dsize * N * input_c * H * W, "input batch (NHWC)"));
   ASSIGN_OR_RETURN(p, Alloc(sizeof(int32_t) * N, "labels"));
   d_labels = static_cast<int32_t*>(p);
   CUDA_RETURN_IF_ERROR(cudaMemsetAsync(d_labels, 0, sizeof(int32_t) * N, stream));
@@ -508,10 +530,10 @@ absl::Status GpuResNet::Impl::Build() {
   host_allocations.push_back(hp);
   h_loss = static_cast<double*>(hp);
   *h_loss = 0;
-  scratch_numel = static_cast<size_t>(N) * C * H * W;
+  scratch_numel = static_cast<size_t>(N) * input_c * H * W;
 
   // Layers, in forward order.
-  RETURN_IF_ERROR(MakeUnit(spec.stem_conv, spec.stem_bn, d_input, H, W, &stem));
+  RETURN_IF_ERROR(MakeUnit(spec.stem_conv, spec.stem_bn, d_input, H, W, &stem, input_c));
   stem.needs_input_grad = false;
   const void* cur = stem.y;
   void* cur_d = stem.dy;
@@ -599,7 +621,7 @@ absl::Status GpuResNet::Impl::Build() {
   // initialize everything it reads so no NaN patterns slow or break a candidate).
   CUDA_RETURN_IF_ERROR(cudaMemsetAsync(d_params, 0, param_floats * sizeof(float), stream));
   if (d_params_lp) CUDA_RETURN_IF_ERROR(cudaMemsetAsync(d_params_lp, 0, param_floats * dsize, stream));
-  CUDA_RETURN_IF_ERROR(cudaMemsetAsync(d_input, 0, dsize * N * C * H * W, stream));
+  CUDA_RETURN_IF_ERROR(cudaMemsetAsync(d_input, 0, dsize * N * input_c * H * W, stream));
   CUDA_RETURN_IF_ERROR(cudaMemsetAsync(scratch_a, 0, scratch_numel * dsize, stream));
   for (const Unit* u : AllUnits()) CUDA_RETURN_IF_ERROR(cudaMemsetAsync(u->y, 0, u->out_numel() * dsize, stream));
   if (pool_y) CUDA_RETURN_IF_ERROR(cudaMemsetAsync(pool_y, 0, static_cast<size_t>(N) * pool.out_h() * pool.out_w() * pool.c * dsize, stream));
@@ -650,6 +672,10 @@ absl::Status GpuResNet::Impl::ForwardUnit(Unit* u, const void* residual, bool tr
 absl::Status GpuResNet::Impl::Forward(bool training, double normalizer, int group, int groups) {
   if (dtype == DType::kBF16 && group == 0) {
     RETURN_IF_ERROR(k::CastFromFloat(dtype, param_floats, d_params, d_params_lp, stream));
+  }
+  if (stem.w_pad && group == 0) {
+    RETURN_IF_ERROR(k::PadChannels(dtype, stem.w_rows(), stem.in_c, stem.in_c_dev, d_params + stem.w_offset, stem.w_pad,
+                                   stream));
   }
   RETURN_IF_ERROR(Annotate(ForwardUnit(&stem, nullptr, training, group, groups), stem.name));
   if (has_pool) RETURN_IF_ERROR(k::MaxPoolForward(dtype, pool, stem.y, pool_y, pool_argmax, stream));
@@ -705,12 +731,18 @@ absl::Status GpuResNet::Impl::BackwardUnit(Unit* u, const void* grad, const void
                                 u->save_invstd, scratch_a, d_grads + u->gamma_offset, d_grads + u->beta_offset,
                                 accumulate, bn_scratch, stream));
   const float one = 1.0f;
-  const float beta_w = accumulate && dtype == DType::kF32 ? 1.0f : 0.0f;
-  void* dw = dtype == DType::kF32 ? static_cast<void*>(d_grads + u->w_offset) : d_wgrad_lp;
+  // fp32 writes (or adds) the weight gradient in place; bf16 and the padded stem go through a
+  // scratch that is then cast / unpadded into the fp32 gradient.
+  const bool direct = dtype == DType::kF32 && u->dw_pad == nullptr;
+  const float beta_w = accumulate && direct ? 1.0f : 0.0f;
+  void* dw = u->dw_pad ? u->dw_pad : direct ? static_cast<void*>(d_grads + u->w_offset) : d_wgrad_lp;
   CUDNN_RETURN_IF_ERROR(cudnnConvolutionBackwardFilter(cudnn, &one, u->in_desc, u->in, u->out_desc, scratch_a,
                                                        u->bwd_filter_desc, u->bwd_filter_algo, workspace,
                                                        workspace_bytes, &beta_w, u->w_desc, dw));
-  if (dtype != DType::kF32) {
+  if (u->dw_pad) {
+    RETURN_IF_ERROR(k::UnpadChannels(dtype, u->w_rows(), u->in_c, u->in_c_dev, u->dw_pad, d_grads + u->w_offset,
+                                     accumulate, stream));
+  } else if (!direct) {
     RETURN_IF_ERROR(k::CastToFloat(dtype, u->w_numel(), d_wgrad_lp, d_grads + u->w_offset, accumulate, stream));
   }
   if (din) {
@@ -842,7 +874,7 @@ absl::Status GpuResNet::Impl::Stage(const float* images, const int32_t* labels) 
   }
   CUDA_RETURN_IF_ERROR(cudaEventRecord(staged, stream));
   staged_once = true;
-  return k::NchwToNhwc(dtype, N, spec.in_channels, opt.height, opt.width, d_images, d_input, stream);
+  return k::NchwToNhwc(dtype, N, spec.in_channels, opt.height, opt.width, input_c, d_images, d_input, stream);
 }
 
 absl::Status GpuResNet::Impl::Sync(absl::string_view what) {
