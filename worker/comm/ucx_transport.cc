@@ -6,6 +6,7 @@
 #include <ucp/api/ucp.h>
 
 #include <chrono>
+#include <thread>
 #include <cstdlib>
 #include <cstring>
 
@@ -55,7 +56,7 @@ struct UcxTransport::Impl {
       return;
     }
     const auto idle = std::chrono::steady_clock::now() - idle_since;
-    if (idle < std::chrono::microseconds(50)) return;
+    if (idle < spin_for) return;
     if (idle < std::chrono::milliseconds(2) || efd < 0) {
       sched_yield();
       return;
@@ -66,6 +67,9 @@ struct UcxTransport::Impl {
     }
   }
   std::chrono::steady_clock::time_point idle_since = std::chrono::steady_clock::now();
+  // No spinning when this host runs more ranks than it has cores: the peer a rank waits for
+  // may need this very core (yield at once instead).
+  std::chrono::microseconds spin_for{50};
 
   // Closes every endpoint: flushed (our last sends reach their peers even when we leave first),
   // forced after a failure or when the peer failed; bounded by 2 s in total either way.
@@ -108,6 +112,9 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(int rank, int
   // environment wins.
   if (std::getenv("UCX_TLS") == nullptr) {
     (void)ucp_config_modify(config, "TLS", single_host ? "^cma,tcp" : "^cma");
+  }
+  if (single_host && size > static_cast<int>(std::thread::hardware_concurrency())) {
+    im.spin_for = std::chrono::microseconds(0);
   }
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES;
