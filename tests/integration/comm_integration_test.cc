@@ -112,6 +112,20 @@ TEST(CommTest, AKilledRankFailsTheOthersWithinTheTimeoutNamingIt) {
   for (int r : {0, 2}) EXPECT_EQ(runs[r].exit_code, 3) << runs[r].log;
 }
 
+// Shared memory: a rank that dies is seen by the others well before the deadline (its process
+// is gone), and they name it.
+TEST(CommTest, AKilledRankOnSharedMemoryIsSeenBeforeTheDeadline) {
+  const absl::Time start = absl::Now();
+  auto runs = RunRanks(3, {"--mode=die", "--victim=1", "--timeout_s=20", "--algo=shm"}, absl::Seconds(90));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(15)) << "survivors waited for the 20 s deadline";
+  EXPECT_EQ(runs[1].exit_code, 9);
+  for (int r : {0, 2}) {
+    EXPECT_EQ(runs[r].exit_code, 3) << runs[r].log;
+    EXPECT_NE(runs[r].log.find("rank 1 (pid"), std::string::npos) << runs[r].log;
+    EXPECT_NE(runs[r].log.find("exited"), std::string::npos) << runs[r].log;
+  }
+}
+
 // A stalled rank: every survivor fails with DEADLINE_EXCEEDED within about the timeout; the
 // survivors that talk to it directly name it (a survivor waiting on another survivor that is
 // itself stuck names that survivor: timeouts cannot see further than one hop).

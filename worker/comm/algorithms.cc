@@ -2,11 +2,13 @@
 
 #include <fcntl.h>
 #include <sched.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <random>
@@ -371,14 +373,40 @@ static_assert(std::atomic<uint64_t>::is_always_lock_free, "cross-process atomics
 const char* const kShmPhase[3] = {"publish its input", "reduce its slice", "copy the result out"};
 }  // namespace
 
-// flags[phase][rank] = the last chunk step rank has completed that phase for.
+// flags[phase][rank] = the last chunk step rank has completed that phase for; pid / pid_ns:
+// each rank's process id and pid namespace (to tell a peer that died from a slow one).
 struct SharedMemoryAllreduce::Header {
   uint64_t magic;
   uint32_t size;
   uint32_t chunk;
   char pad[48];
   ShmCounter flags[3][kShmMaxRanks];
+  int32_t pid[kShmMaxRanks];
+  uint64_t pid_ns[kShmMaxRanks];
 };
+
+namespace {
+uint64_t PidNamespace() {
+  struct stat sb {};
+  return stat("/proc/self/ns/pid", &sb) == 0 ? static_cast<uint64_t>(sb.st_ino) : 0;
+}
+
+// Whether process `pid` (in our pid namespace) has exited: gone, or a zombie not yet reaped.
+bool ProcessExited(int pid) {
+  if (kill(pid, 0) != 0) return errno == ESRCH;
+  char path[64];
+  snprintf(path, sizeof(path), "/proc/%d/stat", pid);
+  const int fd = open(path, O_RDONLY);
+  if (fd < 0) return false;
+  char buf[256];
+  const ssize_t n = read(fd, buf, sizeof(buf) - 1);
+  close(fd);
+  if (n <= 0) return false;
+  buf[n] = 0;
+  const char* paren = strrchr(buf, ')');  // "pid (comm) S ...": the state follows the last ')'
+  return paren != nullptr && paren[1] == ' ' && (paren[2] == 'Z' || paren[2] == 'X');
+}
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<SharedMemoryAllreduce>> SharedMemoryAllreduce::Create(Transport* t,
                                                                                      uint64_t tag_sequence,
@@ -463,6 +491,11 @@ absl::StatusOr<std::unique_ptr<SharedMemoryAllreduce>> SharedMemoryAllreduce::Cr
       if (fd >= 0) close(fd);
     }
   }
+  if (a->base_ != nullptr) {
+    Header* h = static_cast<Header*>(a->base_);
+    h->pid[r] = static_cast<int32_t>(getpid());
+    h->pid_ns[r] = PidNamespace();
+  }
   // 2. Everyone reports to rank 0, which unlinks the name and tells all whether every rank
   //    mapped it, so the outcome is the same on every rank.
   uint8_t ok = error.empty() ? 1 : 0;
@@ -492,6 +525,7 @@ absl::StatusOr<std::unique_ptr<SharedMemoryAllreduce>> SharedMemoryAllreduce::Cr
     return absl::InternalError("shared-memory allreduce: segment header mismatch");
   }
   a->slots_ = reinterpret_cast<float*>(static_cast<char*>(a->base_) + header_bytes);
+  a->my_pid_ns_ = PidNamespace();
   return a;
 }
 
@@ -512,6 +546,13 @@ absl::Status SharedMemoryAllreduce::WaitOne(int phase, int q, uint64_t step, abs
     }
     if ((spins & 63) == 0) {
       if (aborted_.load(std::memory_order_relaxed)) return absl::AbortedError("shared-memory allreduce aborted");
+      // A peer in our pid namespace that has exited will never come: fail now, not at the deadline.
+      if ((spins & 4095) == 0 && header_->pid_ns[q] == my_pid_ns_ && my_pid_ns_ != 0 &&
+          ProcessExited(header_->pid[q])) {
+        return absl::UnavailableError(absl::StrFormat(
+            "shared-memory allreduce: rank %d (pid %d) exited while this rank waited for it to %s (chunk %d)", q,
+            header_->pid[q], kShmPhase[phase], step));
+      }
       if (absl::Now() > deadline) {
         return absl::DeadlineExceededError(absl::StrFormat(
             "shared-memory allreduce: timed out waiting for rank %d to %s (chunk %d)", q, kShmPhase[phase], step));

@@ -102,6 +102,7 @@ class SharedMemoryAllreduce final : public AllreduceAlgorithm {
   Header* header_ = nullptr;
   float* slots_ = nullptr;  // 2 slots x (size inputs + 1 result) x chunk floats
   uint64_t step_ = 0;
+  uint64_t my_pid_ns_ = 0;
   std::atomic<bool> aborted_{false};
 };
 
