@@ -4,13 +4,14 @@
 #   deploy/gpu_check.sh --prepare
 #       On the development machine (Debian, CUDA 13 + cuDNN 9 + NCCL, Abseil): builds
 #       lmsgd-gpu-check, cuda_test and engine_test (build-gpu/, Release) and bundles them, stripped, with the
-#       shared libraries they need into .gpu_bundle/ (git-ignored; ~55 MiB). The GPU machine has
+#       shared libraries they need into .gpu_bundle/bundle.tar.xz (git-ignored; ~15 MB). The GPU machine has
 #       no Debian packages, so the bundle brings what it lacks and uses its CUDA, cuDNN, cuBLAS
 #       and NCCL (the toolkit's and PyTorch's pip wheels).
 #
 #   deploy/gpu_check.sh [--quick] [--out DIR]
 #       On the GPU machine, in the repo root with .gpu_bundle/ carried along. Within ~8 minutes
-#       on one H100: the GPU unit tests (cuda_test), the agreement table (GPU vs the float64
+#       on one H100: the GPU unit tests (cuda_test, the GPU trainer tests of engine_test), a short
+#       standalone lmsgd-worker run on the GPU, the agreement table (GPU vs the float64
 #       reference, fp32 and bf16), ResNet-50 training throughput for lmsgd and for PyTorch
 #       (torchvision resnet50, channels_last, autocast bf16) at batch 64/128/256 x
 #       fp32/tf32/bf16, and last one table with the ratio. --quick: batch 128 and 256 in bf16
@@ -25,10 +26,11 @@ BUNDLE=.gpu_bundle
 if [[ "${1:-}" == "--prepare" ]]; then
   set -e
   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DLMSGD_WITH_CUDA=ON >/dev/null
-  cmake --build build-gpu --target lmsgd-gpu-check cuda_test engine_test
+  cmake --build build-gpu --target lmsgd-gpu-check cuda_test engine_test lmsgd-worker
   rm -rf "$BUNDLE"
   mkdir -p "$BUNDLE/bin" "$BUNDLE/lib"
-  for b in build-gpu/tests/lmsgd-gpu-check build-gpu/tests/cuda_test build-gpu/tests/engine_test; do
+  for b in build-gpu/tests/lmsgd-gpu-check build-gpu/tests/cuda_test build-gpu/tests/engine_test \
+           build-gpu/worker/lmsgd-worker; do
     strip -o "$BUNDLE/bin/$(basename "$b")" "$b"
   done
   # Everything the binaries load except glibc, libstdc++/libgcc and CUDA's own libraries
@@ -37,6 +39,10 @@ if [[ "${1:-}" == "--prepare" ]]; then
     ldd "$b" | awk '/=>/ {print $3}' |
       grep -v -E '/(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+)\.so|libcud|libnccl' || true
   done | sort -u | while read -r lib; do cp -L "$lib" "$BUNDLE/lib/"; done
+  # One xz tarball (~15 MB instead of ~65: the device tool carries at most 64 MiB).
+  tar -C "$BUNDLE" -cJf "$BUNDLE.tar.xz" bin lib
+  rm -rf "$BUNDLE"/bin "$BUNDLE"/lib
+  mv "$BUNDLE.tar.xz" "$BUNDLE/bundle.tar.xz"
   du -sh "$BUNDLE"
   echo "bundle ready: carry .gpu_bundle to the GPU machine and run deploy/gpu_check.sh there"
   exit 0
@@ -58,13 +64,19 @@ LOG="$OUTDIR/gpu_check.log"
 : >"$JSON"
 exec > >(tee "$LOG") 2>&1
 
-if [[ ! -x "$BUNDLE/bin/lmsgd-gpu-check" ]]; then
-  echo "gpu_check: $BUNDLE/bin/lmsgd-gpu-check missing: run 'deploy/gpu_check.sh --prepare' on the development machine and carry .gpu_bundle" >&2
+if [[ ! -f "$BUNDLE/bundle.tar.xz" ]]; then
+  echo "gpu_check: $BUNDLE/bundle.tar.xz missing: run 'deploy/gpu_check.sh --prepare' on the development machine and carry .gpu_bundle" >&2
   exit 2
 fi
+UNPACKED=/tmp/lmsgd-gpu-bundle
+rm -rf "$UNPACKED" && mkdir -p "$UNPACKED" && tar -C "$UNPACKED" -xJf "$BUNDLE/bundle.tar.xz" || {
+  echo "gpu_check: cannot unpack $BUNDLE/bundle.tar.xz" >&2
+  exit 2
+}
+BUNDLE="$UNPACKED"
 
 # CUDA libraries: the bundle first, then PyTorch's pip wheels (nvidia-*), then the toolkit.
-LIBDIRS="$PWD/$BUNDLE/lib"
+LIBDIRS="$BUNDLE/lib"
 SITES=$(python3 -c 'import site, sys; print(" ".join(site.getsitepackages() + [site.getusersitepackages()]))' 2>/dev/null)
 find_lib_dir() {  # the first directory holding $1 among the pip wheels and the toolkit
   local root f
@@ -84,13 +96,15 @@ done
 for lib in libnvrtc.so.13 libcublasLt.so.13; do
   dir=$(find_lib_dir "$lib") && add_dir "$dir"
 done
-export LD_LIBRARY_PATH="$LIBDIRS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-missing=$(ldd "$BUNDLE/bin/lmsgd-gpu-check" | grep 'not found' || true)
+# Only our binaries get these libraries (PyTorch's python keeps its own environment).
+LIBPATH="$LIBDIRS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+run() { env LD_LIBRARY_PATH="$LIBPATH" "$@"; }
+missing=$(for b in "$BUNDLE"/bin/*; do run ldd "$b"; done | grep 'not found' | sort -u || true)
 if [[ -n "$missing" ]]; then echo "gpu_check: unresolved libraries:"; echo "$missing"; exit 2; fi
 
 date -u +"date: %Y-%m-%dT%H:%M:%SZ"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader || true
-echo "libraries: $LD_LIBRARY_PATH"
+echo "libraries: $LIBPATH"
 
 if [[ $QUICK == 1 ]]; then
   BATCHES=128,256
@@ -101,11 +115,14 @@ else
 fi
 rc=0
 echo; echo "== GPU unit tests (cuda_test) =="
-timeout 180 "$BUNDLE/bin/cuda_test" --gtest_brief=1 || rc=1
-timeout 120 "$BUNDLE/bin/engine_test" --gtest_brief=1 --gtest_filter='TrainerTest.Gpu*' || rc=1
+run timeout 180 "$BUNDLE/bin/cuda_test" --gtest_brief=1 || rc=1
+run timeout 120 "$BUNDLE/bin/engine_test" --gtest_brief=1 --gtest_filter='TrainerTest.Gpu*' || rc=1
+echo; echo "== lmsgd-worker --standalone --device cuda:0 (ResNet-20, synthetic, bf16, 2 short epochs) =="
+run timeout 120 "$BUNDLE/bin/lmsgd-worker" --standalone --device cuda:0 --job_file deploy/jobs/synthetic_resnet20_gpu.textproto \
+  --checkpoint_dir /tmp/lmsgd-gpu-check-ckpt --resume=false || rc=1
 echo
-timeout 180 "$BUNDLE/bin/lmsgd-gpu-check" --mode=agree --json="$JSON" || rc=1
-timeout 300 "$BUNDLE/bin/lmsgd-gpu-check" --mode=speed --batches=$BATCHES --precisions=$PRECS --json="$JSON" || rc=1
+run timeout 180 "$BUNDLE/bin/lmsgd-gpu-check" --mode=agree --json="$JSON" || rc=1
+run timeout 300 "$BUNDLE/bin/lmsgd-gpu-check" --mode=speed --batches=$BATCHES --precisions=$PRECS --json="$JSON" || rc=1
 echo; echo "== PyTorch baseline =="
 timeout 240 python3 tests/bench/pytorch_gpu_train.py --batches=$BATCHES --precisions=$PRECS --json="$JSON" || rc=1
 

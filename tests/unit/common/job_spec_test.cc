@@ -146,7 +146,8 @@ TEST(JobSpecTest, ScheduleForPaperRecipe) {
 }
 
 TEST(JobSpecTest, ShippedJobFilesAreValid) {
-  for (const char* name : {"fashion_mnist_resnet20.textproto", "imagenet_resnet50_8k.textproto"}) {
+  for (const char* name : {"fashion_mnist_resnet20.textproto", "fashion_mnist_resnet20_standalone.textproto",
+                           "imagenet_resnet50_8k.textproto", "synthetic_resnet20_gpu.textproto"}) {
     auto spec = ReadJobFile(std::string(LMSGD_SOURCE_DIR) + "/deploy/jobs/" + name);
     ASSERT_TRUE(spec.ok()) << spec.status();
     ApplyDefaults(&*spec);
