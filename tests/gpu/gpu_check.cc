@@ -11,7 +11,8 @@
 //        device step (tests/gpu/agreement.h), for fp32 and bf16, with the tolerances.
 // speed: ResNet-50 224x224 training steps (forward, backward, fused SGD; synthetic batch staged
 //        once, like the PyTorch baseline) at each batch and precision: median step time over
-//        `iters` steps after `warmup`, from CUDA events; img/s = batch / median.
+//        `iters` steps after `warmup`, from CUDA events; img/s = batch / median; then 3 profiled
+//        steps give the per-op milliseconds (OpTimes) of a step.
 // Exit status: 0 when every agreement row passes and every speed row ran, 1 otherwise.
 #include <cuda_runtime_api.h>
 
@@ -152,10 +153,11 @@ struct SpeedRow {
   int batch;
   double img_s = 0, step_ms = 0;
   std::string error;
+  std::string ops;  // per-op milliseconds per step from a short profiled run
 };
 
 SpeedRow TimeResNet50(const Flags& f, Precision p, int batch, std::string* describe) {
-  SpeedRow row{p, batch, 0, 0, ""};
+  SpeedRow row{p, batch, 0, 0, "", ""};
   auto run = [&]() -> absl::Status {
     ASSIGN_OR_RETURN(model::ResNetSpec spec, model::MakeResNet(model::Arch::kResNet50, 3, 1000));
     model::ParamStore store(spec);
@@ -197,6 +199,21 @@ SpeedRow TimeResNet50(const Flags& f, Precision p, int batch, std::string* descr
     std::sort(ms.begin(), ms.end());
     row.step_ms = ms[ms.size() / 2];
     row.img_s = batch / (row.step_ms / 1000.0);
+    // Where a step's time goes: 3 more steps with per-op CUDA events (not part of the timing).
+    net->ResetTimes();
+    net->SetProfiling(true);
+    for (int i = 0; i < 3; ++i) RETURN_IF_ERROR(trainer->Step(batch, 0.1, 1.0));
+    ASSIGN_OR_RETURN(double prof_loss, trainer->Finish());
+    (void)prof_loss;
+    net->SetProfiling(false);
+    const backend::OpTimes& t = net->times();
+    auto f = [](double s) { return s * 1000.0 / 3; };
+    row.ops = absl::StrFormat(
+        "conv_fwd %.2f conv_bwd_data %.2f conv_bwd_weights %.2f bn_fwd %.2f bn_bwd %.2f add_relu_bwd %.2f "
+        "max_pool %.2f avg_pool %.2f fc %.2f softmax %.2f casts %.2f (ops %.2f ms of a %.2f ms step)",
+        f(t.conv_forward), f(t.conv_backward_data), f(t.conv_backward_weights), f(t.batch_norm_forward),
+        f(t.batch_norm_backward), f(t.add_relu_backward), f(t.max_pool), f(t.global_avg_pool), f(t.fc),
+        f(t.softmax_cross_entropy), f(t.weight_reorder), f(t.Total()), row.step_ms);
     if (describe->empty()) *describe = net->Describe();
     return absl::OkStatus();
   };
@@ -223,12 +240,13 @@ bool RunSpeedTable(const Flags& f, std::ofstream* json) {
         }
         continue;
       }
-      std::printf("%-6s %6d %12.1f %10.2f\n", backend::cuda::PrecisionName(p), b, r.img_s, r.step_ms);
+      std::printf("%-6s %6d %12.1f %10.2f   per op (ms/step): %s\n", backend::cuda::PrecisionName(p), b, r.img_s,
+                  r.step_ms, r.ops.c_str());
       std::fflush(stdout);
       if (json) {
         *json << absl::StrFormat("{\"kind\": \"speed\", \"impl\": \"lmsgd\", \"precision\": \"%s\", \"batch\": %d, "
-                                 "\"img_s\": %.1f, \"step_ms\": %.3f}\n",
-                                 backend::cuda::PrecisionName(p), b, r.img_s, r.step_ms);
+                                 "\"img_s\": %.1f, \"step_ms\": %.3f, \"ops_ms\": \"%s\"}\n",
+                                 backend::cuda::PrecisionName(p), b, r.img_s, r.step_ms, r.ops);
         json->flush();
       }
     }

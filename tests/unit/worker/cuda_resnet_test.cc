@@ -8,6 +8,7 @@
 #include "tests/gpu/agreement.h"
 #include "worker/backend/cuda/device.h"
 #include "worker/backend/cuda/resnet.h"
+#include "worker/model/param_store.h"
 
 namespace lmsgd::gpucheck {
 namespace {
@@ -61,6 +62,40 @@ INSTANTIATE_TEST_SUITE_P(Nets, GpuVsReference,
                                            AgreementCase{model::Arch::kResNet18, 3, 7, 32, 4, 2, Precision::kFp32},
                                            AgreementCase{model::Arch::kResNet8, 3, 10, 16, 8, 4, Precision::kBf16}),
                          [](const auto& info) { return "case" + std::to_string(info.index); });
+
+// Profiling on: every op class of a step has GPU time; off: nothing is recorded.
+TEST(CudaResNetTest, ProfilingCollectsPerOpTimes) {
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device on this machine (cudaGetDeviceCount found none)";
+  auto spec = model::MakeResNet(model::Arch::kResNet18, 3, 10);
+  ASSERT_TRUE(spec.ok());
+  model::ParamStore store(*spec);
+  ASSERT_TRUE(store.Load(model::InitializeParameters(*spec, {1, true})).ok());
+  backend::NetworkOptions o;
+  o.batch = 4;
+  o.height = o.width = 32;
+  o.bn_group = 4;
+  auto net = backend::cuda::GpuResNet::Create(*spec, &store, o, {});
+  ASSERT_TRUE(net.ok()) << net.status();
+  std::vector<float> images(4 * 3 * 32 * 32, 0.5f);
+  std::vector<int32_t> labels = {0, 1, 2, 3};
+  (*net)->SetProfiling(true);
+  ASSERT_TRUE((*net)->ForwardTrain(images.data(), labels.data(), 4).ok());
+  ASSERT_TRUE((*net)->Backward(nullptr).ok());
+  const backend::OpTimes t = (*net)->times();
+  EXPECT_GT(t.conv_forward, 0);
+  EXPECT_GT(t.conv_backward_data, 0);
+  EXPECT_GT(t.conv_backward_weights, 0);
+  EXPECT_GT(t.batch_norm_forward, 0);
+  EXPECT_GT(t.batch_norm_backward, 0);
+  EXPECT_GT(t.max_pool, 0);
+  EXPECT_GT(t.fc, 0);
+  EXPECT_GT(t.softmax_cross_entropy, 0);
+  (*net)->SetProfiling(false);
+  (*net)->ResetTimes();
+  ASSERT_TRUE((*net)->ForwardTrain(images.data(), labels.data(), 4).ok());
+  ASSERT_TRUE((*net)->Backward(nullptr).ok());
+  EXPECT_EQ((*net)->times().Total(), 0);
+}
 
 TEST(CudaResNetTest, FusedSgdMatchesOptimizer) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device on this machine (cudaGetDeviceCount found none)";

@@ -176,6 +176,56 @@ struct GpuResNet::Impl {
   size_t fc_w_param = 0, fc_b_param = 0;
   int64_t fc_w_offset = 0, fc_b_offset = 0;
 
+  // Per-op GPU times (SetProfiling): CUDA events around each op on the stream, turned into
+  // seconds (OpTimes) once the stream has been waited for; off by default (no events at all).
+  bool profile = false;
+  struct Timing {
+    double OpTimes::*field;
+    cudaEvent_t start, end;
+  };
+  std::vector<Timing> timings;
+  std::vector<cudaEvent_t> event_pool, all_events;
+  OpTimes times;
+  cudaEvent_t TimingEvent() {
+    if (!event_pool.empty()) {
+      cudaEvent_t e = event_pool.back();
+      event_pool.pop_back();
+      return e;
+    }
+    cudaEvent_t e = nullptr;
+    if (cudaEventCreate(&e) != cudaSuccess) return nullptr;
+    all_events.push_back(e);
+    return e;
+  }
+  class Timer {
+   public:
+    Timer(Impl* m, double OpTimes::*field) : m_(m), field_(field) {
+      if (!m_->profile || (start_ = m_->TimingEvent()) == nullptr) return;
+      cudaEventRecord(start_, m_->stream);
+    }
+    ~Timer() {
+      if (start_ == nullptr) return;
+      cudaEvent_t end = m_->TimingEvent();
+      if (end == nullptr) return;
+      cudaEventRecord(end, m_->stream);
+      m_->timings.push_back({field_, start_, end});
+    }
+
+   private:
+    Impl* m_;
+    double OpTimes::*field_;
+    cudaEvent_t start_ = nullptr;
+  };
+  void CollectTimes() {
+    for (const Timing& t : timings) {
+      float ms = 0;
+      if (cudaEventElapsedTime(&ms, t.start, t.end) == cudaSuccess) times.*(t.field) += ms / 1000.0;
+      event_pool.push_back(t.start);
+      event_pool.push_back(t.end);
+    }
+    timings.clear();
+  }
+
   std::map<std::string, AlgoChoice> algo_cache;
   int search_fallbacks = 0;  // shapes where cudnnFind failed and heuristics chose
   int64_t batches_tracked = 0;  // training forwards (group 0) since the last upload/download
@@ -220,6 +270,7 @@ GpuResNet::Impl::~Impl() {
   }
   for (void* p : allocations) cudaFree(p);
   for (void* p : host_allocations) cudaFreeHost(p);
+  for (cudaEvent_t e : all_events) cudaEventDestroy(e);
   if (staged) cudaEventDestroy(staged);
   if (done) cudaEventDestroy(done);
   if (cudnn) cudnnDestroy(cudnn);
@@ -632,10 +683,15 @@ absl::Status GpuResNet::Impl::Build() {
 
 absl::Status GpuResNet::Impl::ForwardUnit(Unit* u, const void* residual, bool training, int group, int groups) {
   const float one = 1.0f, zero = 0.0f;
-  CUDNN_RETURN_IF_ERROR(cudnnConvolutionForward(cudnn, &one, u->in_desc, u->in, u->w_desc, Weights(*u), u->fwd_desc,
-                                                u->fwd_algo, workspace, workspace_bytes, &zero, u->out_desc, u->x));
+  {
+    Timer t(this, &OpTimes::conv_forward);
+    CUDNN_RETURN_IF_ERROR(cudnnConvolutionForward(cudnn, &one, u->in_desc, u->in, u->w_desc, Weights(*u),
+                                                  u->fwd_desc, u->fwd_algo, workspace, workspace_bytes, &zero,
+                                                  u->out_desc, u->x));
+  }
   const float* gamma = d_params + u->gamma_offset;
   const float* beta = d_params + u->beta_offset;
+  Timer t(this, &OpTimes::batch_norm_forward);
   if (training) {
     const BnShape s{static_cast<int64_t>(opt.bn_group) * u->out_h * u->out_w, opt.batch / opt.bn_group, u->out_c};
     return k::BnForwardTrain(dtype, s, u->x, gamma, beta, residual, /*relu=*/true, u->y, u->save_mean, u->save_invstd,
@@ -648,24 +704,34 @@ absl::Status GpuResNet::Impl::ForwardUnit(Unit* u, const void* residual, bool tr
 }
 
 absl::Status GpuResNet::Impl::Forward(bool training, double normalizer, int group, int groups) {
-  if (dtype == DType::kBF16 && group == 0) {
-    RETURN_IF_ERROR(k::CastFromFloat(dtype, param_floats, d_params, d_params_lp, stream));
-  }
-  if (stem.w_pad && group == 0) {
-    RETURN_IF_ERROR(k::PadChannels(dtype, stem.w_rows(), stem.in_c, stem.in_c_dev, d_params + stem.w_offset, stem.w_pad,
-                                   stream));
+  {
+    Timer t(this, &OpTimes::weight_reorder);
+    if (dtype == DType::kBF16 && group == 0) {
+      RETURN_IF_ERROR(k::CastFromFloat(dtype, param_floats, d_params, d_params_lp, stream));
+    }
+    if (stem.w_pad && group == 0) {
+      RETURN_IF_ERROR(k::PadChannels(dtype, stem.w_rows(), stem.in_c, stem.in_c_dev, d_params + stem.w_offset,
+                                     stem.w_pad, stream));
+    }
   }
   RETURN_IF_ERROR(Annotate(ForwardUnit(&stem, nullptr, training, group, groups), stem.name));
-  if (has_pool) RETURN_IF_ERROR(k::MaxPoolForward(dtype, pool, stem.y, pool_y, pool_argmax, stream));
+  if (has_pool) {
+    Timer t(this, &OpTimes::max_pool);
+    RETURN_IF_ERROR(k::MaxPoolForward(dtype, pool, stem.y, pool_y, pool_argmax, stream));
+  }
   for (Block& b : blocks) {
     const void* shortcut = b.in;
     // A projection shortcut is a conv + BN without ReLU: its BN runs with relu=false below.
     if (b.ds) {
       Unit* u = &*b.ds;
       const float one = 1.0f, zero = 0.0f;
-      CUDNN_RETURN_IF_ERROR(cudnnConvolutionForward(cudnn, &one, u->in_desc, u->in, u->w_desc, Weights(*u),
-                                                    u->fwd_desc, u->fwd_algo, workspace, workspace_bytes, &zero,
-                                                    u->out_desc, u->x));
+      {
+        Timer t(this, &OpTimes::conv_forward);
+        CUDNN_RETURN_IF_ERROR(cudnnConvolutionForward(cudnn, &one, u->in_desc, u->in, u->w_desc, Weights(*u),
+                                                      u->fwd_desc, u->fwd_algo, workspace, workspace_bytes, &zero,
+                                                      u->out_desc, u->x));
+      }
+      Timer t(this, &OpTimes::batch_norm_forward);
       const float* gamma = d_params + u->gamma_offset;
       const float* beta = d_params + u->beta_offset;
       if (training) {
@@ -688,12 +754,19 @@ absl::Status GpuResNet::Impl::Forward(bool training, double normalizer, int grou
     }
   }
   const int N = opt.batch, K = spec.num_classes;
-  RETURN_IF_ERROR(k::GlobalAvgPoolForward(dtype, N, feat_hw, feat_c, features, pooled, stream));
-  // logits (N, K) = pooled (N, I) x W^T, W (K, I) row-major.
-  RETURN_IF_ERROR(k::Sgemm(false, true, N, K, feat_c, pooled, feat_c, d_params + fc_w_offset, feat_c, 0.0f, logits, K,
-                           stream));
-  RETURN_IF_ERROR(k::AddBias(N, K, d_params + fc_b_offset, logits, stream));
+  {
+    Timer t(this, &OpTimes::global_avg_pool);
+    RETURN_IF_ERROR(k::GlobalAvgPoolForward(dtype, N, feat_hw, feat_c, features, pooled, stream));
+  }
+  {
+    Timer t(this, &OpTimes::fc);
+    // logits (N, K) = pooled (N, I) x W^T, W (K, I) row-major.
+    RETURN_IF_ERROR(k::Sgemm(false, true, N, K, feat_c, pooled, feat_c, d_params + fc_w_offset, feat_c, 0.0f, logits,
+                             K, stream));
+    RETURN_IF_ERROR(k::AddBias(N, K, d_params + fc_b_offset, logits, stream));
+  }
   if (training) {
+    Timer t(this, &OpTimes::softmax_cross_entropy);
     RETURN_IF_ERROR(
         k::SoftmaxCrossEntropy(N, K, logits, d_labels, normalizer, dlogits, d_row_loss, d_loss, stream));
     CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(h_loss, d_loss, sizeof(double), cudaMemcpyDeviceToHost, stream));
@@ -705,25 +778,35 @@ absl::Status GpuResNet::Impl::Forward(bool training, double normalizer, int grou
 absl::Status GpuResNet::Impl::BackwardUnit(Unit* u, const void* grad, const void* relu_y, void* din, float beta_data,
                                            bool accumulate, const GradReadyFn& on_ready) {
   const BnShape s{static_cast<int64_t>(opt.bn_group) * u->out_h * u->out_w, opt.batch / opt.bn_group, u->out_c};
-  RETURN_IF_ERROR(k::BnBackward(dtype, s, grad, relu_y, u->x, d_params + u->gamma_offset, u->save_mean,
-                                u->save_invstd, scratch_a, d_grads + u->gamma_offset, d_grads + u->beta_offset,
-                                accumulate, bn_scratch, stream));
+  {
+    Timer t(this, &OpTimes::batch_norm_backward);
+    RETURN_IF_ERROR(k::BnBackward(dtype, s, grad, relu_y, u->x, d_params + u->gamma_offset, u->save_mean,
+                                  u->save_invstd, scratch_a, d_grads + u->gamma_offset, d_grads + u->beta_offset,
+                                  accumulate, bn_scratch, stream));
+  }
   const float one = 1.0f;
   // fp32 writes (or adds) the weight gradient in place; bf16 and the padded stem go through a
   // scratch that is then cast / unpadded into the fp32 gradient.
   const bool direct = dtype == DType::kF32 && u->dw_pad == nullptr;
   const float beta_w = accumulate && direct ? 1.0f : 0.0f;
   void* dw = u->dw_pad ? u->dw_pad : direct ? static_cast<void*>(d_grads + u->w_offset) : d_wgrad_lp;
-  CUDNN_RETURN_IF_ERROR(cudnnConvolutionBackwardFilter(cudnn, &one, u->in_desc, u->in, u->out_desc, scratch_a,
-                                                       u->bwd_filter_desc, u->bwd_filter_algo, workspace,
-                                                       workspace_bytes, &beta_w, u->w_desc, dw));
-  if (u->dw_pad) {
-    RETURN_IF_ERROR(k::UnpadChannels(dtype, u->w_rows(), u->in_c, u->in_c_dev, u->dw_pad, d_grads + u->w_offset,
-                                     accumulate, stream));
-  } else if (!direct) {
-    RETURN_IF_ERROR(k::CastToFloat(dtype, u->w_numel(), d_wgrad_lp, d_grads + u->w_offset, accumulate, stream));
+  {
+    Timer t(this, &OpTimes::conv_backward_weights);
+    CUDNN_RETURN_IF_ERROR(cudnnConvolutionBackwardFilter(cudnn, &one, u->in_desc, u->in, u->out_desc, scratch_a,
+                                                         u->bwd_filter_desc, u->bwd_filter_algo, workspace,
+                                                         workspace_bytes, &beta_w, u->w_desc, dw));
+  }
+  {
+    Timer t(this, &OpTimes::weight_reorder);
+    if (u->dw_pad) {
+      RETURN_IF_ERROR(k::UnpadChannels(dtype, u->w_rows(), u->in_c, u->in_c_dev, u->dw_pad, d_grads + u->w_offset,
+                                       accumulate, stream));
+    } else if (!direct) {
+      RETURN_IF_ERROR(k::CastToFloat(dtype, u->w_numel(), d_wgrad_lp, d_grads + u->w_offset, accumulate, stream));
+    }
   }
   if (din) {
+    Timer t(this, &OpTimes::conv_backward_data);
     CUDNN_RETURN_IF_ERROR(cudnnConvolutionBackwardData(cudnn, &one, u->w_desc, Weights(*u), u->out_desc, scratch_a,
                                                        u->bwd_data_desc, u->bwd_data_algo, workspace, workspace_bytes,
                                                        &beta_data, u->in_desc, din));
@@ -738,6 +821,7 @@ absl::Status GpuResNet::Impl::BackwardUnit(Unit* u, const void* grad, const void
 
 absl::Status GpuResNet::Impl::BackwardAll(bool accumulate, const GradReadyFn& on_ready) {
   const int N = opt.batch, K = spec.num_classes;
+  std::optional<Timer> fc_timer(std::in_place, this, &OpTimes::fc);
   // dW (K, I) = dlogits^T (K x N) x pooled (N x I).
   RETURN_IF_ERROR(k::Sgemm(true, false, K, feat_c, N, dlogits, K, pooled, feat_c, accumulate ? 1.0f : 0.0f,
                            d_grads + fc_w_offset, feat_c, stream));
@@ -749,7 +833,11 @@ absl::Status GpuResNet::Impl::BackwardAll(bool accumulate, const GradReadyFn& on
   // dpooled (N, I) = dlogits (N, K) x W (K, I).
   RETURN_IF_ERROR(k::Sgemm(false, false, N, feat_c, K, dlogits, K, d_params + fc_w_offset, feat_c, 0.0f, d_pooled,
                            feat_c, stream));
-  RETURN_IF_ERROR(k::GlobalAvgPoolBackward(dtype, N, feat_hw, feat_c, d_pooled, d_features, stream));
+  fc_timer.reset();
+  {
+    Timer t(this, &OpTimes::global_avg_pool);
+    RETURN_IF_ERROR(k::GlobalAvgPoolBackward(dtype, N, feat_hw, feat_c, d_pooled, d_features, stream));
+  }
   for (size_t bi = blocks.size(); bi-- > 0;) {
     Block& b = blocks[bi];
     Unit& last = b.units.back();
@@ -757,7 +845,10 @@ absl::Status GpuResNet::Impl::BackwardAll(bool accumulate, const GradReadyFn& on
     // main path's last BN and the shortcut. With an identity shortcut it is written straight
     // into the block's input gradient, which the first conv's backward-data then adds to.
     void* dz = b.ds ? scratch_b : b.din;
-    RETURN_IF_ERROR(k::ReluMask(dtype, last.out_numel(), last.dy, last.y, dz, stream));
+    {
+      Timer t(this, &OpTimes::add_relu_backward);
+      RETURN_IF_ERROR(k::ReluMask(dtype, last.out_numel(), last.dy, last.y, dz, stream));
+    }
     if (b.ds) {
       RETURN_IF_ERROR(Annotate(BackwardUnit(&*b.ds, dz, nullptr, b.din, 0.0f, accumulate, on_ready), b.ds->name));
     }
@@ -770,7 +861,10 @@ absl::Status GpuResNet::Impl::BackwardAll(bool accumulate, const GradReadyFn& on
                                u.name));
     }
   }
-  if (has_pool) RETURN_IF_ERROR(k::MaxPoolBackward(dtype, pool, pool_dy, pool_argmax, stem.dy, stream));
+  if (has_pool) {
+    Timer t(this, &OpTimes::max_pool);
+    RETURN_IF_ERROR(k::MaxPoolBackward(dtype, pool, pool_dy, pool_argmax, stem.dy, stream));
+  }
   return Annotate(BackwardUnit(&stem, stem.dy, stem.y, nullptr, 0.0f, accumulate, on_ready), stem.name);
 }
 
@@ -857,7 +951,9 @@ absl::Status GpuResNet::Impl::Stage(const float* images, const int32_t* labels) 
 
 absl::Status GpuResNet::Impl::Sync(absl::string_view what) {
   CUDA_RETURN_IF_ERROR(cudaEventRecord(done, stream));
-  return WaitForEvent(done, gpu.sync_timeout, what);
+  RETURN_IF_ERROR(WaitForEvent(done, gpu.sync_timeout, what));
+  CollectTimes();
+  return absl::OkStatus();
 }
 
 // ---- GpuResNet ----------------------------------------------------------------------------
@@ -886,6 +982,9 @@ absl::StatusOr<std::unique_ptr<GpuResNet>> GpuResNet::Create(const model::ResNet
 }
 
 cudaStream_t GpuResNet::stream() const { return impl_->stream; }
+const OpTimes& GpuResNet::times() const { return impl_->times; }
+void GpuResNet::ResetTimes() { impl_->times = OpTimes(); }
+void GpuResNet::SetProfiling(bool on) { impl_->profile = on; }
 float* GpuResNet::device_params() { return impl_->d_params; }
 float* GpuResNet::device_grads() { return impl_->d_grads; }
 size_t GpuResNet::param_floats() const { return impl_->param_floats; }

@@ -70,8 +70,11 @@ class GpuResNet : public Network {
                                       int groups = 1) override;
   absl::Status Backward(const GradReadyFn& on_ready) override;
   absl::Status Predict(const float* images, float* logits) override;
-  const OpTimes& times() const override { return times_; }
-  void ResetTimes() override { times_ = OpTimes(); }
+  // Per-op GPU seconds, collected while profiling is on (SetProfiling): CUDA events around each
+  // op, read when the host next waits for the stream. Off by default: then no events at all.
+  const OpTimes& times() const override;
+  void ResetTimes() override;
+  void SetProfiling(bool on);
   std::string Describe() const override;
 
   // --- device API ---
@@ -111,7 +114,6 @@ class GpuResNet : public Network {
  private:
   explicit GpuResNet(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
-  OpTimes times_;
 };
 
 }  // namespace lmsgd::backend::cuda
