@@ -255,7 +255,7 @@ class HierarchicalAllreduce::LeaderView final : public Transport {
 };
 
 absl::StatusOr<std::unique_ptr<HierarchicalAllreduce>> HierarchicalAllreduce::Create(
-    Transport* t, const std::vector<std::string>& host_of_rank) {
+    Transport* t, const std::vector<std::string>& host_of_rank, absl::Time deadline) {
   if (static_cast<int>(host_of_rank.size()) != t->size()) {
     return absl::InvalidArgumentError(absl::StrCat("host list has ", host_of_rank.size(), " entries for ", t->size(),
                                                    " ranks"));
@@ -283,13 +283,39 @@ absl::StatusOr<std::unique_ptr<HierarchicalAllreduce>> HierarchicalAllreduce::Cr
   h->local_size_ = next - h->leader_;
   h->leader_view_ = std::make_unique<LeaderView>(t, h->leaders_, index);
   h->leader_ring_ = std::make_unique<RingAllreduce>(h->leader_view_.get());
+  // Several hosts with several ranks on this one: the intra-host phases go through shared memory
+  // when this host's ranks can map it (decided by them alone; other hosts decide for themselves).
+  if (h->leaders_.size() > 1 && h->local_size_ > 1) {
+    std::vector<int> locals;
+    for (int l = 0; l < h->local_size_; ++l) locals.push_back(h->leader_ + l);
+    h->local_view_ = std::make_unique<LeaderView>(t, locals, me - h->leader_);
+    auto shm = SharedMemoryAllreduce::Create(h->local_view_.get(), kLocalShmSetupSequence, deadline);
+    if (shm.ok()) {
+      h->local_shm_ = std::move(*shm);
+    } else if (shm.status().code() != absl::StatusCode::kFailedPrecondition) {
+      return shm.status();
+    }
+  }
   return h;
+}
+
+void HierarchicalAllreduce::Abort() {
+  if (local_shm_) local_shm_->Abort();
 }
 
 absl::Status HierarchicalAllreduce::Run(float* data, size_t count, uint64_t seq, absl::Time deadline) {
   const int me = t_->rank();
   if (t_->size() == 1 || count == 0) return absl::OkStatus();
   const size_t bytes = count * sizeof(float);
+  if (local_shm_) {
+    // 1. Every rank of the host gets the host's sum (shared memory); 2. the leaders allreduce
+    // it over the transport; 3. the leader's result reaches the others as a shared-memory
+    // allreduce in which they contribute zeros (x + 0 = x: the result is the leader's, bitwise).
+    RETURN_IF_ERROR(Annotate(local_shm_->Run(data, count, seq, deadline), "hierarchical allreduce (intra-host reduce)"));
+    if (me == leader_) RETURN_IF_ERROR(leader_ring_->Run(data, count, seq | (uint64_t{1} << 31), deadline));
+    if (me != leader_) std::memset(data, 0, bytes);
+    return Annotate(local_shm_->Run(data, count, seq, deadline), "hierarchical allreduce (intra-host broadcast)");
+  }
   // Phase 1: reduce inside the host to the leader, in local-rank order.
   if (me != leader_) {
     if (auto st = t_->SendRecv(leader_, data, bytes, -1, nullptr, 0, MakeTag(seq, 0), deadline,

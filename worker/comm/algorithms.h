@@ -106,12 +106,19 @@ class SharedMemoryAllreduce final : public AllreduceAlgorithm {
   std::atomic<bool> aborted_{false};
 };
 
-// `host_of_rank[r]` names rank r's host; ranks of a host must be contiguous.
+// `host_of_rank[r]` names rank r's host; ranks of a host must be contiguous. With several
+// hosts, a host whose ranks can map shared memory runs the intra-host phases through it
+// (SharedMemoryAllreduce over the host's ranks; set up in Create, a collective, by `deadline`).
 class HierarchicalAllreduce final : public AllreduceAlgorithm {
  public:
   static absl::StatusOr<std::unique_ptr<HierarchicalAllreduce>> Create(Transport* t,
-                                                                       const std::vector<std::string>& host_of_rank);
+                                                                       const std::vector<std::string>& host_of_rank,
+                                                                       absl::Time deadline);
   absl::Status Run(float* data, size_t count, uint64_t sequence, absl::Time deadline) override;
+  void Abort();  // a Run in progress on shared memory returns ABORTED promptly
+  bool intra_host_shared_memory() const { return local_shm_ != nullptr; }
+  // The setup messages of the intra-host segment (beyond any collective's sequence number).
+  static constexpr uint64_t kLocalShmSetupSequence = uint64_t{1} << 33;
 
  private:
   class LeaderView;
@@ -119,8 +126,9 @@ class HierarchicalAllreduce final : public AllreduceAlgorithm {
   Transport* t_ = nullptr;
   int leader_ = 0, local_size_ = 1;  // this host's first rank and rank count
   std::vector<int> leaders_;          // first rank of every host
-  std::unique_ptr<Transport> leader_view_;
+  std::unique_ptr<Transport> leader_view_, local_view_;
   std::unique_ptr<RingAllreduce> leader_ring_;
+  std::unique_ptr<SharedMemoryAllreduce> local_shm_;
   std::vector<float> scratch_;
 };
 

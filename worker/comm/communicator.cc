@@ -49,7 +49,7 @@ absl::StatusOr<std::unique_ptr<Communicator>> Communicator::Create(std::unique_p
   std::vector<std::string> hosts = options.host_of_rank;
   if (hosts.empty()) hosts.assign(c->transport_->size(), "localhost");
   c->num_hosts_ = static_cast<int>(std::set<std::string>(hosts.begin(), hosts.end()).size());
-  auto h = HierarchicalAllreduce::Create(c->transport_.get(), hosts);
+  auto h = HierarchicalAllreduce::Create(c->transport_.get(), hosts, absl::Now() + options.collective_timeout);
   if (!h.ok()) return h.status();
   c->hierarchical_ = std::move(*h);
   // One host: map the shared-memory segment (a collective; sequence 0 is never a collective's).
@@ -79,6 +79,7 @@ Communicator::~Communicator() {
   cv_.notify_all();
   transport_->Abort();  // a collective in flight returns promptly
   if (shared_memory_) shared_memory_->Abort();
+  if (hierarchical_) hierarchical_->Abort();
   if (thread_.joinable()) thread_.join();
 }
 
@@ -89,6 +90,7 @@ void Communicator::Abort() {
   }
   transport_->Abort();
   if (shared_memory_) shared_memory_->Abort();
+  if (hierarchical_) hierarchical_->Abort();
   cv_.notify_all();
 }
 

@@ -80,7 +80,8 @@ class Communicator {
 
   std::unique_ptr<Transport> transport_;
   CommunicatorOptions options_;
-  std::unique_ptr<AllreduceAlgorithm> ring_, halving_doubling_, hierarchical_;
+  std::unique_ptr<AllreduceAlgorithm> ring_, halving_doubling_;
+  std::unique_ptr<HierarchicalAllreduce> hierarchical_;
   std::unique_ptr<SharedMemoryAllreduce> shared_memory_;  // null unless every rank is on one host
   int num_hosts_ = 1;
   struct Op {
