@@ -1,7 +1,7 @@
 // The backend-neutral training network: one ResNet (a model::ResNetSpec) at a fixed batch
 // shape, reading parameters from and writing gradients to a model::ParamStore.
 //
-// Backends: onednn/ (CPU, oneDNN primitives in blocked layouts) and cuda/ (cuDNN, later).
+// Backends: onednn/ (CPU, oneDNN primitives in blocked layouts) and cuda/ (GpuResNet: cuDNN + our kernels).
 // Each is built from the same ops as the float64 reference (backend/reference/ops.h), with
 // the same names: ConvForward / ConvBackwardData / ConvBackwardWeights, BatchNormTrainForward
 // / BatchNormBackward / BatchNormInference, ReluForward / ReluBackward, MaxPoolForward /

@@ -1,6 +1,6 @@
-// CUDA kernels of our own for the GPU ResNet (cuDNN does the convolutions, cuBLAS the FC):
+// CUDA kernels of our own for the GPU ResNet (cuDNN does the convolutions, everything else is here):
 // batch norm (statistics per group of samples, fused residual add and ReLU), max pool,
-// global average pool, softmax cross-entropy, the FC bias gradient, layout/precision casts
+// global average pool, softmax cross-entropy, the FC layer (GEMM, bias), layout/precision casts
 // and the fused SGD update.
 //
 // Activations are NHWC ("rows" of C channels, rows = N*H*W) in fp32 or bf16 (DType);
