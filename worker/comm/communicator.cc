@@ -35,7 +35,7 @@ void Work::Complete(absl::Status status) {
 
 Algorithm ChooseAlgorithm(size_t bytes, int world_size, int hosts, bool shared_memory) {
   if (hosts > 1 && world_size > hosts) return Algorithm::kHierarchical;
-  if (hosts == 1 && shared_memory && bytes >= kSharedMemoryMinBytes) return Algorithm::kSharedMemory;
+  if (hosts == 1 && shared_memory) return Algorithm::kSharedMemory;
   return bytes <= (256u << 10) ? Algorithm::kHalvingDoubling : Algorithm::kRing;
 }
 
