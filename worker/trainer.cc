@@ -250,7 +250,9 @@ absl::StatusOr<EvalCounts> Trainer::Evaluate(const data::Dataset& ds, uint32_t r
   const int batch = config_.eval_batch > 0 ? config_.eval_batch : config_.per_worker_batch;
 #ifdef LMSGD_HAVE_CUDA
   if (gpu_) {
-    RETURN_IF_ERROR(SyncHostState());
+    // The weights and BN statistics reach the evaluation network through the store (the
+    // momentum stays on the device: evaluation does not need it).
+    RETURN_IF_ERROR(gpu_->net->DownloadState(store_.get()));
     if (!gpu_->eval) {
       backend::NetworkOptions o;
       o.batch = batch;

@@ -247,6 +247,7 @@ struct GpuResNet::Impl {
   absl::Status BackwardAll(bool accumulate, const GradReadyFn& on_ready);
   absl::Status Upload(const model::ParamStore& s);
   absl::Status Download(model::ParamStore* s, bool grads);
+  absl::Status DownloadBuffers(model::ParamStore* s);
   void Reorder(const float* in, float* out, bool to_device) const;
   absl::Status Stage(const float* images, const int32_t* labels);
   absl::Status Sync(absl::string_view what);
@@ -254,7 +255,10 @@ struct GpuResNet::Impl {
 };
 
 GpuResNet::Impl::~Impl() {
-  if (stream) cudaStreamSynchronize(stream);
+  // Bounded: a wedged device must not hang the process at exit.
+  if (stream && done && cudaEventRecord(done, stream) == cudaSuccess) {
+    (void)WaitForEvent(done, gpu.sync_timeout, "the GPU stream before freeing the network");
+  }
   auto destroy = [](Unit& u) {
     if (u.in_desc) cudnnDestroyTensorDescriptor(u.in_desc);
     if (u.out_desc) cudnnDestroyTensorDescriptor(u.out_desc);
@@ -654,7 +658,7 @@ absl::Status GpuResNet::Impl::Build() {
   CUDA_RETURN_IF_ERROR(cudaMemsetAsync(scratch_a, 0, scratch_numel * dsize, stream));
   for (const Unit* u : AllUnits()) CUDA_RETURN_IF_ERROR(cudaMemsetAsync(u->y, 0, u->out_numel() * dsize, stream));
   if (pool_y) CUDA_RETURN_IF_ERROR(cudaMemsetAsync(pool_y, 0, static_cast<size_t>(N) * pool.out_h() * pool.out_w() * pool.c * dsize, stream));
-  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+  RETURN_IF_ERROR(Sync("initializing buffers before the cuDNN algorithm search"));
   void* find_ws = nullptr;
   size_t find_ws_bytes = 0;
   if (gpu.search == ConvSearch::kFind) {
@@ -670,15 +674,14 @@ absl::Status GpuResNet::Impl::Build() {
     for (Unit& u : b.units) RETURN_IF_ERROR(choose(&u));
   }
   if (find_ws) {
-    CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
+    RETURN_IF_ERROR(Sync("the cuDNN algorithm search"));
     CUDA_RETURN_IF_ERROR(cudaFree(find_ws));
     allocations.erase(std::find(allocations.begin(), allocations.end(), find_ws));
   }
   if (workspace_bytes > 0) {
     ASSIGN_OR_RETURN(workspace, Alloc(workspace_bytes, "cuDNN workspace"));
   }
-  CUDA_RETURN_IF_ERROR(cudaStreamSynchronize(stream));
-  return absl::OkStatus();
+  return Sync("building the network");
 }
 
 absl::Status GpuResNet::Impl::ForwardUnit(Unit* u, const void* residual, bool training, int group, int groups) {
@@ -915,14 +918,17 @@ absl::Status GpuResNet::Impl::Download(model::ParamStore* s, bool grads) {
   CUDA_RETURN_IF_ERROR(
       cudaMemcpy(host.data(), grads ? d_grads : d_params, host.size() * sizeof(float), cudaMemcpyDeviceToHost));
   Reorder(host.data(), (grads ? s->grads() : s->params()).data(), /*to_device=*/false);
-  if (!grads) {
-    if (!s->buffers().empty()) {
-      CUDA_RETURN_IF_ERROR(
-          cudaMemcpy(s->buffers().data(), d_buffers, s->buffers().size() * sizeof(float), cudaMemcpyDeviceToHost));
-    }
-    s->set_num_batches_tracked(s->num_batches_tracked() + batches_tracked);
-    batches_tracked = 0;
+  return grads ? absl::OkStatus() : DownloadBuffers(s);
+}
+
+// BN running statistics and num_batches_tracked to the store (the stream already waited for).
+absl::Status GpuResNet::Impl::DownloadBuffers(model::ParamStore* s) {
+  if (!s->buffers().empty()) {
+    CUDA_RETURN_IF_ERROR(
+        cudaMemcpy(s->buffers().data(), d_buffers, s->buffers().size() * sizeof(float), cudaMemcpyDeviceToHost));
   }
+  s->set_num_batches_tracked(s->num_batches_tracked() + batches_tracked);
+  batches_tracked = 0;
   return absl::OkStatus();
 }
 
@@ -1030,13 +1036,7 @@ absl::StatusOr<double> GpuResNet::ForwardTrain(const float* images, const int32_
   RETURN_IF_ERROR(ForwardTrainAsync(normalizer, group, groups));
   ASSIGN_OR_RETURN(double loss, ReadLoss());
   // Running statistics (and num_batches_tracked) back to the store, parameters unchanged.
-  model::ParamStore* s = impl_->store;
-  if (!s->buffers().empty()) {
-    CUDA_RETURN_IF_ERROR(cudaMemcpy(s->buffers().data(), impl_->d_buffers, s->buffers().size() * sizeof(float),
-                                    cudaMemcpyDeviceToHost));
-  }
-  s->set_num_batches_tracked(s->num_batches_tracked() + impl_->batches_tracked);
-  impl_->batches_tracked = 0;
+  RETURN_IF_ERROR(impl_->DownloadBuffers(impl_->store));
   return loss;
 }
 
@@ -1050,6 +1050,9 @@ absl::Status GpuResNet::Backward(const GradReadyFn& on_ready) {
 }
 
 absl::Status GpuResNet::Predict(const float* images, float* logits) {
+  if (impl_->opt.training) {
+    return absl::FailedPreconditionError("Predict on a training network (create one with training=false)");
+  }
   RETURN_IF_ERROR(UploadState(*impl_->store));
   return PredictOnDevice(images, logits);
 }
