@@ -18,6 +18,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/stopwatch.h"
 #include "worker/backend/onednn/resnet.h"
 #include "worker/checkpoint/checkpoint.h"
 #include "worker/comm/bucketer.h"
@@ -31,8 +32,7 @@
 namespace lmsgd::worker {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+using Clock = SteadyClock;
 
 // Why a generation ended.
 enum class End { kJobDone, kStop, kRejoin };
@@ -297,7 +297,7 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
       const auto wait_start = Clock::now();
       auto batch = loader.Next(absl::Minutes(10));
       if (!batch.ok()) return batch.status();
-      const double data_wait = Since(wait_start);
+      const double data_wait = SecondsSince(wait_start);
       const uint64_t bytes_before = reducer.bytes_reduced();
       auto stats = trainer.Step(iteration, (*batch)->images.data(), (*batch)->labels.data(), &reducer);
       if (!stats.ok()) return failed(stats.status());
@@ -310,11 +310,11 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
       p.set_iteration(iteration);
       p.set_lr(stats->lr);
       p.set_loss(stats->loss * k);  // rank 0's share x k: the global loss estimated from one shard
-      p.set_images_per_second(steps * local_batch * k / Since(epoch_start));
+      p.set_images_per_second(steps * local_batch * k / SecondsSince(epoch_start));
       heart.Update(p);
       if (metrics) {
         metrics->ObserveStep(data_wait, stats->forward_s, stats->backward_s, stats->reduce_wait_s, stats->optimizer_s,
-                             stats->loss * k, stats->lr, iteration, steps * local_batch / Since(epoch_start));
+                             stats->loss * k, stats->lr, iteration, steps * local_batch / SecondsSince(epoch_start));
         metrics->AddAllreduceBytes(reducer.bytes_reduced() - bytes_before);
       }
     }
@@ -328,11 +328,11 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
       p.set_iteration(iteration);
       p.set_lr(lr);
       p.set_loss(steps ? loss_sum * k / steps : 0.0);
-      p.set_images_per_second(steps * local_batch * k / Since(epoch_start));
+      p.set_images_per_second(steps * local_batch * k / SecondsSince(epoch_start));
       heart.Update(p);
     }
     // Sharded evaluation, counts summed over ranks.
-    const double train_s = Since(epoch_start);
+    const double train_s = SecondsSince(epoch_start);
     float counts[3] = {0, 0, 0};
     if (datasets_->val) {
       auto c = trainer.Evaluate(*datasets_->val, static_cast<uint32_t>(rank), static_cast<uint32_t>(k), o_.data_threads);

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_format.h"
 #include "common/job_spec.h"
+#include "common/stopwatch.h"
 #include "worker/backend/onednn/resnet.h"
 #include "worker/checkpoint/checkpoint.h"
 #include "worker/data/loader.h"
@@ -12,8 +13,7 @@
 
 namespace lmsgd::train {
 namespace {
-using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+using Clock = SteadyClock;
 }  // namespace
 
 absl::StatusOr<StandaloneResult> RunStandalone(const v1::JobSpec& job, const StandaloneOptions& opt,
@@ -91,7 +91,7 @@ absl::StatusOr<StandaloneResult> RunStandalone(const v1::JobSpec& job, const Sta
       auto t0 = Clock::now();
       auto batch = loader.Next(absl::Minutes(10));
       if (!batch.ok()) return batch.status();
-      data_wait += Since(t0);
+      data_wait += SecondsSince(t0);
       auto stats = trainer.Step(iteration, (*batch)->images.data(), (*batch)->labels.data(), &reducer);
       if (!stats.ok()) return stats.status();
       ++iteration;
@@ -100,7 +100,7 @@ absl::StatusOr<StandaloneResult> RunStandalone(const v1::JobSpec& job, const Sta
       lr = stats->lr;
       if (opt.log_every > 0 && iteration % opt.log_every == 0) {
         log(absl::StrFormat("  iter %d  loss %.4f  lr %.4f  %.1f img/s", iteration, stats->loss, stats->lr,
-                            steps * kn_local / Since(epoch_start)));
+                            steps * kn_local / SecondsSince(epoch_start)));
       }
       if (opt.stop_after_iterations > 0 && iteration >= opt.stop_after_iterations) {
         result.iterations = iteration;
@@ -115,14 +115,14 @@ absl::StatusOr<StandaloneResult> RunStandalone(const v1::JobSpec& job, const Sta
     sum.epoch = epoch + 1;
     sum.mean_loss = steps ? loss_sum / steps : 0;
     sum.lr = lr;
-    const double train_s = Since(epoch_start);
+    const double train_s = SecondsSince(epoch_start);
     sum.images_per_second = steps * kn_local / train_s;
     if (opt.evaluate && datasets->val) {
       auto counts = trainer.Evaluate(*datasets->val, 0, 1, data_threads);
       if (!counts.ok()) return counts.status();
       sum.eval = *counts;
     }
-    sum.seconds = Since(epoch_start);
+    sum.seconds = SecondsSince(epoch_start);
     const double n_eval = std::max<double>(1, sum.eval.examples);
     log(absl::StrFormat("epoch %d/%d  iter %d  loss %.4f  lr %.4f  %.1f img/s  data wait %.1f s  val top1_err %.4f "
                         "top5_err %.4f (%d examples)  %.1f s",

@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "common/stopwatch.h"
 #include "worker/backend/onednn/resnet.h"
 #include "worker/data/loader.h"
 #ifdef LMSGD_HAVE_CUDA
@@ -14,8 +15,7 @@
 
 namespace lmsgd::train {
 namespace {
-using Clock = std::chrono::steady_clock;
-double Since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+using Clock = SteadyClock;
 }  // namespace
 
 // The GPU side of a trainer: the device-resident network and step (params, grads, BN
@@ -136,7 +136,7 @@ absl::StatusOr<StepStats> Trainer::Step(uint64_t iteration, const float* images,
     s.loss = *loss;
     // Forward, backward, the overlapped allreduce and SGD all run on the device; the host
     // waits once, so the step's time is reported as backward.
-    s.backward_s = Since(t0);
+    s.backward_s = SecondsSince(t0);
     return s;
   }
 #endif
@@ -152,7 +152,7 @@ absl::StatusOr<StepStats> Trainer::Step(uint64_t iteration, const float* images,
                           absl::StrCat("step ", iteration, ", virtual worker ", j, ": ", loss.status().message()));
     }
     s.loss += *loss;
-    s.forward_s += Since(t0);
+    s.forward_s += SecondsSince(t0);
     t0 = Clock::now();
     const bool last = j == m - 1;
     absl::Status st;
@@ -176,7 +176,7 @@ absl::StatusOr<StepStats> Trainer::Step(uint64_t iteration, const float* images,
         reducer->GradReady(p);
       });
     }
-    s.backward_s += Since(t0);
+    s.backward_s += SecondsSince(t0);
     if (!st.ok()) {
       return absl::Status(st.code(), absl::StrCat("step ", iteration, ", virtual worker ", j, ": ", st.message()));
     }
@@ -185,11 +185,11 @@ absl::StatusOr<StepStats> Trainer::Step(uint64_t iteration, const float* images,
   if (auto st = reducer->Finish(); !st.ok()) {
     return absl::Status(st.code(), absl::StrCat("step ", iteration, ": gradient allreduce: ", st.message()));
   }
-  s.reduce_wait_s = Since(t0);
+  s.reduce_wait_s = SecondsSince(t0);
   t0 = Clock::now();
   s.lr = LearningRate(config_.schedule, iteration);
   if (auto st = sgd_->Step(s.lr, MomentumCorrection(config_.schedule, iteration)); !st.ok()) return st;
-  s.optimizer_s = Since(t0);
+  s.optimizer_s = SecondsSince(t0);
   return s;
 }
 

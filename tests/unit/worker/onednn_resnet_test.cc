@@ -39,12 +39,9 @@ TEST_P(OnednnVsReference, LossGradientsRunningStatsAndLogitsMatch) {
   model::ParamStore store(*spec);
   ASSERT_TRUE(store.Load(init).ok());
 
-  std::mt19937 rng(7);
-  std::normal_distribution<float> nd;
-  std::vector<float> images(static_cast<size_t>(c.batch) * c.channels * c.hw * c.hw);
-  for (auto& v : images) v = nd(rng);
-  std::vector<int32_t> labels(c.batch);
-  for (int i = 0; i < c.batch; ++i) labels[i] = (i * 7 + 3) % c.classes;
+  std::vector<float> images;
+  std::vector<int32_t> labels;
+  ::lmsgd::testing::TestBatch(c.batch, c.channels, c.hw, c.classes, &images, &labels);
   const double kn = 2.0 * c.batch;  // as if one of 2 workers
 
   NetworkOptions o;

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <map>
 #include <random>
 #include <string>
@@ -32,6 +33,18 @@ inline std::map<std::string, std::vector<float>> TestParams(const model::ResNetS
     }
   }
   return p;
+}
+
+// A batch for the same tests: N(0, 1) images (batch, channels, hw, hw) from a fixed seed and
+// labels (7 i + 3) mod classes.
+inline void TestBatch(int batch, int channels, int hw, int classes, std::vector<float>* images,
+                      std::vector<int32_t>* labels) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd;
+  images->resize(static_cast<size_t>(batch) * channels * hw * hw);
+  for (auto& v : *images) v = nd(rng);
+  labels->resize(batch);
+  for (int i = 0; i < batch; ++i) (*labels)[i] = (i * 7 + 3) % classes;
 }
 
 }  // namespace lmsgd::testing
