@@ -16,10 +16,11 @@ inline std::vector<size_t> Sizes(size_t min_bytes, size_t max_bytes) {
   return out;
 }
 
-// Enough iterations for ~0.5 GB of traffic per size, at least 5, at most 200.
+// Enough iterations for ~0.5 GB of traffic per size, at least 5, at most 2000 (a short message
+// takes tens of microseconds: fewer rounds would time a few scheduler slices, not the algorithm).
 inline int Iterations(size_t bytes) {
   const size_t want = (size_t{512} << 20) / std::max<size_t>(bytes, 1);
-  return static_cast<int>(std::max<size_t>(5, std::min<size_t>(200, want)));
+  return static_cast<int>(std::max<size_t>(5, std::min<size_t>(2000, want)));
 }
 
 // One JSON object per line: impl, algo, k, bytes, time_us, algbw_gbps, busbw_gbps.

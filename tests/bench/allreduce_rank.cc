@@ -1,6 +1,8 @@
 // One rank of `lmsgd-bench allreduce` for lmsgd's algorithms and (when built with it) Gloo's:
-// rendezvous through a FileStore directory, then for every size: 2 warm-up runs, barrier,
-// Iterations(bytes) timed runs, barrier; rank 0 prints one JSON line per (algorithm, size).
+// rendezvous through a FileStore directory, then for every size: 2 warm-up runs, then
+// Iterations(bytes) timed runs between barriers (lmsgd's algorithms in interleaved blocks);
+// rank 0 prints one JSON line per (algorithm, size).
+#include <algorithm>
 #include <chrono>
 #include <iostream>
 #include <string>
@@ -35,33 +37,56 @@ int RunLmsgdRank(int rank, int k, const std::string& store_dir, size_t min_bytes
   }
   comm::RingAllreduce ring(t->get());
   comm::HalvingDoublingAllreduce hd(t->get());
+  // Halving/doubling without the recursive-doubling switch for short messages, up to 256 KiB:
+  // shows where the switch pays (HalvingDoublingAllreduce::kDefaultDoublingMaxBytes).
+  comm::HalvingDoublingAllreduce halving_only(t->get(), /*doubling_max_bytes=*/0);
   uint64_t seq = 1;
   const absl::Time deadline = absl::Now() + absl::Hours(1);
   auto shm = comm::SharedMemoryAllreduce::Create(t->get(), seq++, deadline);
   if (!shm.ok()) std::cerr << "rank " << rank << ": no shared-memory allreduce: " << shm.status() << "\n";
-  std::vector<std::pair<const char*, comm::AllreduceAlgorithm*>> algos = {{"ring", &ring}, {"halving_doubling", &hd}};
+  std::vector<std::pair<const char*, comm::AllreduceAlgorithm*>> algos = {
+      {"ring", &ring}, {"halving_doubling", &hd}, {"hd_halving_only", &halving_only}};
   if (shm.ok()) algos.push_back({"shared_memory", shm->get()});
-  for (auto [name, algo] : algos) {
-    for (size_t bytes : Sizes(min_bytes, max_bytes)) {
-      std::vector<float> buf(bytes / 4, 1.0f);
-      const int iters = Iterations(bytes);
-      for (int w = 0; w < 2; ++w) {
-        if (auto st = algo->Run(buf.data(), buf.size(), seq++, deadline); !st.ok()) {
+  // Per size, the algorithms take turns in blocks of runs (a slow spell of this machine then
+  // lands on all of them alike, not on whichever was running), each block between barriers.
+  constexpr int kBlocks = 10;
+  std::vector<std::vector<std::string>> lines(algos.size());
+  for (size_t bytes : Sizes(min_bytes, max_bytes)) {
+    std::vector<float> buf(bytes / 4, 1.0f);
+    const int iters = Iterations(bytes), blocks = std::min(kBlocks, iters), per_block = (iters + blocks - 1) / blocks;
+    std::vector<double> seconds(algos.size(), 0.0);
+    std::vector<bool> runs(algos.size(), false);
+    for (size_t a = 0; a < algos.size(); ++a) {
+      runs[a] = !(algos[a].second == &halving_only && bytes > (256u << 10));
+      for (int w = 0; w < 2 && runs[a]; ++w) {
+        if (auto st = algos[a].second->Run(buf.data(), buf.size(), seq++, deadline); !st.ok()) {
           std::cerr << st << "\n";
           return 1;
         }
       }
-      if (auto st = comm::Barrier(t->get(), seq++, deadline); !st.ok()) return 1;
-      const auto t0 = Clock::now();
-      for (int i = 0; i < iters; ++i) {
-        if (auto st = algo->Run(buf.data(), buf.size(), seq++, deadline); !st.ok()) {
-          std::cerr << st << "\n";
-          return 1;
+    }
+    for (int b = 0; b < blocks; ++b) {
+      for (size_t a = 0; a < algos.size(); ++a) {
+        if (!runs[a]) continue;
+        if (auto st = comm::Barrier(t->get(), seq++, deadline); !st.ok()) return 1;
+        const auto t0 = Clock::now();
+        for (int i = 0; i < per_block; ++i) {
+          if (auto st = algos[a].second->Run(buf.data(), buf.size(), seq++, deadline); !st.ok()) {
+            std::cerr << st << "\n";
+            return 1;
+          }
         }
+        if (auto st = comm::Barrier(t->get(), seq++, deadline); !st.ok()) return 1;
+        seconds[a] += std::chrono::duration<double>(Clock::now() - t0).count();
       }
-      if (auto st = comm::Barrier(t->get(), seq++, deadline); !st.ok()) return 1;
-      const double s = std::chrono::duration<double>(Clock::now() - t0).count() / iters;
-      if (rank == 0) std::cout << ResultLine("lmsgd", name, k, bytes, s) << std::endl;
+    }
+    for (size_t a = 0; a < algos.size(); ++a) {
+      if (runs[a]) lines[a].push_back(ResultLine("lmsgd", algos[a].first, k, bytes, seconds[a] / (blocks * per_block)));
+    }
+  }
+  if (rank == 0) {
+    for (const auto& per_algo : lines) {
+      for (const auto& l : per_algo) std::cout << l << std::endl;
     }
   }
   return 0;

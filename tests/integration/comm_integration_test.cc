@@ -77,6 +77,30 @@ INSTANTIATE_TEST_SUITE_P(Worlds, AllreduceTest,
                            return absl::StrCat("k", std::get<0>(info.param), "_", std::get<1>(info.param));
                          });
 
+// The matrix above takes recursive doubling for its small counts (up to
+// kDefaultDoublingMaxBytes) and halving/doubling for the large ones. Here each at the sizes the
+// other takes: binary blocks with fewer elements than pieces, and recursive doubling (with the
+// fold for non-powers of two) on messages far above its default limit.
+TEST(CommTest, HalvingAndDoublingEachAtEverySize) {
+  for (int k : {3, 4, 5, 7}) {
+    for (const std::string limit : {"0", "1000000000"}) {
+      auto runs = RunRanks(k, {"--mode=allreduce", "--algo=hd", "--doubling_max_bytes=" + limit,
+                               "--counts=1,7,1023,8193,1048576"},
+                           absl::Seconds(120));
+      std::set<std::string> result_lines;
+      for (int r = 0; r < k; ++r) {
+        ASSERT_EQ(runs[r].exit_code, 0) << "k=" << k << " limit " << limit << " rank " << r << ":\n" << runs[r].log;
+        std::string results;
+        for (absl::string_view line : absl::StrSplit(runs[r].log, '\n')) {
+          if (absl::StartsWith(line, "result ")) absl::StrAppend(&results, line, "\n");
+        }
+        result_lines.insert(results);
+      }
+      EXPECT_EQ(result_lines.size(), 1u) << "k=" << k << " limit " << limit << ": ranks disagree";
+    }
+  }
+}
+
 TEST(CommTest, BroadcastAndBarrier) {
   for (int k : {1, 3, 4}) {
     auto b = RunRanks(k, {"--mode=broadcast", "--counts=1,1000,300000"}, absl::Seconds(60));

@@ -111,9 +111,54 @@ absl::Status RingAllreduce::Run(float* data, size_t count, uint64_t seq, absl::T
 //   4. From block 1 down, block b receives its regions from block b-1 and allgathers inside.
 // For a power of two there is one block and this is plain recursive halving/doubling. No rank
 // idles through the reduction (as pairing would make the extra ranks do).
+absl::Status HalvingDoublingAllreduce::RunDoubling(float* data, size_t count, uint64_t seq, absl::Time deadline) {
+  const int k = t_->size(), r = t_->rank();
+  int p = 1;
+  while (p * 2 <= k) p *= 2;
+  const int rem = k - p;  // ranks 0..2 rem-1 fold in pairs: the even one hands its data to the odd one
+  const size_t bytes = count * sizeof(float);
+  if (scratch_.size() < count) scratch_.resize(count);
+  if (r < 2 * rem && r % 2 == 0) {
+    if (auto st = t_->SendRecv(r + 1, data, bytes, -1, nullptr, 0, MakeTag(seq, 600), deadline,
+                               "halving/doubling allreduce (recursive doubling: fold)");
+        !st.ok()) {
+      return st;
+    }
+    return t_->SendRecv(-1, nullptr, 0, r + 1, data, bytes, MakeTag(seq, 700), deadline,
+                        "halving/doubling allreduce (recursive doubling: unfold)");
+  }
+  if (r < 2 * rem) {
+    if (auto st = t_->SendRecv(-1, nullptr, 0, r - 1, scratch_.data(), bytes, MakeTag(seq, 600), deadline,
+                               "halving/doubling allreduce (recursive doubling: fold)");
+        !st.ok()) {
+      return st;
+    }
+    Add(data, scratch_.data(), count);
+  }
+  // v: this rank among the p participants; real(w): participant w's rank.
+  const int v = r < 2 * rem ? r / 2 : r - rem;
+  auto real = [rem](int w) { return w < rem ? 2 * w + 1 : w + rem; };
+  uint32_t step = 0;
+  for (int mask = 1; mask < p; mask *= 2, ++step) {
+    const int partner = real(v ^ mask);
+    if (auto st = t_->SendRecv(partner, data, bytes, partner, scratch_.data(), bytes, MakeTag(seq, 610 + step),
+                               deadline, "halving/doubling allreduce (recursive doubling)");
+        !st.ok()) {
+      return st;
+    }
+    Add(data, scratch_.data(), count);
+  }
+  if (r < 2 * rem) {
+    return t_->SendRecv(r - 1, data, bytes, -1, nullptr, 0, MakeTag(seq, 700), deadline,
+                        "halving/doubling allreduce (recursive doubling: unfold)");
+  }
+  return absl::OkStatus();
+}
+
 absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t seq, absl::Time deadline) {
   const int k = t_->size(), r = t_->rank();
   if (k == 1 || count == 0) return absl::OkStatus();
+  if (count * sizeof(float) <= doubling_max_bytes_) return RunDoubling(data, count, seq, deadline);
   std::vector<int> size_of, start_of;
   for (int bit = 30, start = 0; bit >= 0; --bit) {
     if (k & (1 << bit)) {

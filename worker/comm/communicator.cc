@@ -45,7 +45,8 @@ absl::StatusOr<std::unique_ptr<Communicator>> Communicator::Create(std::unique_p
   c->transport_ = std::move(transport);
   c->options_ = options;
   c->ring_ = std::make_unique<RingAllreduce>(c->transport_.get());
-  c->halving_doubling_ = std::make_unique<HalvingDoublingAllreduce>(c->transport_.get());
+  c->halving_doubling_ =
+      std::make_unique<HalvingDoublingAllreduce>(c->transport_.get(), options.recursive_doubling_max_bytes);
   std::vector<std::string> hosts = options.host_of_rank;
   if (hosts.empty()) hosts.assign(c->transport_->size(), "localhost");
   c->num_hosts_ = static_cast<int>(std::set<std::string>(hosts.begin(), hosts.end()).size());

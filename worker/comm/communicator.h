@@ -46,6 +46,8 @@ struct CommunicatorOptions {
   Algorithm algorithm = Algorithm::kAuto;  // kAuto: ChooseAlgorithm per collective
   absl::Duration collective_timeout = absl::Seconds(60);
   std::vector<std::string> host_of_rank;   // for kHierarchical / kAuto; empty = all on one host
+  // Halving/doubling switches to recursive doubling up to this message size (0: never).
+  size_t recursive_doubling_max_bytes = HalvingDoublingAllreduce::kDefaultDoublingMaxBytes;
 };
 
 // The AUTO choice, from the measurements in the README (lmsgd-bench allreduce, k = 2 and 4 on

@@ -113,6 +113,13 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(int rank, int
   if (std::getenv("UCX_TLS") == nullptr) {
     (void)ucp_config_modify(config, "TLS", single_host ? "^cma,tcp" : "^cma");
   }
+  // On one host without CMA, UCX's rendezvous protocol moves the data through the same
+  // shared-memory FIFO as eager sends, after an extra request/reply handshake: with its automatic
+  // threshold (below 16 KiB here) a 16-64 KiB message paid that round trip, which doubled a
+  // 64 KiB ring allreduce at k = 4 (README). Eager up to 256 KiB; UCX_RNDV_THRESH wins.
+  if (single_host && std::getenv("UCX_RNDV_THRESH") == nullptr) {
+    (void)ucp_config_modify(config, "RNDV_THRESH", "256K");
+  }
   if (single_host && size > static_cast<int>(std::thread::hardware_concurrency())) {
     im.spin_for = std::chrono::microseconds(0);
   }
