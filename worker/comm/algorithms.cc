@@ -505,9 +505,14 @@ absl::StatusOr<std::unique_ptr<SharedMemoryAllreduce>> SharedMemoryAllreduce::Cr
   if (r == 0) {
     std::random_device rd;
     snprintf(name, sizeof(name), "/lmsgd-allreduce-%d-%08x%08x", static_cast<int>(getpid()), rd(), rd());
+    // The space is reserved up front (posix_fallocate): a full /dev/shm (containers default to
+    // 64 MiB) is then this error, and the transport algorithms, not a SIGBUS at first touch.
     const int fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR, 0600);
-    if (fd < 0 || ftruncate(fd, static_cast<off_t>(a->bytes_)) != 0) {
-      error = absl::StrCat("creating shared memory ", name, ": ", strerror(errno));
+    int err = fd < 0 ? errno : 0;
+    if (fd >= 0 && ftruncate(fd, static_cast<off_t>(a->bytes_)) != 0) err = errno;
+    if (fd >= 0 && err == 0) err = posix_fallocate(fd, 0, static_cast<off_t>(a->bytes_));
+    if (err != 0) {
+      error = absl::StrCat("creating shared memory ", name, " of ", a->bytes_, " bytes: ", strerror(err));
       if (fd >= 0) {
         close(fd);
         shm_unlink(name);
