@@ -177,10 +177,14 @@ absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t s
     *hi = (idx + 1) * (P / size);
   };
   if (scratch_.size() < count) scratch_.resize(count);
-  // 1. Reduce-scatter inside the block.
+  // 1. Reduce-scatter inside the block. For a power of two (one block) the last halving step
+  //    and the first allgather step pair the same ranks and move one piece each way each:
+  //    merged into one exchange of the two-piece range, which both partners then sum (the same
+  //    two values, so the same bits), the vector costs 2 log2(p) - 1 steps, no more bytes.
+  const bool merge = nb == 1 && s >= 2;
   int lo = 0, hi = P;
   uint32_t t = 0;
-  for (int mask = s / 2; mask >= 1; mask /= 2, ++t) {
+  for (int mask = s / 2; mask >= (merge ? 2 : 1); mask /= 2, ++t) {
     const int partner = start_of[b] + (i ^ mask);
     const int mid = lo + (hi - lo) / 2;
     const bool keep_low = (i & mask) == 0;
@@ -196,6 +200,17 @@ absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t s
     Add(data + off(keep_lo), scratch_.data(), rn);
     lo = keep_lo;
     hi = keep_hi;
+  }
+  if (merge) {
+    const int partner = start_of[b] + (i ^ 1);
+    const size_t rn = off(hi) - off(lo);
+    if (auto st = t_->SendRecv(partner, data + off(lo), rn * sizeof(float), partner, scratch_.data(),
+                               rn * sizeof(float), MakeTag(seq, 150), deadline,
+                               "halving/doubling allreduce (middle exchange)");
+        !st.ok()) {
+      return st;
+    }
+    Add(data + off(lo), scratch_.data(), rn);
   }
   // 2. Hand partial sums up, smallest block first.
   for (int c = nb - 1; c >= 1; --c) {
@@ -228,7 +243,7 @@ absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t s
   auto allgather = [&](uint32_t tag_base) -> absl::Status {
     int glo = lo, ghi = hi;
     uint32_t u = 0;
-    for (int mask = 1; mask < s; mask *= 2, ++u) {
+    for (int mask = merge ? 2 : 1; mask < s; mask *= 2, ++u) {
       const int partner = start_of[b] + (i ^ mask);
       const int width = ghi - glo;
       const bool low = (i & mask) == 0;
