@@ -80,10 +80,10 @@ INSTANTIATE_TEST_SUITE_P(Worlds, AllreduceTest,
 // The matrix above takes recursive doubling for its small counts (up to
 // kDefaultDoublingMaxBytes) and halving/doubling for the large ones. Here each at the sizes the
 // other takes: binary blocks with fewer elements than pieces, the power-of-two path with its
-// merged middle exchange (k = 4) down to one element, and recursive doubling (with the fold for
+// merged middle exchange (k = 4, 8; up to 64 KiB) down to one element, and recursive doubling (with the fold for
 // non-powers of two) on messages far above its default limit.
 TEST(CommTest, HalvingAndDoublingEachAtEverySize) {
-  for (int k : {3, 4, 5, 7}) {
+  for (int k : {3, 4, 5, 7, 8}) {
     for (const std::string limit : {"0", "1000000000"}) {
       auto runs = RunRanks(k, {"--mode=allreduce", "--algo=hd", "--doubling_max_bytes=" + limit,
                                "--counts=1,7,1023,8193,1048576"},

@@ -14,9 +14,9 @@
 //
 // Recursive halving/doubling (Rabenseifner; Thakur et al. 2005): for p = 2^m ranks, m
 // reduce-scatter steps with partner rank XOR p/2, p/4, ..., 1, each exchanging half of the
-// current range, then m allgather steps in reverse; the last halving and the first doubling
-// step (same partner, one piece each way each) run as one exchange of the two-piece range that
-// both partners sum, so 2 log2(p) - 1 steps, as many bytes: the paper's choice for small messages. Non-powers of two: Gloo's "binary blocks" (see the .cc).
+// current range, then m allgather steps in reverse: the paper's choice for small messages. Up
+// to 64 KiB the last halving and the first doubling step (same partner, one piece each way
+// each) run as one exchange of the two-piece range that both partners sum: 2 log2(p) - 1 steps. Non-powers of two: Gloo's "binary blocks" (see the .cc).
 // Short messages: recursive doubling, log2(p) steps (see the class).
 //
 // Shared memory (every rank on one host): the ranks map one segment and, chunk by chunk, each
