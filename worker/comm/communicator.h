@@ -52,10 +52,11 @@ struct CommunicatorOptions {
 
 // The AUTO choice, from the measurements in the README (lmsgd-bench allreduce, k = 2 and 4 on
 // one host): every rank on one host with the shared-memory segment mapped: shared memory at
-// every size (it was the fastest at every size from 4 KiB to 256 MiB, 1.2-9x
-// halving/doubling); otherwise halving/doubling up to 256 KiB, where it was 1.1-4x faster than
-// ring (latency: 2 log2 k steps instead of 2(k-1)); ring above (bandwidth-optimal, pipelined);
-// hierarchical when the ranks span several hosts.
+// every size (the fastest from 4 KiB to 256 MiB in all but one noisy point, 1.1-2x
+// halving/doubling); otherwise halving/doubling up to 256 KiB, where at k = 4 it was 1.1-1.9x
+// faster than ring (latency: recursive doubling's log2 k steps up to 32 KiB, 2 log2 k - 1 up to
+// 64 KiB, against the ring's 2(k-1)) and at k = 2 as fast; ring above (bandwidth-optimal,
+// pipelined); hierarchical when the ranks span several hosts.
 Algorithm ChooseAlgorithm(size_t bytes, int world_size, int hosts, bool shared_memory = false);
 
 class Communicator {
