@@ -120,8 +120,17 @@ int Run(int argc, char** argv) {
       }
     }
   } else if (mode == "barrier") {
+    // The last rank arrives 300 ms late at each barrier: nobody may leave before it arrives.
     for (int i = 0; i < 3; ++i) {
+      if (auto st = (*comm)->BarrierAsync()->Wait(far); !st.ok()) return Fail(st.ToString());  // aligned
+      if (rank == size - 1) absl::SleepFor(absl::Milliseconds(300));
+      const absl::Time start = absl::Now();
       if (auto st = (*comm)->BarrierAsync()->Wait(far); !st.ok()) return Fail(st.ToString());
+      const absl::Duration waited = absl::Now() - start;
+      if (rank != size - 1 && waited < absl::Milliseconds(250)) {
+        return Fail(absl::StrCat("left barrier ", i, " after ", absl::FormatDuration(waited),
+                                 ", before the late rank arrived"));
+      }
     }
   } else if (mode == "bucketed") {
     backend::onednn::SetNumThreads(1);

@@ -445,9 +445,11 @@ absl::Status Broadcast(Transport* t, float* data, size_t count, int root, uint64
 }
 
 absl::Status Barrier(Transport* t, uint64_t seq, absl::Time deadline) {
+  // A one-element allreduce (no rank finishes before every rank has contributed) by recursive
+  // doubling: log2 k steps (2 more when k is not a power of two) instead of the ring's 2(k-1).
   float one = 1.0f;
-  RingAllreduce ring(t);
-  auto st = ring.Run(&one, 1, seq, deadline);
+  HalvingDoublingAllreduce doubling(t);
+  auto st = doubling.Run(&one, 1, seq, deadline);
   if (!st.ok()) return absl::Status(st.code(), absl::StrCat("barrier: ", st.message()));
   return absl::OkStatus();
 }

@@ -148,7 +148,8 @@ class HierarchicalAllreduce final : public AllreduceAlgorithm {
   std::vector<float> scratch_;
 };
 
-// Broadcast from `root` (binomial tree, log2 k steps) and barrier (a 1-element allreduce).
+// Broadcast from `root` (binomial tree, log2 k steps) and barrier (a 1-element allreduce by
+// recursive doubling).
 absl::Status Broadcast(Transport* t, float* data, size_t count, int root, uint64_t sequence, absl::Time deadline);
 absl::Status Barrier(Transport* t, uint64_t sequence, absl::Time deadline);
 
