@@ -104,17 +104,7 @@ absl::Status RingAllreduce::Run(float* data, size_t count, uint64_t seq, absl::T
   return absl::OkStatus();
 }
 
-// Binary blocks (Gloo's scheme for non-powers of two). k is split into blocks of power-of-two
-// sizes s_0 > s_1 > ... (its binary digits), ranks contiguous per block. The buffer is cut into
-// P = s_0 pieces; in a block of size s, index i owns pieces [i P/s, (i+1) P/s).
-//   1. Every block reduce-scatters inside itself (recursive halving).
-//   2. From the smallest block up, block b hands its owned regions to block b-1 (each region is
-//      P/s_b pieces = s_{b-1}/s_b regions of block b-1), which adds them: block 0 ends up owning
-//      the sum over all ranks.
-//   3. Block 0 allgathers (recursive doubling): its ranks hold the result.
-//   4. From block 1 down, block b receives its regions from block b-1 and allgathers inside.
-// For a power of two there is one block and this is plain recursive halving/doubling. No rank
-// idles through the reduction (as pairing would make the extra ranks do).
+// Recursive doubling (see the class comment).
 absl::Status HalvingDoublingAllreduce::RunDoubling(float* data, size_t count, uint64_t seq, absl::Time deadline) {
   const int k = t_->size(), r = t_->rank();
   int p = 1;
@@ -159,6 +149,17 @@ absl::Status HalvingDoublingAllreduce::RunDoubling(float* data, size_t count, ui
   return absl::OkStatus();
 }
 
+// Binary blocks (Gloo's scheme for non-powers of two). k is split into blocks of power-of-two
+// sizes s_0 > s_1 > ... (its binary digits), ranks contiguous per block. The buffer is cut into
+// P = s_0 pieces; in a block of size s, index i owns pieces [i P/s, (i+1) P/s).
+//   1. Every block reduce-scatters inside itself (recursive halving).
+//   2. From the smallest block up, block b hands its owned regions to block b-1 (each region is
+//      P/s_b pieces = s_{b-1}/s_b regions of block b-1), which adds them: block 0 ends up owning
+//      the sum over all ranks.
+//   3. Block 0 allgathers (recursive doubling): its ranks hold the result.
+//   4. From block 1 down, block b receives its regions from block b-1 and allgathers inside.
+// For a power of two there is one block and this is plain recursive halving/doubling. No rank
+// idles through the reduction (as pairing would make the extra ranks do).
 absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t seq, absl::Time deadline) {
   const int k = t_->size(), r = t_->rank();
   if (k == 1 || count == 0) return absl::OkStatus();

@@ -16,8 +16,9 @@
 // reduce-scatter steps with partner rank XOR p/2, p/4, ..., 1, each exchanging half of the
 // current range, then m allgather steps in reverse: the paper's choice for small messages. Up
 // to 64 KiB the last halving and the first doubling step (same partner, one piece each way
-// each) run as one exchange of the two-piece range that both partners sum: 2 log2(p) - 1 steps. Non-powers of two: Gloo's "binary blocks" (see the .cc).
-// Short messages: recursive doubling, log2(p) steps (see the class).
+// each) run as one exchange of the two-piece range that both partners sum: 2 log2(p) - 1
+// steps. Non-powers of two: Gloo's "binary blocks" (see the .cc). Short messages: recursive
+// doubling, log2(p) steps (see the class).
 //
 // Shared memory (every rank on one host): the ranks map one segment and, chunk by chunk, each
 // publishes the parts of its data the others reduce, sums its own 1/k of the chunk (in rank
@@ -73,7 +74,8 @@ class RingAllreduce final : public AllreduceAlgorithm {
 // two folds the first 2(k-p) ranks in pairs before and hands the result back after (2 more
 // steps). Partners add the same two vectors (IEEE addition is commutative), and a folded pair's
 // sum is computed by one rank, so every rank still ends bitwise identical. Larger messages take
-// recursive halving/doubling (binary blocks): 2 log2(p) steps moving 2(p-1)/p of the vector.
+// recursive halving/doubling (binary blocks): 2 log2(p) steps (2 log2(p) - 1 up to 64 KiB)
+// moving 2(p-1)/p of the vector.
 class HalvingDoublingAllreduce final : public AllreduceAlgorithm {
  public:
   // From `lmsgd-bench allreduce --ranks=4` on this project's 2-core machine (README): recursive
