@@ -11,11 +11,12 @@ Sgd::Sgd(SgdConfig config, std::vector<ParamRef> params) : config_(config), para
   for (const auto& p : params_) velocity_.emplace_back(p.size, 0.0f);
 }
 
-bool Sgd::DecaysParam(size_t i) const {
-  const ParamKind k = params_[i].kind;
-  if (k == ParamKind::kBnGamma || k == ParamKind::kBnBeta) return config_.weight_decay_on_bn;
+bool DecaysKind(ParamKind kind, const SgdConfig& config) {
+  if (kind == ParamKind::kBnGamma || kind == ParamKind::kBnBeta) return config.weight_decay_on_bn;
   return true;
 }
+
+bool Sgd::DecaysParam(size_t i) const { return DecaysKind(params_[i].kind, config_); }
 
 absl::Status Sgd::Step(double lr, double correction) {
   if (!std::isfinite(lr) || !std::isfinite(correction)) {

@@ -38,6 +38,10 @@ struct SgdConfig {
   bool weight_decay_on_bn = false;  // the paper: no decay on BN gamma and beta
 };
 
+// Whether a parameter of `kind` gets weight decay under `config` (the paper: none on BN gamma and
+// beta unless configured). The one rule, for this optimizer and the GPU's fused update.
+bool DecaysKind(ParamKind kind, const SgdConfig& config);
+
 class Sgd {
  public:
   Sgd(SgdConfig config, std::vector<ParamRef> params);

@@ -28,8 +28,8 @@ absl::StatusOr<std::unique_ptr<GpuTrainer>> GpuTrainer::Create(GpuResNet* net, c
     CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&t->ready_[b], cudaEventDisableTiming));
     CUDA_RETURN_IF_ERROR(cudaEventCreateWithFlags(&t->done_[b], cudaEventDisableTiming));
   }
-  // Optimizer: velocity (zero) and the chunk table with each tensor's weight decay (the
-  // paper: none on BN gamma/beta unless configured), exactly optim::Sgd's rule.
+  // Optimizer: velocity (zero) and the chunk table with each tensor's weight decay
+  // (optim::DecaysKind, the CPU optimizer's rule).
   const size_t n = net->param_floats();
   CUDA_RETURN_IF_ERROR(cudaMalloc(reinterpret_cast<void**>(&t->velocity_), n * sizeof(float)));
   // Setup copies go on the network's stream (non-blocking: the legacy default stream would not
@@ -38,8 +38,7 @@ absl::StatusOr<std::unique_ptr<GpuTrainer>> GpuTrainer::Create(GpuResNet* net, c
   std::vector<::lmsgd::cuda::SgdChunk> chunks;
   for (size_t i = 0; i < store.num_params(); ++i) {
     const model::TensorSpec& ps = store.param_specs()[i];
-    const bool bn = ps.kind == optim::ParamKind::kBnGamma || ps.kind == optim::ParamKind::kBnBeta;
-    const float wd = (!bn || options.sgd.weight_decay_on_bn) ? static_cast<float>(options.sgd.weight_decay) : 0.0f;
+    const float wd = optim::DecaysKind(ps.kind, options.sgd) ? static_cast<float>(options.sgd.weight_decay) : 0.0f;
     for (int64_t off = 0; off < ps.numel(); off += ::lmsgd::cuda::kSgdChunk) {
       ::lmsgd::cuda::SgdChunk c;
       c.offset = store.param_offset(i) + off;
