@@ -4,6 +4,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 #include "worker/backend/cuda/cuda_check.h"
 
 namespace lmsgd::comm {
@@ -16,11 +17,7 @@ absl::Status NcclStatus(ncclResult_t r, ncclComm_t comm, const char* expr, const
                                           last && *last ? absl::StrCat(" (", last, ")") : ""));
 }
 
-#define NCCL_RETURN_IF_ERROR(comm, expr)                                                            \
-  do {                                                                                              \
-    ::absl::Status lmsgd_nccl_status_ = NcclStatus((expr), (comm), #expr, __FILE__, __LINE__);     \
-    if (!lmsgd_nccl_status_.ok()) return lmsgd_nccl_status_;                                        \
-  } while (false)
+#define NCCL_RETURN_IF_ERROR(comm, expr) RETURN_IF_ERROR(NcclStatus((expr), (comm), #expr, __FILE__, __LINE__))
 
 // Polls the communicator's async state until it is no longer in progress.
 absl::Status WaitReady(ncclComm_t comm, absl::Time deadline, const std::string& what) {

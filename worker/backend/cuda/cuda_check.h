@@ -6,6 +6,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 
 namespace lmsgd::cuda {
 
@@ -17,8 +18,4 @@ inline absl::Status CudaStatus(cudaError_t err, const char* expr, const char* fi
 
 }  // namespace lmsgd::cuda
 
-#define CUDA_RETURN_IF_ERROR(expr)                                                          \
-  do {                                                                                      \
-    ::absl::Status lmsgd_cuda_status_ = ::lmsgd::cuda::CudaStatus((expr), #expr, __FILE__, __LINE__); \
-    if (!lmsgd_cuda_status_.ok()) return lmsgd_cuda_status_;                                \
-  } while (false)
+#define CUDA_RETURN_IF_ERROR(expr) RETURN_IF_ERROR(::lmsgd::cuda::CudaStatus((expr), #expr, __FILE__, __LINE__))

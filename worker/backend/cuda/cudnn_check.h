@@ -6,6 +6,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 
 namespace lmsgd::cuda {
 
@@ -19,8 +20,4 @@ inline absl::Status CudnnStatus(cudnnStatus_t st, const char* expr, const char* 
 
 }  // namespace lmsgd::cuda
 
-#define CUDNN_RETURN_IF_ERROR(expr)                                                                 \
-  do {                                                                                              \
-    ::absl::Status lmsgd_cudnn_status_ = ::lmsgd::cuda::CudnnStatus((expr), #expr, __FILE__, __LINE__); \
-    if (!lmsgd_cudnn_status_.ok()) return lmsgd_cudnn_status_;                                      \
-  } while (false)
+#define CUDNN_RETURN_IF_ERROR(expr) RETURN_IF_ERROR(::lmsgd::cuda::CudnnStatus((expr), #expr, __FILE__, __LINE__))

@@ -5,6 +5,8 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "worker/backend/bn_running_stats.h"
+#include "worker/backend/cuda/cuda_check.h"
 
 namespace lmsgd::cuda {
 namespace {
@@ -16,19 +18,8 @@ __device__ __forceinline__ float Load(const bf16* p, size_t i) { return __bfloat
 __device__ __forceinline__ void Store(float* p, size_t i, float v) { p[i] = v; }
 __device__ __forceinline__ void Store(bf16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
 
-absl::Status Launched(const char* kernel) {
-  cudaError_t err = cudaGetLastError();
-  if (err == cudaSuccess) return absl::OkStatus();
-  return absl::InternalError(absl::StrCat("launching ", kernel, ": ", cudaGetErrorName(err), ": ",
-                                          cudaGetErrorString(err)));
-}
-
-absl::Status Memset(void* p, size_t bytes, cudaStream_t stream, const char* what) {
-  cudaError_t err = cudaMemsetAsync(p, 0, bytes, stream);
-  if (err == cudaSuccess) return absl::OkStatus();
-  return absl::InternalError(absl::StrCat("cudaMemsetAsync (", what, "): ", cudaGetErrorName(err), ": ",
-                                          cudaGetErrorString(err)));
-}
+// A kernel launch's error (cudaGetLastError) as a Status naming the kernel and the launch site.
+#define LMSGD_LAUNCHED(kernel) CudaStatus(cudaGetLastError(), "launching " kernel, __FILE__, __LINE__)
 
 unsigned Blocks(size_t n, int threads, size_t cap = 65535u * 32u) {
   size_t b = (n + threads - 1) / threads;
@@ -51,6 +42,23 @@ unsigned Blocks(size_t n, int threads, size_t cap = 65535u * 32u) {
 // Block (32, 8): 32 consecutive channels x 8 rows; grid (ceil(C/32), chunks, groups). Each
 // block sums its chunk of rows and adds its partial to acc[(g*C + c)*2 + {0,1}] (fp64).
 constexpr int kBnRowsPerBlock = 8;
+
+// Adds the block's column sums of (a, b) over its kBnRowsPerBlock rows to acc[index],
+// acc[index + 1] (fp64 atomics); `active`: this thread's channel exists.
+__device__ __forceinline__ void BlockSumPairInto(double a, double b, bool active, double* acc, size_t index) {
+  __shared__ double sh[2][kBnRowsPerBlock][32];
+  sh[0][threadIdx.y][threadIdx.x] = a;
+  sh[1][threadIdx.y][threadIdx.x] = b;
+  __syncthreads();
+  if (threadIdx.y == 0 && active) {
+    for (int k = 1; k < kBnRowsPerBlock; ++k) {
+      a += sh[0][k][threadIdx.x];
+      b += sh[1][k][threadIdx.x];
+    }
+    atomicAdd(&acc[index], a);
+    atomicAdd(&acc[index + 1], b);
+  }
+}
 
 int BnChunks(const BnShape& s) {
   const int cblocks = (s.channels + 31) / 32;
@@ -75,18 +83,7 @@ __global__ void BnStatsKernel(const T* __restrict__ x, int64_t rows_per_group, i
       q += v * v;
     }
   }
-  __shared__ double sh[2][kBnRowsPerBlock][32];
-  sh[0][threadIdx.y][threadIdx.x] = s;
-  sh[1][threadIdx.y][threadIdx.x] = q;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    for (int k = 1; k < kBnRowsPerBlock; ++k) {
-      s += sh[0][k][threadIdx.x];
-      q += sh[1][k][threadIdx.x];
-    }
-    atomicAdd(&acc[(static_cast<size_t>(g) * C + c) * 2], s);
-    atomicAdd(&acc[(static_cast<size_t>(g) * C + c) * 2 + 1], q);
-  }
+  BlockSumPairInto(s, q, c < C, acc, (static_cast<size_t>(g) * C + c) * 2);
 }
 
 // One thread per channel: statistics of every group, the scale/shift the apply kernel uses
@@ -97,7 +94,7 @@ __global__ void BnFinalizeForwardKernel(double* acc, int groups, int C, int64_t 
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (c >= C) return;
   const double M = static_cast<double>(rows_per_group);
-  const double unbias = M > 1 ? M / (M - 1) : 0.0;
+  const double unbias = ::lmsgd::backend::UnbiasFactor(M);
   double sum_mean = 0, sum_var = 0;
   for (int g = 0; g < groups; ++g) {
     const size_t e = static_cast<size_t>(g) * C + c;
@@ -113,14 +110,9 @@ __global__ void BnFinalizeForwardKernel(double* acc, int groups, int C, int64_t 
     sum_mean += mean;
     sum_var += var * unbias;
   }
-  const double w = (1.0 - momentum) / (static_cast<double>(groups) * vw_count);
-  if (vw_index == 0) {
-    running_mean[c] = static_cast<float>(momentum * running_mean[c] + w * sum_mean);
-    running_var[c] = static_cast<float>(momentum * running_var[c] + w * sum_var);
-  } else {
-    running_mean[c] = static_cast<float>(running_mean[c] + w * sum_mean);
-    running_var[c] = static_cast<float>(running_var[c] + w * sum_var);
-  }
+  const double w = ::lmsgd::backend::RunningStatWeight(momentum, groups, vw_count);
+  running_mean[c] = ::lmsgd::backend::UpdateRunningStat(running_mean[c], momentum, w * sum_mean, vw_index);
+  running_var[c] = ::lmsgd::backend::UpdateRunningStat(running_var[c], momentum, w * sum_var, vw_index);
 }
 
 // y = act(x * scale[g][c] + shift[g][c] (+ residual)); scale/shift as 4 floats per (g, c)
@@ -179,18 +171,7 @@ __global__ void BnBackwardReduceKernel(const T* __restrict__ dy, const T* __rest
       s2 += static_cast<double>(d) * xhat;
     }
   }
-  __shared__ double sh[2][kBnRowsPerBlock][32];
-  sh[0][threadIdx.y][threadIdx.x] = s1;
-  sh[1][threadIdx.y][threadIdx.x] = s2;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    for (int k = 1; k < kBnRowsPerBlock; ++k) {
-      s1 += sh[0][k][threadIdx.x];
-      s2 += sh[1][k][threadIdx.x];
-    }
-    atomicAdd(&acc[(static_cast<size_t>(g) * C + c) * 2], s1);
-    atomicAdd(&acc[(static_cast<size_t>(g) * C + c) * 2 + 1], s2);
-  }
+  BlockSumPairInto(s1, s2, c < C, acc, (static_cast<size_t>(g) * C + c) * 2);
 }
 
 // Per channel: dgamma = sum_g s2, dbeta = sum_g s1; per (g, c) the dx coefficients
@@ -521,22 +502,22 @@ absl::Status BnForwardTrain(DType t, const BnShape& s, const void* x, const floa
                             float* running_mean, float* running_var, double eps, double momentum, int vw_index,
                             int vw_count, double* scratch, cudaStream_t stream) {
   const int C = s.channels;
-  if (auto st = Memset(scratch, BnScratchDoubles(s) * sizeof(double), stream, "BN statistics"); !st.ok()) return st;
+  if (auto st = CudaStatus(cudaMemsetAsync(scratch, 0, BnScratchDoubles(s) * sizeof(double), stream), "cudaMemsetAsync (BN statistics)", __FILE__, __LINE__); !st.ok()) return st;
   const int chunks = BnChunks(s);
   const int64_t chunk_rows = (s.rows_per_group + chunks - 1) / chunks;
   const dim3 grid((C + 31) / 32, chunks, s.groups), block(32, kBnRowsPerBlock);
   LMSGD_DISPATCH(t, BnStatsKernel<T><<<grid, block, 0, stream>>>(static_cast<const T*>(x), s.rows_per_group, C,
                                                                   chunk_rows, scratch));
-  if (auto st = Launched("BnStatsKernel"); !st.ok()) return st;
+  if (auto st = LMSGD_LAUNCHED("BnStatsKernel"); !st.ok()) return st;
   BnFinalizeForwardKernel<<<(C + 127) / 128, 128, 0, stream>>>(scratch, s.groups, C, s.rows_per_group, gamma, beta,
                                                                save_mean, save_invstd, running_mean, running_var, eps,
                                                                momentum, vw_index, vw_count);
-  if (auto st = Launched("BnFinalizeForwardKernel"); !st.ok()) return st;
+  if (auto st = LMSGD_LAUNCHED("BnFinalizeForwardKernel"); !st.ok()) return st;
   const size_t total = static_cast<size_t>(s.rows_per_group) * s.groups * C;
   LMSGD_DISPATCH(t, BnApplyKernel<T><<<Blocks(total, 256), 256, 0, stream>>>(
                         static_cast<const T*>(x), reinterpret_cast<const float*>(scratch), 4,
                         static_cast<const T*>(residual), relu, static_cast<T*>(y), total, C, s.rows_per_group));
-  return Launched("BnApplyKernel (forward)");
+  return LMSGD_LAUNCHED("BnApplyKernel (forward)");
 }
 
 absl::Status BnForwardInference(DType t, int64_t rows, int channels, const void* x, const float* gamma,
@@ -544,20 +525,20 @@ absl::Status BnForwardInference(DType t, int64_t rows, int channels, const void*
                                 const void* residual, bool relu, void* y, float* scale_shift, cudaStream_t stream) {
   BnInferenceScaleKernel<<<(channels + 127) / 128, 128, 0, stream>>>(channels, gamma, beta, running_mean,
                                                                      running_var, eps, scale_shift);
-  if (auto st = Launched("BnInferenceScaleKernel"); !st.ok()) return st;
+  if (auto st = LMSGD_LAUNCHED("BnInferenceScaleKernel"); !st.ok()) return st;
   const size_t total = static_cast<size_t>(rows) * channels;
   // One "group" spanning every row: scale/shift per channel with stride 2.
   LMSGD_DISPATCH(t, BnApplyKernel<T><<<Blocks(total, 256), 256, 0, stream>>>(
                         static_cast<const T*>(x), scale_shift, 2, static_cast<const T*>(residual), relu,
                         static_cast<T*>(y), total, channels, rows));
-  return Launched("BnApplyKernel (inference)");
+  return LMSGD_LAUNCHED("BnApplyKernel (inference)");
 }
 
 absl::Status BnBackward(DType t, const BnShape& s, const void* dy, const void* relu_y, const void* x,
                         const float* gamma, const float* save_mean, const float* save_invstd, void* dx,
                         float* dgamma, float* dbeta, bool accumulate, double* scratch, cudaStream_t stream) {
   const int C = s.channels;
-  if (auto st = Memset(scratch, BnScratchDoubles(s) * sizeof(double), stream, "BN gradient sums"); !st.ok()) {
+  if (auto st = CudaStatus(cudaMemsetAsync(scratch, 0, BnScratchDoubles(s) * sizeof(double), stream), "cudaMemsetAsync (BN gradient sums)", __FILE__, __LINE__); !st.ok()) {
     return st;
   }
   const int chunks = BnChunks(s);
@@ -566,29 +547,29 @@ absl::Status BnBackward(DType t, const BnShape& s, const void* dy, const void* r
   LMSGD_DISPATCH(t, BnBackwardReduceKernel<T><<<grid, block, 0, stream>>>(
                         static_cast<const T*>(dy), static_cast<const T*>(relu_y), static_cast<const T*>(x), save_mean,
                         save_invstd, s.rows_per_group, C, chunk_rows, scratch));
-  if (auto st = Launched("BnBackwardReduceKernel"); !st.ok()) return st;
+  if (auto st = LMSGD_LAUNCHED("BnBackwardReduceKernel"); !st.ok()) return st;
   BnFinalizeBackwardKernel<<<(C + 127) / 128, 128, 0, stream>>>(scratch, s.groups, C, s.rows_per_group, gamma,
                                                                 save_invstd, dgamma, dbeta, accumulate);
-  if (auto st = Launched("BnFinalizeBackwardKernel"); !st.ok()) return st;
+  if (auto st = LMSGD_LAUNCHED("BnFinalizeBackwardKernel"); !st.ok()) return st;
   const size_t total = static_cast<size_t>(s.rows_per_group) * s.groups * C;
   LMSGD_DISPATCH(t, BnBackwardDataKernel<T><<<Blocks(total, 256), 256, 0, stream>>>(
                         static_cast<const T*>(dy), static_cast<const T*>(relu_y), static_cast<const T*>(x), save_mean,
                         save_invstd, reinterpret_cast<const float*>(scratch), static_cast<T*>(dx), total, C,
                         s.rows_per_group));
-  return Launched("BnBackwardDataKernel");
+  return LMSGD_LAUNCHED("BnBackwardDataKernel");
 }
 
 absl::Status ReluMask(DType t, size_t n, const void* dy, const void* y, void* dz, cudaStream_t stream) {
   LMSGD_DISPATCH(t, ReluMaskKernel<T><<<Blocks(n, 256), 256, 0, stream>>>(n, static_cast<const T*>(dy),
                                                                           static_cast<const T*>(y), static_cast<T*>(dz)));
-  return Launched("ReluMaskKernel");
+  return LMSGD_LAUNCHED("ReluMaskKernel");
 }
 
 absl::Status MaxPoolForward(DType t, const PoolShape& s, const void* x, void* y, uint8_t* argmax, cudaStream_t stream) {
   const size_t total = static_cast<size_t>(s.n) * s.out_h() * s.out_w() * s.c;
   LMSGD_DISPATCH(t, MaxPoolForwardKernel<T><<<Blocks(total, 256), 256, 0, stream>>>(
                         s, static_cast<const T*>(x), static_cast<T*>(y), argmax, total));
-  return Launched("MaxPoolForwardKernel");
+  return LMSGD_LAUNCHED("MaxPoolForwardKernel");
 }
 
 absl::Status MaxPoolBackward(DType t, const PoolShape& s, const void* dy, const uint8_t* argmax, void* dx,
@@ -596,46 +577,46 @@ absl::Status MaxPoolBackward(DType t, const PoolShape& s, const void* dy, const 
   const size_t total = static_cast<size_t>(s.n) * s.h * s.w * s.c;
   LMSGD_DISPATCH(t, MaxPoolBackwardKernel<T><<<Blocks(total, 256), 256, 0, stream>>>(
                         s, static_cast<const T*>(dy), argmax, static_cast<T*>(dx), total));
-  return Launched("MaxPoolBackwardKernel");
+  return LMSGD_LAUNCHED("MaxPoolBackwardKernel");
 }
 
 absl::Status GlobalAvgPoolForward(DType t, int n, int hw, int c, const void* x, float* y, cudaStream_t stream) {
   const size_t total = static_cast<size_t>(n) * c;
   LMSGD_DISPATCH(t, GapForwardKernel<T><<<Blocks(total, 256, 1u << 30), 256, 0, stream>>>(
                         n, hw, c, static_cast<const T*>(x), y));
-  return Launched("GapForwardKernel");
+  return LMSGD_LAUNCHED("GapForwardKernel");
 }
 
 absl::Status GlobalAvgPoolBackward(DType t, int n, int hw, int c, const float* dy, void* dx, cudaStream_t stream) {
   const size_t total = static_cast<size_t>(n) * hw * c;
   LMSGD_DISPATCH(t, GapBackwardKernel<T><<<Blocks(total, 256), 256, 0, stream>>>(n, hw, c, dy, static_cast<T*>(dx)));
-  return Launched("GapBackwardKernel");
+  return LMSGD_LAUNCHED("GapBackwardKernel");
 }
 
 absl::Status SoftmaxCrossEntropy(int n, int k, const float* logits, const int32_t* labels, double normalizer,
                                  float* dlogits, double* row_loss, double* loss, cudaStream_t stream) {
   SoftmaxCeKernel<<<n, 256, 0, stream>>>(k, logits, labels, normalizer, dlogits, row_loss);
-  if (auto st = Launched("SoftmaxCeKernel"); !st.ok()) return st;
+  if (auto st = LMSGD_LAUNCHED("SoftmaxCeKernel"); !st.ok()) return st;
   SumLossKernel<<<1, 1, 0, stream>>>(n, row_loss, normalizer, loss);
-  return Launched("SumLossKernel");
+  return LMSGD_LAUNCHED("SumLossKernel");
 }
 
 absl::Status BiasGradient(int n, int k, const float* dlogits, float* db, bool accumulate, cudaStream_t stream) {
   BiasGradKernel<<<(k + 127) / 128, 128, 0, stream>>>(n, k, dlogits, db, accumulate);
-  return Launched("BiasGradKernel");
+  return LMSGD_LAUNCHED("BiasGradKernel");
 }
 
 absl::Status Sgemm(bool trans_a, bool trans_b, int m, int n, int k, const float* a, int lda, const float* b, int ldb,
                    float beta, float* c, int ldc, cudaStream_t stream) {
   const dim3 grid((n + kGemmTile - 1) / kGemmTile, (m + kGemmTile - 1) / kGemmTile);
   SgemmKernel<<<grid, 256, 0, stream>>>(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
-  return Launched("SgemmKernel");
+  return LMSGD_LAUNCHED("SgemmKernel");
 }
 
 absl::Status AddBias(int n, int k, const float* bias, float* y, cudaStream_t stream) {
   const size_t total = static_cast<size_t>(n) * k;
   AddBiasKernel<<<Blocks(total, 256), 256, 0, stream>>>(n, k, bias, y);
-  return Launched("AddBiasKernel");
+  return LMSGD_LAUNCHED("AddBiasKernel");
 }
 
 absl::Status NchwToNhwc(DType t, int n, int c, int h, int w, int c_out, const float* in, void* out,
@@ -643,40 +624,40 @@ absl::Status NchwToNhwc(DType t, int n, int c, int h, int w, int c_out, const fl
   const size_t total = static_cast<size_t>(n) * c_out * h * w;
   LMSGD_DISPATCH(t, NchwToNhwcKernel<T><<<Blocks(total, 256), 256, 0, stream>>>(n, c, h, w, c_out, in,
                                                                                 static_cast<T*>(out)));
-  return Launched("NchwToNhwcKernel");
+  return LMSGD_LAUNCHED("NchwToNhwcKernel");
 }
 
 absl::Status PadChannels(DType t, size_t rows, int c, int cp, const float* src, void* dst, cudaStream_t stream) {
   LMSGD_DISPATCH(t, PadChannelsKernel<T><<<Blocks(rows * cp, 256), 256, 0, stream>>>(rows, c, cp, src,
                                                                                      static_cast<T*>(dst)));
-  return Launched("PadChannelsKernel");
+  return LMSGD_LAUNCHED("PadChannelsKernel");
 }
 
 absl::Status UnpadChannels(DType t, size_t rows, int c, int cp, const void* src, float* dst, bool accumulate,
                            cudaStream_t stream) {
   LMSGD_DISPATCH(t, UnpadChannelsKernel<T><<<Blocks(rows * c, 256), 256, 0, stream>>>(
                         rows, c, cp, static_cast<const T*>(src), dst, accumulate));
-  return Launched("UnpadChannelsKernel");
+  return LMSGD_LAUNCHED("UnpadChannelsKernel");
 }
 
 absl::Status CastFromFloat(DType t, size_t n, const float* in, void* out, cudaStream_t stream) {
   if (n == 0) return absl::OkStatus();
   LMSGD_DISPATCH(t, CastFromFloatKernel<T><<<Blocks(n, 256), 256, 0, stream>>>(n, in, static_cast<T*>(out)));
-  return Launched("CastFromFloatKernel");
+  return LMSGD_LAUNCHED("CastFromFloatKernel");
 }
 
 absl::Status CastToFloat(DType t, size_t n, const void* in, float* out, bool accumulate, cudaStream_t stream) {
   if (n == 0) return absl::OkStatus();
   LMSGD_DISPATCH(t, CastToFloatKernel<T><<<Blocks(n, 256), 256, 0, stream>>>(n, static_cast<const T*>(in), out,
                                                                              accumulate));
-  return Launched("CastToFloatKernel");
+  return LMSGD_LAUNCHED("CastToFloatKernel");
 }
 
 absl::Status SgdUpdate(const SgdChunk* chunks, int num_chunks, float* params, const float* grads, float* velocity,
                        float lr, float momentum, float correction, bool nesterov, cudaStream_t stream) {
   if (num_chunks == 0) return absl::OkStatus();
   SgdKernel<<<num_chunks, 256, 0, stream>>>(chunks, params, grads, velocity, lr, momentum, correction, nesterov);
-  return Launched("SgdKernel");
+  return LMSGD_LAUNCHED("SgdKernel");
 }
 
 }  // namespace lmsgd::cuda

@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "dnnl.hpp"
+#include "worker/backend/bn_running_stats.h"
 
 namespace lmsgd::backend::onednn {
 namespace {
@@ -486,7 +487,7 @@ void Net::PrepareWeights(ConvBn* u) {
 void Net::UpdateRunningStats(ConvBn* u) {
   const int C = u->bn.channels;
   const double cnt = static_cast<double>(opt_.bn_group) * u->out_h * u->out_w;
-  const double unbias = cnt > 1 ? cnt / (cnt - 1) : 0.0;
+  const double unbias = UnbiasFactor(cnt);
   const double m = opt_.bn_momentum;
   float* rm = u->running_mean;
   float* rv = u->running_var;
@@ -496,15 +497,9 @@ void Net::UpdateRunningStats(ConvBn* u) {
       mean += u->mean_buf[static_cast<size_t>(k) * C + c];
       var += u->var_buf[static_cast<size_t>(k) * C + c] * unbias;
     }
-    // r <- m r + (1 - m) mean_j(s_j) over the step's virtual workers j, applied piecewise.
-    const double w = (1 - m) / (static_cast<double>(u->groups) * vw_count_);
-    if (vw_index_ == 0) {
-      rm[c] = static_cast<float>(m * rm[c] + w * mean);
-      rv[c] = static_cast<float>(m * rv[c] + w * var);
-    } else {
-      rm[c] = static_cast<float>(rm[c] + w * mean);
-      rv[c] = static_cast<float>(rv[c] + w * var);
-    }
+    const double w = RunningStatWeight(m, u->groups, vw_count_);
+    rm[c] = UpdateRunningStat(rm[c], m, w * mean, vw_index_);
+    rv[c] = UpdateRunningStat(rv[c], m, w * var, vw_index_);
   }
 }
 
