@@ -7,7 +7,7 @@ namespace lmsgd::comm {
 BucketedReducer::BucketedReducer(Communicator* comm, model::ParamStore* store, size_t bucket_bytes,
                                  size_t first_bucket_bytes, absl::Duration finish_timeout)
     : comm_(comm), store_(store), finish_timeout_(finish_timeout) {
-  buckets_ = MakeBuckets(*store, bucket_bytes, first_bucket_bytes);
+  buckets_ = model::MakeBuckets(*store, bucket_bytes, first_bucket_bytes);
   bucket_of_param_.assign(store->num_params(), -1);
   for (size_t b = 0; b < buckets_.size(); ++b) {
     for (size_t p = buckets_[b].first_param; p < buckets_[b].end_param; ++p) bucket_of_param_[p] = static_cast<int>(b);
@@ -19,7 +19,7 @@ BucketedReducer::BucketedReducer(Communicator* comm, model::ParamStore* store, s
 void BucketedReducer::GradReady(size_t p) {
   const int b = bucket_of_param_[p];
   if (--pending_[b] != 0) return;
-  const Bucket& bk = buckets_[b];
+  const model::Bucket& bk = buckets_[b];
   works_.push_back(comm_->AllreduceAsync(store_->grads().data() + bk.offset, bk.count));
   bytes_reduced_ += bk.count * sizeof(float);
 }

@@ -23,23 +23,20 @@
 
 namespace lmsgd::comm {
 
-using model::Bucket;
-using model::MakeBuckets;
-
 class BucketedReducer final : public train::GradientReducer {
  public:
   BucketedReducer(Communicator* comm, model::ParamStore* store, size_t bucket_bytes, size_t first_bucket_bytes,
                   absl::Duration finish_timeout = absl::Seconds(120));
   void GradReady(size_t param_index) override;
   absl::Status Finish() override;
-  const std::vector<Bucket>& buckets() const { return buckets_; }
+  const std::vector<model::Bucket>& buckets() const { return buckets_; }
   uint64_t bytes_reduced() const { return bytes_reduced_; }
 
  private:
   Communicator* comm_;
   model::ParamStore* store_;
   absl::Duration finish_timeout_;
-  std::vector<Bucket> buckets_;
+  std::vector<model::Bucket> buckets_;
   std::vector<int> bucket_of_param_;
   std::vector<size_t> pending_;  // per bucket: parameters not yet ready this step
   std::vector<std::shared_ptr<Work>> works_;
