@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# The GPU check of issue 6, in two halves.
+# The device-machine check (issue 6's GPU check, and issue 4's NCCL and CPU-allreduce figures), in two halves.
 #
 #   deploy/gpu_check.sh --prepare
-#       On the development machine (Debian, CUDA 13 + cuDNN 9 + NCCL, Abseil): builds
-#       lmsgd-gpu-check, cuda_test and engine_test (build-gpu/, Release) and bundles them, stripped, with the
-#       shared libraries they need into .gpu_bundle/bundle.tar.xz (git-ignored; ~15 MB). The GPU machine has
-#       no Debian packages, so the bundle brings what it lacks and uses its CUDA, cuDNN, cuBLAS
-#       and NCCL (the toolkit's and PyTorch's pip wheels).
+#       On the development machine (Debian, CUDA 13 + cuDNN 9 + NCCL, Abseil): builds the GPU
+#       binaries, the coordinator, lmsgdctl and the allreduce benchmark (build-gpu/, Release) and
+#       bundles them, stripped, with the shared libraries they need, UCX's modules and a relocatable
+#       copy of Debian's Open MPI (the benchmark's baseline) into .gpu_bundle/bundle.tar.xz
+#       (git-ignored; ~25 MB). The GPU machine has no Debian packages, so the bundle brings what it
+#       lacks and uses its CUDA, cuDNN, cuBLAS and NCCL (the toolkit's and PyTorch's pip wheels).
 #
-#   deploy/gpu_check.sh [--quick] [--out DIR]
-#       On the GPU machine, in the repo root with .gpu_bundle/ carried along. Within ~8 minutes
-#       on one H100: the GPU unit tests (cuda_test, the GPU trainer tests of engine_test), a short
-#       standalone lmsgd-worker run on the GPU, the agreement table (GPU vs the float64
-#       reference, fp32 and bf16), ResNet-50 training throughput for lmsgd and for PyTorch
-#       (torchvision resnet50, channels_last, autocast bf16) at batch 64/128/256 x
-#       fp32/tf32/bf16, and last one table with the ratio. --quick: batch 128 and 256 in bf16
-#       and fp32 only. Results also go to DIR (default $OUT or /tmp/gpu_check) as
-#       gpu_check.jsonl and gpu_check.log.
+#   deploy/gpu_check.sh [--quick] [--no-allreduce] [--out DIR]
+#       On the GPU machine, in the repo root with .gpu_bundle/ carried along. Within ~9 minutes
+#       on one H100 (16 cores): the GPU unit tests (cuda_test, the GPU trainer tests of engine_test),
+#       a short standalone lmsgd-worker run on the GPU, the same job through a real coordinator
+#       (lmsgdctl submit/watch; NCCL bootstrapped through the coordinator), the agreement table
+#       (GPU vs the float64 reference, fp32 and bf16), ResNet-50 training throughput for lmsgd and for
+#       PyTorch (torchvision resnet50, channels_last, autocast bf16) at batch 64/128/256 x
+#       fp32/tf32/bf16 with one table of ratios, and last the CPU allreduce benchmark
+#       (lmsgd-bench allreduce, k = 2 and 4 processes, lmsgd vs Gloo vs Open MPI) on the machine's
+#       cores. --quick: batch 128 and 256 in bf16 and fp32 only. --no-allreduce: skip the CPU
+#       benchmark. Results also go to DIR (default $OUT or /tmp/gpu_check) as gpu_check.jsonl,
+#       gpu_check.log and allreduce_k{2,4}.txt.
 #
-# With the device tool: run(command="deploy/gpu_check.sh", carry=[".gpu_bundle"], timeout_s=540).
+# With the device tool: run(command="deploy/gpu_check.sh --quick", carry=[".gpu_bundle"], timeout_s=570).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BUNDLE=.gpu_bundle
@@ -26,11 +30,13 @@ BUNDLE=.gpu_bundle
 if [[ "${1:-}" == "--prepare" ]]; then
   set -e
   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DLMSGD_WITH_CUDA=ON >/dev/null
-  cmake --build build-gpu --target lmsgd-gpu-check cuda_test engine_test lmsgd-worker
+  cmake --build build-gpu --target lmsgd-gpu-check cuda_test engine_test lmsgd-worker lmsgd-coordinator lmsgdctl \
+    lmsgd-bench lmsgd-bench-mpi
   rm -rf "$BUNDLE"
   mkdir -p "$BUNDLE/bin" "$BUNDLE/lib"
   for b in build-gpu/tests/lmsgd-gpu-check build-gpu/tests/cuda_test build-gpu/tests/engine_test \
-           build-gpu/worker/lmsgd-worker; do
+           build-gpu/worker/lmsgd-worker build-gpu/coordinator/lmsgd-coordinator build-gpu/coordinator/ctl/lmsgdctl \
+           build-gpu/tests/lmsgd-bench build-gpu/tests/lmsgd-bench-mpi; do
     strip -o "$BUNDLE/bin/$(basename "$b")" "$b"
   done
   # Everything the binaries load except glibc, libstdc++/libgcc and CUDA's own libraries
@@ -39,9 +45,26 @@ if [[ "${1:-}" == "--prepare" ]]; then
     ldd "$b" | awk '/=>/ {print $3}' |
       grep -v -E '/(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+)\.so|libcud|libnccl' || true
   done | sort -u | while read -r lib; do cp -L "$lib" "$BUNDLE/lib/"; done
+  # UCX's transport modules (found next to libucs, or through UCX_MODULE_DIR).
+  ucx_modules=$(dirname "$(ldd "$BUNDLE/bin/lmsgd-bench" | awk '/libucs.so/ {print $3}')")/ucx
+  mkdir -p "$BUNDLE/lib/ucx"
+  cp -L "$ucx_modules"/*.so.0 "$BUNDLE/lib/ucx/"
+  # Open MPI (the benchmark's baseline), relocatable: its packages' files under ompi/ at their
+  # absolute paths, and the libraries they load that the GPU machine may lack in ompi/libs.
+  stage="$BUNDLE/ompi"
+  for p in openmpi-bin libopenmpi3 openmpi-common libpmix2; do dpkg -L "$p"; done |
+    grep -v -E '^/usr/share/(doc|man|lintian)|^/\.$' | sort -u | while read -r f; do
+      if [[ -f "$f" || -L "$f" ]]; then mkdir -p "$stage$(dirname "$f")"; cp -a "$f" "$stage$f"; fi
+    done
+  ln -sf orterun "$stage/usr/bin/mpirun"
+  mkdir -p "$stage/libs"
+  find "$stage" -type f \( -name '*.so*' -o -path '*/usr/bin/*' \) | while read -r f; do
+    ldd "$f" 2>/dev/null | awk '/=>/ {print $3}' || true  # scripts in usr/bin are no ELF files
+  done | sort -u | grep -v -E '/(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+)\.so|libmca_common|libmpi|libopen-|liboshmem|libpmix' |
+    while read -r lib; do cp -L "$lib" "$stage/libs/"; done
   # One xz tarball (~15 MB instead of ~65: the device tool carries at most 64 MiB).
-  tar -C "$BUNDLE" -cJf "$BUNDLE.tar.xz" bin lib
-  rm -rf "$BUNDLE"/bin "$BUNDLE"/lib
+  tar -C "$BUNDLE" -cJf "$BUNDLE.tar.xz" bin lib ompi
+  rm -rf "$BUNDLE"/bin "$BUNDLE"/lib "$BUNDLE"/ompi
   mv "$BUNDLE.tar.xz" "$BUNDLE/bundle.tar.xz"
   du -sh "$BUNDLE"
   echo "bundle ready: carry .gpu_bundle to the GPU machine and run deploy/gpu_check.sh there"
@@ -49,12 +72,14 @@ if [[ "${1:-}" == "--prepare" ]]; then
 fi
 
 QUICK=0
+ALLREDUCE=1
 OUTDIR="${OUT:-/tmp/gpu_check}"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --quick) QUICK=1 ;;
+    --no-allreduce) ALLREDUCE=0 ;;
     --out) OUTDIR="$2"; shift ;;
-    *) echo "usage: $0 --prepare | [--quick] [--out DIR]" >&2; exit 2 ;;
+    *) echo "usage: $0 --prepare | [--quick] [--no-allreduce] [--out DIR]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -98,7 +123,7 @@ for lib in libnvrtc.so.13 libcublasLt.so.13; do
 done
 # Only our binaries get these libraries (PyTorch's python keeps its own environment).
 LIBPATH="$LIBDIRS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-run() { env LD_LIBRARY_PATH="$LIBPATH" "$@"; }
+run() { env LD_LIBRARY_PATH="$LIBPATH" "$@"; }  # (background jobs spell it out, so that $! is the process)
 missing=$(for b in "$BUNDLE"/bin/*; do run ldd "$b"; done | grep 'not found' | sort -u || true)
 if [[ -n "$missing" ]]; then echo "gpu_check: unresolved libraries:"; echo "$missing"; exit 2; fi
 
@@ -120,11 +145,97 @@ run timeout 120 "$BUNDLE/bin/engine_test" --gtest_brief=1 --gtest_filter='Traine
 echo; echo "== lmsgd-worker --standalone --device cuda:0 (ResNet-20, synthetic, bf16, 2 short epochs) =="
 run timeout 120 "$BUNDLE/bin/lmsgd-worker" --standalone --device cuda:0 --job_file deploy/jobs/synthetic_resnet20_gpu.textproto \
   --checkpoint_dir /tmp/lmsgd-gpu-check-ckpt --resume=false || rc=1
+echo; echo "== the same job through lmsgd-coordinator: lmsgdctl submit + watch, lmsgd-worker --device cuda:0 (NCCL id via the coordinator) =="
+work=$(mktemp -d /tmp/lmsgd-gpu-dist.XXXXXX)
+env LD_LIBRARY_PATH="$LIBPATH" "$BUNDLE/bin/lmsgd-coordinator" --listen 127.0.0.1:0 --metrics_listen 127.0.0.1:0 --state_dir "$work/state" \
+  --ready_file "$work/ready" >"$work/coordinator.log" 2>&1 &
+coord=$!
+for _ in $(seq 1 100); do [[ -f "$work/ready" ]] && break; sleep 0.1; done
+addr=$(sed -n 's/^grpc=//p' "$work/ready" 2>/dev/null)
+if [[ -z "$addr" ]]; then
+  echo "FAILED: the coordinator did not start:"; cat "$work/coordinator.log"; rc=1
+else
+  job=$(run "$BUNDLE/bin/lmsgdctl" --coordinator "$addr" submit deploy/jobs/synthetic_resnet20_gpu.textproto)
+  echo "submitted: $job"
+  env LD_LIBRARY_PATH="$LIBPATH" timeout 150 "$BUNDLE/bin/lmsgd-worker" --coordinator "$addr" --job "$job" --device cuda:0 \
+    --checkpoint_dir "$work/ckpt" --resume=false --join_timeout_s 60 >"$work/worker0.log" 2>&1 &
+  wpid=$!
+  env LD_LIBRARY_PATH="$LIBPATH" timeout 160 "$BUNDLE/bin/lmsgdctl" --coordinator "$addr" watch "$job" >"$work/watch.log" 2>&1 &
+  watchpid=$!
+  wait "$wpid"
+  wrc=$?
+  # The worker has ended: the job's end reaches watch within moments.
+  for _ in $(seq 1 50); do kill -0 "$watchpid" 2>/dev/null || break; sleep 0.2; done
+  kill "$watchpid" 2>/dev/null
+  wait "$watchpid"
+  watchrc=$?
+  tail -3 "$work/watch.log"
+  run "$BUNDLE/bin/lmsgdctl" --coordinator "$addr" status "$job"
+  if [[ $wrc == 0 && $watchrc == 0 ]]; then
+    echo "distributed GPU job: SUCCEEDED"
+  else
+    echo "FAILED: distributed GPU job (worker exit $wrc, watch exit $watchrc; worker log follows)"; rc=1
+  fi
+  tail -25 "$work/worker0.log"
+  cp "$work/worker0.log" "$OUTDIR/dist_worker0.log" 2>/dev/null
+fi
+kill -TERM "$coord" 2>/dev/null; wait "$coord" 2>/dev/null
 echo
 run timeout 180 "$BUNDLE/bin/lmsgd-gpu-check" --mode=agree --json="$JSON" || rc=1
 run timeout 300 "$BUNDLE/bin/lmsgd-gpu-check" --mode=speed --batches=$BATCHES --precisions=$PRECS --json="$JSON" || rc=1
 echo; echo "== PyTorch baseline =="
 timeout 240 python3 tests/bench/pytorch_gpu_train.py --batches=$BATCHES --precisions=$PRECS --json="$JSON" || rc=1
+
+if [[ $ALLREDUCE == 1 ]]; then
+  echo; echo "== CPU allreduce (UCX shared memory, no GPU): lmsgd vs Gloo vs Open MPI, $(nproc) cores =="
+  # Rounds of k = 2 and k = 4 in turn, one JSON line per (impl, algo, size) each, while the time
+  # allows (a slow spell then lands on both k); the summary takes each row's median over rounds.
+  AR="$OUTDIR/allreduce.jsonl"
+  : >"$AR"
+  ompi="$BUNDLE/ompi"
+  (
+    export UCX_MODULE_DIR="$BUNDLE/lib/ucx"
+    export OPAL_PREFIX="$ompi/usr" OPAL_SYSCONFDIR="$ompi/etc/openmpi" OPAL_PKGDATADIR="$ompi/usr/share/openmpi"
+    export OPAL_LIBDIR="$ompi/usr/lib/x86_64-linux-gnu/openmpi/lib" OPAL_PKGLIBDIR="$ompi/usr/lib/x86_64-linux-gnu/openmpi/lib/openmpi3"
+    px="$ompi/usr/lib/x86_64-linux-gnu/pmix2"
+    export PMIX_INSTALL_PREFIX="$px" PMIX_LIBDIR="$px/lib" PMIX_PKGLIBDIR="$px/lib/pmix" PMIX_DATADIR="$px/share" PMIX_PKGDATADIR="$px/share/pmix"
+    export PATH="$ompi/usr/bin:$PATH"
+    LIBPATH="$LIBPATH:$ompi/usr/lib/x86_64-linux-gnu:$px/lib:$ompi/libs"
+    t0=$SECONDS
+    for round in 1 2 3; do
+      for k in 2 4; do
+        (( SECONDS - t0 < ${ALLREDUCE_BUDGET_S:-200} )) || break 2
+        echo "round $round, k=$k ($((SECONDS - t0)) s)"
+        run timeout 100 "$BUNDLE/bin/lmsgd-bench" allreduce --ranks=$k --rounds=1 --json --min_bytes=4096 \
+          --max_bytes=268435456 >>"$AR" || echo "FAILED: allreduce benchmark k=$k round $round"
+      done
+    done
+  )
+  python3 - "$AR" <<'EOF' | tee "$OUTDIR/allreduce_summary.txt"
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
+t = {}
+for r in rows:
+    t.setdefault((r["k"], r["impl"], r["algo"], r["bytes"]), []).append(r["time_us"])
+med = {key: statistics.median(v) for key, v in t.items()}
+rounds = max((len(v) for v in t.values()), default=0)
+for k in sorted({key[0] for key in med}):
+    print(f"\nallreduce k={k}: median time_us of {rounds} rounds; busbw GB/s = bytes/time * 2(k-1)/k")
+    print(f"{'bytes':>10s} {'ring':>9s} {'hd':>9s} {'shm':>9s} {'gloo':>9s} {'openmpi':>9s}"
+          f" {'lmsgd best':>16s} {'busbw':>6s} {'best/mpi':>8s} {'ring/hd':>7s}")
+    for b in sorted({key[3] for key in med if key[0] == k}):
+        lm = {a: us for (kk, impl, a, bb), us in med.items() if kk == k and bb == b and impl == "lmsgd"}
+        gl = min((us for (kk, impl, a, bb), us in med.items() if kk == k and bb == b and impl == "gloo"), default=None)
+        mpi = med.get((k, "openmpi", "MPI_Allreduce", b))
+        best = min(lm, key=lm.get) if lm else None
+        bw = (b / (lm[best] * 1e-6) / 1e9 * 2 * (k - 1) / k) if best else 0.0
+        f = lambda v: f"{v:9.1f}" if v else f"{'-':>9s}"
+        ratio = f"{mpi / lm[best]:8.2f}" if best and mpi else f"{'-':>8s}"
+        rh = f"{lm['ring'] / lm['halving_doubling']:7.2f}" if "ring" in lm and "halving_doubling" in lm else f"{'-':>7s}"
+        print(f"{b:10d} {f(lm.get('ring'))} {f(lm.get('halving_doubling'))} {f(lm.get('shared_memory'))}"
+              f" {f(gl)} {f(mpi)} {best or '-':>16s} {bw:6.2f} {ratio} {rh}")
+EOF
+fi
 
 python3 - "$JSON" <<'EOF'
 import json, sys
