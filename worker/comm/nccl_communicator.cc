@@ -104,7 +104,7 @@ absl::Status NcclCommunicator::BroadcastAsync(float* buf, size_t count, int root
 
 absl::Status NcclCommunicator::Wait(cudaEvent_t done, absl::Time deadline, const char* what) {
   for (;;) {
-    const cudaError_t q = cudaEventQuery(done);
+    const cudaError_t q = cuda::QueryEvent(done);
     if (q == cudaSuccess) return absl::OkStatus();
     if (q != cudaErrorNotReady) {
       Abort();

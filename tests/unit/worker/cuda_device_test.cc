@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "absl/strings/match.h"
+#include "worker/backend/cuda/cuda_check.h"
 #include "worker/backend/cuda/device.h"
 
 namespace lmsgd::cuda {
@@ -35,6 +36,24 @@ TEST(CudaDeviceTest, FillKernelOnDevice) {
   ASSERT_EQ(cudaMemcpy(h.data(), d, 1000 * sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
   cudaFree(d);
   for (float v : h) ASSERT_EQ(v, 2.5f);
+}
+
+// A failed runtime call is recorded as the thread's last error; once CudaStatus has turned it
+// into a Status, a later launch check (cudaGetLastError) must not report it again. Runs with
+// on a GPU machine; without a driver the runtime's error is sticky and the test skips.
+TEST(CudaDeviceTest, AConvertedErrorIsNotReportedAgainByTheNextCheck) {
+  const int bad = 1 << 20;  // no such ordinal anywhere
+  ASSERT_NE(cudaSetDevice(bad), cudaSuccess);
+  if (cudaPeekAtLastError() == cudaSuccess) GTEST_SKIP() << "this CUDA runtime records no last error for it";
+  (void)cudaGetLastError();
+  if (cudaPeekAtLastError() != cudaSuccess) {
+    GTEST_SKIP() << "the runtime's error is sticky on this machine (" << cudaGetErrorName(cudaPeekAtLastError())
+                 << ": no GPU driver), so there is nothing to clear";
+  }
+  const absl::Status st = CudaStatus(cudaSetDevice(bad), "cudaSetDevice(bad)", __FILE__, __LINE__);
+  ASSERT_FALSE(st.ok());
+  EXPECT_TRUE(absl::StrContains(st.message(), "cudaSetDevice(bad)")) << st;
+  EXPECT_EQ(cudaPeekAtLastError(), cudaSuccess) << cudaGetErrorName(cudaPeekAtLastError());
 }
 
 }  // namespace

@@ -10,10 +10,24 @@
 
 namespace lmsgd::cuda {
 
+// A failed call's error is consumed here (cudaGetLastError): once it is a Status it must not be
+// reported again by an unrelated launch check later on this thread (a failed cudaSetDevice
+// on a bad ordinal once surfaced as "launching NchwToNhwcKernel: invalid device ordinal" in the
+// next test). Sticky errors (a faulted context) keep coming back from every call regardless.
 inline absl::Status CudaStatus(cudaError_t err, const char* expr, const char* file, int line) {
   if (err == cudaSuccess) return absl::OkStatus();
+  (void)cudaGetLastError();
   return absl::InternalError(absl::StrCat(file, ":", line, ": ", expr, ": ", cudaGetErrorName(err), ": ",
                                           cudaGetErrorString(err)));
+}
+
+// cudaEventQuery that does not leave cudaErrorNotReady behind as this thread's last runtime
+// error: a later launch check (cudaGetLastError) would otherwise report "device not ready" as
+// its kernel's failure. Returns cudaSuccess, cudaErrorNotReady, or the real error.
+inline cudaError_t QueryEvent(cudaEvent_t event) {
+  const cudaError_t q = cudaEventQuery(event);
+  if (q == cudaErrorNotReady) (void)cudaGetLastError();
+  return q;
 }
 
 }  // namespace lmsgd::cuda

@@ -48,7 +48,7 @@ absl::Status WaitForEvent(cudaEvent_t event, absl::Duration timeout, absl::strin
   const auto start = std::chrono::steady_clock::now();
   const auto limit = absl::ToChronoNanoseconds(timeout);
   for (int spin = 0;; ++spin) {
-    cudaError_t err = cudaEventQuery(event);
+    cudaError_t err = ::lmsgd::cuda::QueryEvent(event);
     if (err == cudaSuccess) return absl::OkStatus();
     if (err != cudaErrorNotReady) {
       return absl::InternalError(absl::StrCat("waiting for ", what, ": ", cudaGetErrorName(err), ": ",
@@ -193,7 +193,10 @@ struct GpuResNet::Impl {
       return e;
     }
     cudaEvent_t e = nullptr;
-    if (cudaEventCreate(&e) != cudaSuccess) return nullptr;
+    if (cudaEventCreate(&e) != cudaSuccess) {
+      (void)cudaGetLastError();
+      return nullptr;
+    }
     all_events.push_back(e);
     return e;
   }
@@ -201,13 +204,21 @@ struct GpuResNet::Impl {
    public:
     Timer(Impl* m, double OpTimes::*field) : m_(m), field_(field) {
       if (!m_->profile || (start_ = m_->TimingEvent()) == nullptr) return;
-      cudaEventRecord(start_, m_->stream);
+      if (cudaEventRecord(start_, m_->stream) != cudaSuccess) {
+        (void)cudaGetLastError();  // profiling is best effort: no timing, and no error left behind
+        m_->event_pool.push_back(start_);
+        start_ = nullptr;
+      }
     }
     ~Timer() {
       if (start_ == nullptr) return;
       cudaEvent_t end = m_->TimingEvent();
-      if (end == nullptr) return;
-      cudaEventRecord(end, m_->stream);
+      if (end == nullptr || cudaEventRecord(end, m_->stream) != cudaSuccess) {
+        (void)cudaGetLastError();
+        m_->event_pool.push_back(start_);
+        if (end != nullptr) m_->event_pool.push_back(end);
+        return;
+      }
       m_->timings.push_back({field_, start_, end});
     }
 
@@ -219,7 +230,11 @@ struct GpuResNet::Impl {
   void CollectTimes() {
     for (const Timing& t : timings) {
       float ms = 0;
-      if (cudaEventElapsedTime(&ms, t.start, t.end) == cudaSuccess) times.*(t.field) += ms / 1000.0;
+      if (cudaEventElapsedTime(&ms, t.start, t.end) == cudaSuccess) {
+        times.*(t.field) += ms / 1000.0;
+      } else {
+        (void)cudaGetLastError();  // a lost sample, not the next launch's error
+      }
       event_pool.push_back(t.start);
       event_pool.push_back(t.end);
     }
