@@ -17,8 +17,10 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <random>
 #include <string>
 #include <vector>
@@ -109,33 +111,43 @@ bool RunAgreementTable(const Flags& f, std::ofstream* json) {
   using model::Arch;
   std::vector<AgreementCase> cases;
   for (Precision p : {Precision::kFp32, Precision::kBf16}) {
-    cases.push_back({Arch::kResNet8, 3, 10, 16, 8, 4, p});
-    cases.push_back({Arch::kResNet18, 3, 7, 32, 4, 2, p});
-    cases.push_back({Arch::kResNet50, 3, 10, 32, 4, 4, p});
+    // tests/gpu/agreement.h: why these batches, and why ResNet-50 is gated as a whole.
+    cases.push_back({Arch::kResNet8, 3, 10, 16, 16, 8, p});
+    cases.push_back({Arch::kResNet18, 3, 7, 32, 8, 4, p});
+    cases.push_back({Arch::kResNet50, 3, 10, 32, 8, 8, p, /*relu_flips=*/true});
   }
   bool all_ok = true;
   std::printf("\n== agreement: GPU vs float64 reference (CPU), same weights and batch ==\n");
-  std::printf("%-42s %10s %10s %22s %9s %9s %9s  %s\n", "case", "loss_rel", "grad_rel", "(worst tensor)", "runstat",
-              "logits", "step", "verdict");
+  std::printf("%-42s %10s %9s %10s %24s %9s %9s %9s  %s\n", "case", "loss_rel", "grad_all", "grad_max",
+              "(worst tensor)", "runstat", "logits", "step", "verdict");
+  std::map<std::string, Agreement> fp32_rows;  // by case name without the precision
   for (const AgreementCase& c : cases) {
     auto a = RunAgreement(c, f.device);
+    AgreementCase as_fp32 = c;
+    as_fp32.precision = Precision::kFp32;
     if (!a.ok()) {
       std::printf("%-42s ERROR %s\n", c.Name().c_str(), a.status().ToString().c_str());
       all_ok = false;
       continue;
     }
-    const Tolerance t = ToleranceFor(c.precision);
+    if (c.precision == Precision::kFp32) fp32_rows[as_fp32.Name()] = *a;
+    auto fp32 = fp32_rows.find(as_fp32.Name());
+    const Tolerance t = ToleranceFor(c, fp32 == fp32_rows.end() ? nullptr : &fp32->second);
     const bool ok = Passes(*a, t);
     all_ok = all_ok && ok;
-    std::printf("%-42s %10.2e %10.2e %22s %9.2e %9.2e %9.2e  %s (loss<=%.0e grad<=%.0e)\n", c.Name().c_str(),
-                a->loss_rel, a->grad_rel_max, a->grad_worst.c_str(), a->running_rel, a->logits_rel, a->step_rel,
-                ok ? "PASS" : "FAIL", t.loss, t.grad);
+    auto bound = [](const char* what, double b) {
+      return std::isinf(b) ? absl::StrCat(what, " not gated") : absl::StrFormat("%s<=%.0e", what, b);
+    };
+    std::printf("%-42s %10.2e %9.2e %10.2e %24s %9.2e %9.2e %9.2e  %s (%s %s %s)\n", c.Name().c_str(), a->loss_rel,
+                a->grad_rel_all, a->grad_rel_max, a->grad_worst.c_str(), a->running_rel, a->logits_rel, a->step_rel,
+                ok ? "PASS" : "FAIL", bound("loss", t.loss).c_str(), bound("grad_all", t.grad_all).c_str(),
+                t.grad > 0 ? bound("grad_max", t.grad).c_str() : "grad_max not gated");
     if (json) {
       *json << absl::StrFormat(
           "{\"kind\": \"agreement\", \"case\": \"%s\", \"loss_gpu\": %.9g, \"loss_ref\": %.9g, \"loss_rel\": %.3e, "
-          "\"grad_rel_max\": %.3e, \"grad_worst\": \"%s\", \"running_rel\": %.3e, \"logits_rel\": %.3e, "
-          "\"step_rel\": %.3e, \"pass\": %s}\n",
-          c.Name(), a->loss_gpu, a->loss_ref, a->loss_rel, a->grad_rel_max, a->grad_worst, a->running_rel,
+          "\"grad_rel_all\": %.3e, \"grad_rel_max\": %.3e, \"grad_worst\": \"%s\", \"running_rel\": %.3e, "
+          "\"logits_rel\": %.3e, \"step_rel\": %.3e, \"pass\": %s}\n",
+          c.Name(), a->loss_gpu, a->loss_ref, a->loss_rel, a->grad_rel_all, a->grad_rel_max, a->grad_worst, a->running_rel,
           a->logits_rel, a->step_rel, ok ? "true" : "false");
     }
   }
