@@ -93,13 +93,16 @@ int RunLmsgdRank(int rank, int k, const std::string& store_dir, size_t min_bytes
 }
 
 #ifdef LMSGD_HAVE_GLOO
-int RunGlooRank(int rank, int k, const std::string& store_dir, size_t min_bytes, size_t max_bytes) {
+int RunGlooRankOrThrow(int rank, int k, const std::string& store_dir, size_t min_bytes, size_t max_bytes) {
   gloo::transport::tcp::attr attr;
   attr.hostname = "127.0.0.1";
   auto dev = gloo::transport::tcp::CreateDevice(attr);
   gloo::rendezvous::FileStore file_store(store_dir);
   gloo::rendezvous::PrefixStore prefix("gloo", file_store);
+  // Gloo's own deadline on every operation (its default is 30 s): a stalled peer ends the run
+  // with an error instead of holding the benchmark.
   auto ctx = std::make_shared<gloo::rendezvous::Context>(rank, k);
+  ctx->setTimeout(std::chrono::seconds(20));
   ctx->connectFullMesh(prefix, dev);
   for (const std::string name : {"ring", "halving_doubling"}) {
     for (size_t bytes : Sizes(min_bytes, max_bytes)) {
@@ -124,6 +127,17 @@ int RunGlooRank(int rank, int k, const std::string& store_dir, size_t min_bytes,
     }
   }
   return 0;
+}
+
+// Gloo reports failures (a timeout, a peer gone) by exceptions: they stop here, as an error
+// naming Gloo and the rank, not as std::terminate.
+int RunGlooRank(int rank, int k, const std::string& store_dir, size_t min_bytes, size_t max_bytes) {
+  try {
+    return RunGlooRankOrThrow(rank, k, store_dir, min_bytes, max_bytes);
+  } catch (const std::exception& e) {
+    std::cerr << "lmsgd-bench: gloo rank " << rank << " of " << k << " failed: " << e.what() << "\n";
+    return 1;
+  }
 }
 #endif
 
