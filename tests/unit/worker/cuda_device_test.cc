@@ -39,8 +39,8 @@ TEST(CudaDeviceTest, FillKernelOnDevice) {
 }
 
 // A failed runtime call is recorded as the thread's last error; once CudaStatus has turned it
-// into a Status, a later launch check (cudaGetLastError) must not report it again. Runs with
-// on a GPU machine; without a driver the runtime's error is sticky and the test skips.
+// into a Status, a later launch check (cudaGetLastError) must not report it again. Runs on a
+// GPU machine; without a driver the runtime's error is sticky and the test skips.
 TEST(CudaDeviceTest, AConvertedErrorIsNotReportedAgainByTheNextCheck) {
   const int bad = 1 << 20;  // no such ordinal anywhere
   ASSERT_NE(cudaSetDevice(bad), cudaSuccess);

@@ -21,6 +21,14 @@ inline absl::Status CudaStatus(cudaError_t err, const char* expr, const char* fi
                                           cudaGetErrorString(err)));
 }
 
+// For calls whose failure is tolerated (best-effort profiling): true on success; a failure is
+// consumed as in CudaStatus, so no later launch check reports it.
+inline bool BestEffort(cudaError_t err) {
+  if (err == cudaSuccess) return true;
+  (void)cudaGetLastError();
+  return false;
+}
+
 // cudaEventQuery that does not leave cudaErrorNotReady behind as this thread's last runtime
 // error: a later launch check (cudaGetLastError) would otherwise report "device not ready" as
 // its kernel's failure. Returns cudaSuccess, cudaErrorNotReady, or the real error.

@@ -51,8 +51,8 @@ absl::Status WaitForEvent(cudaEvent_t event, absl::Duration timeout, absl::strin
     cudaError_t err = ::lmsgd::cuda::QueryEvent(event);
     if (err == cudaSuccess) return absl::OkStatus();
     if (err != cudaErrorNotReady) {
-      return absl::InternalError(absl::StrCat("waiting for ", what, ": ", cudaGetErrorName(err), ": ",
-                                              cudaGetErrorString(err)));
+      const std::string call = absl::StrCat("waiting for ", what, " (cudaEventQuery)");
+      return ::lmsgd::cuda::CudaStatus(err, call.c_str(), __FILE__, __LINE__);
     }
     const auto waited = std::chrono::steady_clock::now() - start;
     if (waited > limit) {
@@ -193,10 +193,7 @@ struct GpuResNet::Impl {
       return e;
     }
     cudaEvent_t e = nullptr;
-    if (cudaEventCreate(&e) != cudaSuccess) {
-      (void)cudaGetLastError();
-      return nullptr;
-    }
+    if (!::lmsgd::cuda::BestEffort(cudaEventCreate(&e))) return nullptr;
     all_events.push_back(e);
     return e;
   }
@@ -204,8 +201,7 @@ struct GpuResNet::Impl {
    public:
     Timer(Impl* m, double OpTimes::*field) : m_(m), field_(field) {
       if (!m_->profile || (start_ = m_->TimingEvent()) == nullptr) return;
-      if (cudaEventRecord(start_, m_->stream) != cudaSuccess) {
-        (void)cudaGetLastError();  // profiling is best effort: no timing, and no error left behind
+      if (!::lmsgd::cuda::BestEffort(cudaEventRecord(start_, m_->stream))) {  // no timing, no error left
         m_->event_pool.push_back(start_);
         start_ = nullptr;
       }
@@ -213,8 +209,7 @@ struct GpuResNet::Impl {
     ~Timer() {
       if (start_ == nullptr) return;
       cudaEvent_t end = m_->TimingEvent();
-      if (end == nullptr || cudaEventRecord(end, m_->stream) != cudaSuccess) {
-        (void)cudaGetLastError();
+      if (end == nullptr || !::lmsgd::cuda::BestEffort(cudaEventRecord(end, m_->stream))) {
         m_->event_pool.push_back(start_);
         if (end != nullptr) m_->event_pool.push_back(end);
         return;
@@ -230,11 +225,7 @@ struct GpuResNet::Impl {
   void CollectTimes() {
     for (const Timing& t : timings) {
       float ms = 0;
-      if (cudaEventElapsedTime(&ms, t.start, t.end) == cudaSuccess) {
-        times.*(t.field) += ms / 1000.0;
-      } else {
-        (void)cudaGetLastError();  // a lost sample, not the next launch's error
-      }
+      if (::lmsgd::cuda::BestEffort(cudaEventElapsedTime(&ms, t.start, t.end))) times.*(t.field) += ms / 1000.0;
       event_pool.push_back(t.start);
       event_pool.push_back(t.end);
     }
