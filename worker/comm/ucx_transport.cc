@@ -6,9 +6,9 @@
 #include <ucp/api/ucp.h>
 
 #include <chrono>
-#include <thread>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 
