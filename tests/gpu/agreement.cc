@@ -22,17 +22,25 @@ using backend::cuda::Precision;
 
 using ::lmsgd::testing::TestParams;
 
-// ||a - b|| / ||b|| (b the reference); 0 when both are zero.
+// Sums of squares for ||a - b|| / ||b|| (b the reference), accumulated over any number of
+// arrays; Rel() is 0 when both are zero.
+struct ErrSums {
+  double num = 0, den = 0;
+  template <typename A, typename B>
+  ErrSums& Add(const A* a, const B* b, size_t n) {
+    for (size_t i = 0; i < n; ++i) {
+      const double d = static_cast<double>(a[i]) - static_cast<double>(b[i]);
+      num += d * d;
+      den += static_cast<double>(b[i]) * static_cast<double>(b[i]);
+    }
+    return *this;
+  }
+  double Rel() const { return den == 0 ? (num == 0 ? 0.0 : INFINITY) : std::sqrt(num / den); }
+};
+
 template <typename A, typename B>
 double RelErr(const A* a, const B* b, size_t n) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const double d = static_cast<double>(a[i]) - static_cast<double>(b[i]);
-    num += d * d;
-    den += static_cast<double>(b[i]) * static_cast<double>(b[i]);
-  }
-  if (den == 0) return num == 0 ? 0.0 : INFINITY;
-  return std::sqrt(num / den);
+  return ErrSums().Add(a, b, n).Rel();
 }
 
 }  // namespace
@@ -100,23 +108,21 @@ absl::StatusOr<Agreement> RunAgreement(const AgreementCase& c, int device) {
   a.loss_gpu = loss;
   a.loss_ref = ref_loss;
   a.loss_rel = std::abs(loss - ref_loss) / std::abs(ref_loss);
-  double all_num = 0, all_den = 0;
+  ErrSums all;
   for (size_t i = 0; i < store.num_params(); ++i) {
     const auto& ps = store.param_specs()[i];
     const std::vector<double>& r = ref_grads.at(ps.name);
-    const double e = RelErr(store.grad(i), r.data(), r.size());
-    for (size_t j = 0; j < r.size(); ++j) {
-      const double d = static_cast<double>(store.grad(i)[j]) - r[j];
-      all_num += d * d;
-      all_den += r[j] * r[j];
-    }
+    const ErrSums tensor = ErrSums().Add(store.grad(i), r.data(), r.size());
+    const double e = tensor.Rel();
+    all.num += tensor.num;
+    all.den += tensor.den;
     ++a.tensors;
     if (!(e <= a.grad_rel_max)) {
       a.grad_rel_max = e;
       a.grad_worst = ps.name;
     }
   }
-  a.grad_rel_all = all_den > 0 ? std::sqrt(all_num / all_den) : (all_num == 0 ? 0.0 : INFINITY);
+  a.grad_rel_all = all.Rel();
 
   // Stem BN running statistics: 0.9 * initial + 0.1 * mean over groups (unbiased variance).
   reference::Tensor w({spec.stem_conv.out_channels, c.channels, spec.stem_conv.kernel, spec.stem_conv.kernel});

@@ -32,6 +32,7 @@
 #include "absl/strings/str_split.h"
 #include "common/status_macros.h"
 #include "tests/gpu/agreement.h"
+#include "worker/backend/cuda/cuda_check.h"
 #include "worker/backend/cuda/device.h"
 #include "worker/backend/cuda/gpu_trainer.h"
 #include "worker/backend/cuda/resnet.h"
@@ -123,13 +124,13 @@ bool RunAgreementTable(const Flags& f, std::ofstream* json) {
   std::map<std::string, Agreement> fp32_rows;  // by case name without the precision
   for (const AgreementCase& c : cases) {
     auto a = RunAgreement(c, f.device);
-    AgreementCase as_fp32 = c;
-    as_fp32.precision = Precision::kFp32;
     if (!a.ok()) {
       std::printf("%-42s ERROR %s\n", c.Name().c_str(), a.status().ToString().c_str());
       all_ok = false;
       continue;
     }
+    AgreementCase as_fp32 = c;
+    as_fp32.precision = Precision::kFp32;
     if (c.precision == Precision::kFp32) fp32_rows[as_fp32.Name()] = *a;
     auto fp32 = fp32_rows.find(as_fp32.Name());
     const Tolerance t = ToleranceFor(c, fp32 == fp32_rows.end() ? nullptr : &fp32->second);
@@ -196,17 +197,25 @@ SpeedRow TimeResNet50(const Flags& f, Precision p, int batch, std::string* descr
     for (int i = 0; i < f.warmup; ++i) RETURN_IF_ERROR(trainer->Step(batch, 0.1, 1.0));
     ASSIGN_OR_RETURN(double warm_loss, trainer->Finish());
     (void)warm_loss;
-    std::vector<cudaEvent_t> ev(f.iters + 1);
-    for (auto& e : ev) cudaEventCreate(&e);
-    cudaEventRecord(ev[0], net->stream());
+    // Step boundaries as CUDA events (created here, destroyed on every way out).
+    std::vector<cudaEvent_t> ev(f.iters + 1, nullptr);
+    struct Destroy {
+      std::vector<cudaEvent_t>* ev;
+      ~Destroy() {
+        for (cudaEvent_t e : *ev) {
+          if (e != nullptr) cudaEventDestroy(e);
+        }
+      }
+    } destroy{&ev};
+    for (auto& e : ev) CUDA_RETURN_IF_ERROR(cudaEventCreate(&e));
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(ev[0], net->stream()));
     for (int i = 0; i < f.iters; ++i) {
       RETURN_IF_ERROR(trainer->Step(batch, 0.1, 1.0));
-      cudaEventRecord(ev[i + 1], net->stream());
+      CUDA_RETURN_IF_ERROR(cudaEventRecord(ev[i + 1], net->stream()));
     }
     ASSIGN_OR_RETURN(double loss, trainer->Finish());
     std::vector<float> ms(f.iters);
-    for (int i = 0; i < f.iters; ++i) cudaEventElapsedTime(&ms[i], ev[i], ev[i + 1]);
-    for (auto& e : ev) cudaEventDestroy(e);
+    for (int i = 0; i < f.iters; ++i) CUDA_RETURN_IF_ERROR(cudaEventElapsedTime(&ms[i], ev[i], ev[i + 1]));
     if (!std::isfinite(loss)) return absl::InternalError(absl::StrCat("loss is ", loss, " after the timed steps"));
     std::sort(ms.begin(), ms.end());
     row.step_ms = ms[ms.size() / 2];
