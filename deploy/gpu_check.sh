@@ -39,12 +39,21 @@ if [[ "${1:-}" == "--prepare" ]]; then
            build-gpu/tests/lmsgd-bench build-gpu/tests/lmsgd-bench-mpi; do
     strip -o "$BUNDLE/bin/$(basename "$b")" "$b"
   done
-  # Everything the binaries load except glibc, libstdc++/libgcc and CUDA's own libraries
-  # (Abseil, and for engine_test's GPU trainer tests oneDNN, protobuf, libjpeg-turbo, ...).
-  for b in "$BUNDLE"/bin/*; do
-    ldd "$b" | awk '/=>/ {print $3}' |
-      grep -v -E '/(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+)\.so|libcud|libnccl' || true
-  done | sort -u | while read -r lib; do cp -L "$lib" "$BUNDLE/lib/"; done
+  # copy_deps DEST EXCLUDE FILE...: the shared libraries FILEs load, except glibc, libstdc++/libgcc,
+  # what matches EXCLUDE and what the bundle's lib/ already has, into DEST.
+  copy_deps() {
+    local dest=$1 exclude=$2
+    shift 2
+    for f in "$@"; do
+      ldd "$f" 2>/dev/null | awk '/=>/ {print $3}' || true  # not every file is an ELF object
+    done | sort -u | { grep -v -E "/(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+)\.so|$exclude" || true; } |
+      while read -r lib; do
+        [[ -e "$BUNDLE/lib/$(basename "$lib")" ]] || cp -L "$lib" "$dest/"
+      done
+  }
+  # Our binaries' libraries except CUDA's own (Abseil, gRPC, UCX, Gloo, and for engine_test's GPU
+  # trainer tests oneDNN, protobuf, libjpeg-turbo, ...).
+  copy_deps "$BUNDLE/lib" 'libcud|libnccl' "$BUNDLE"/bin/*
   # UCX's transport modules (found next to libucs, or through UCX_MODULE_DIR).
   ucx_modules=$(dirname "$(ldd "$BUNDLE/bin/lmsgd-bench" | awk '/libucs.so/ {print $3}')")/ucx
   mkdir -p "$BUNDLE/lib/ucx"
@@ -58,11 +67,10 @@ if [[ "${1:-}" == "--prepare" ]]; then
     done
   ln -sf orterun "$stage/usr/bin/mpirun"
   mkdir -p "$stage/libs"
-  find "$stage" -type f \( -name '*.so*' -o -path '*/usr/bin/*' \) | while read -r f; do
-    ldd "$f" 2>/dev/null | awk '/=>/ {print $3}' || true  # scripts in usr/bin are no ELF files
-  done | sort -u | grep -v -E '/(libc|libm|libdl|libpthread|librt|libgcc_s|libstdc\+\+)\.so|libmca_common|libmpi|libopen-|liboshmem|libpmix' |
-    while read -r lib; do cp -L "$lib" "$stage/libs/"; done
-  # One xz tarball (~15 MB instead of ~65: the device tool carries at most 64 MiB).
+  mapfile -t staged < <(find "$stage" -type f \( -name '*.so*' -o -path '*/usr/bin/*' \))
+  copy_deps "$stage/libs" 'libmca_common|libmpi|libopen-|liboshmem|libpmix' "${staged[@]}"
+  # One xz tarball (~20 MB instead of ~90: the device tool carries at most 64 MiB).
+  du -sh "$BUNDLE" | sed 's/^/unpacked: /'
   tar -C "$BUNDLE" -cJf "$BUNDLE.tar.xz" bin lib ompi
   rm -rf "$BUNDLE"/bin "$BUNDLE"/lib "$BUNDLE"/ompi
   mv "$BUNDLE.tar.xz" "$BUNDLE/bundle.tar.xz"
