@@ -8,6 +8,7 @@
 // thread count; Debian's /usr/bin/python3 with python3-torch) and prints, last:
 //   lmsgd_img_s=<x> pytorch_img_s=<y> ratio=<x/y>
 #include <stdlib.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -47,6 +48,8 @@ ABSL_FLAG(uint64_t, min_bytes, 4096, "allreduce: smallest message");
 ABSL_FLAG(uint64_t, max_bytes, 256ull << 20, "allreduce: largest message (sizes step x4)");
 ABSL_FLAG(bool, json, false, "allreduce: print one JSON object per line instead of a table");
 ABSL_FLAG(std::string, impls, "lmsgd,gloo,openmpi", "allreduce: implementations to run");
+ABSL_FLAG(int32_t, impl_timeout_s, 1200,
+          "allreduce: deadline of one implementation's run over all sizes (its processes are killed after it)");
 ABSL_FLAG(int32_t, rounds, 1,
           "allreduce: run every implementation this many times, alternating, and report each one's median "
           "(a noisy machine then disturbs all implementations alike)");
@@ -242,38 +245,54 @@ int Allreduce() {
   std::map<std::tuple<std::string, std::string, uint64_t>, std::vector<double>> times;
   const int rounds = std::max(1, absl::GetFlag(FLAGS_rounds));
   bool failed = false;
+  const int timeout_s = absl::GetFlag(FLAGS_impl_timeout_s);
+  if (timeout_s < 1) {
+    std::cerr << "lmsgd-bench: --impl_timeout_s=" << timeout_s << " must be >= 1\n";
+    return 2;
+  }
+  const std::string limit = absl::StrCat("timeout -k 5 ", timeout_s, " ");
   for (int round = 0; round < rounds; ++round)
   for (absl::string_view impl : absl::StrSplit(absl::GetFlag(FLAGS_impls), ',', absl::SkipEmpty())) {
-    std::string cmd;
+    std::string cmd, store;
     if (impl == "lmsgd" || impl == "gloo") {
       if (impl == "gloo" && !lmsgd::bench::HaveGloo()) {
         std::cerr << "lmsgd-bench: built without Gloo (deploy/setup.sh --with-baselines, then rebuild); skipping it\n";
         continue;
       }
       char tmpl[] = "/tmp/lmsgd_bench_store_XXXXXX";
-      const std::string store = mkdtemp(tmpl);
-      // K processes; rank 0's stdout is the result, the others' is discarded.
+      store = mkdtemp(tmpl);
+      // K processes, each under the deadline; rank 0's stdout is the result, the others' is
+      // discarded; the exit status is rank 0's.
       for (int r = k - 1; r >= 0; --r) {
-        absl::StrAppend(&cmd, self, " allreduce-rank --impl=", impl, " --rank=", r, " --ranks=", k, " --store=", store,
-                        " --min_bytes=", lo, " --max_bytes=", hi, r == 0 ? "" : " > /dev/null &", r == 0 ? "" : " ");
+        absl::StrAppend(&cmd, limit, self, " allreduce-rank --impl=", impl, " --rank=", r, " --ranks=", k,
+                        " --store=", store, " --min_bytes=", lo, " --max_bytes=", hi,
+                        r == 0 ? "" : " > /dev/null &", r == 0 ? "" : " ");
       }
-      absl::StrAppend(&cmd, "; wait");
+      absl::StrAppend(&cmd, "; rc=$?; wait; exit $rc");
     } else if (impl == "openmpi") {
       const std::string mpi = dir + "/lmsgd-bench-mpi";
       if (!std::filesystem::exists(mpi)) {
         std::cerr << "lmsgd-bench: " << mpi << " not built (needs Debian libopenmpi-dev); skipping Open MPI\n";
         continue;
       }
-      cmd = absl::StrCat("mpirun --allow-run-as-root --oversubscribe -np ", k, " ", mpi, " ", lo, " ", hi);
+      cmd = absl::StrCat(limit, "mpirun --allow-run-as-root --oversubscribe -np ", k, " ", mpi, " ", lo, " ", hi);
     } else {
       std::cerr << "lmsgd-bench: unknown implementation '" << impl << "'\n";
       return 2;
     }
     int rc = 0;
     auto lines = JsonLines(cmd + " 2>&1", &rc);
+    if (!store.empty()) {
+      std::error_code ignored;  // the rendezvous files are of no use after the run
+      std::filesystem::remove_all(store, ignored);
+    }
     if (rc != 0 || lines.empty()) {
       // One implementation's failure (a baseline's timeout, say) costs its rows, not the run's.
-      std::cerr << "lmsgd-bench: " << impl << " failed (exit " << rc << "), its rows are left out: " << cmd << "\n";
+      const bool timed_out = WIFEXITED(rc) && WEXITSTATUS(rc) == 124;
+      std::cerr << "lmsgd-bench: " << impl
+                << (timed_out ? absl::StrCat(" timed out after ", timeout_s, " s (--impl_timeout_s)")
+                              : absl::StrCat(" failed (exit status ", WIFEXITED(rc) ? WEXITSTATUS(rc) : rc, ")"))
+                << ", its rows are left out: " << cmd << "\n";
       failed = true;
       continue;
     }
