@@ -6,12 +6,12 @@
 #       binaries, the coordinator, lmsgdctl and the allreduce benchmark (build-gpu/, Release) and
 #       bundles them, stripped, with the shared libraries they need, UCX's modules and a relocatable
 #       copy of Debian's Open MPI (the benchmark's baseline) into .gpu_bundle/bundle.tar.xz
-#       (git-ignored; ~25 MB). The GPU machine has no Debian packages, so the bundle brings what it
+#       (git-ignored; ~20 MB). The GPU machine has no Debian packages, so the bundle brings what it
 #       lacks and uses its CUDA, cuDNN, cuBLAS and NCCL (the toolkit's and PyTorch's pip wheels).
 #
 #   deploy/gpu_check.sh [--quick] [--no-allreduce] [--out DIR]
-#       On the GPU machine, in the repo root with .gpu_bundle/ carried along. Within ~9 minutes
-#       on one H100 (16 cores): the GPU unit tests (cuda_test, the GPU trainer tests of engine_test),
+#       On the GPU machine, in the repo root with .gpu_bundle/ carried along (--quick took 8
+#       minutes on one H100 with 16 cores, 2026-11-27): the GPU unit tests (cuda_test, the GPU trainer tests of engine_test),
 #       a short standalone lmsgd-worker run on the GPU, the same job through a real coordinator
 #       (lmsgdctl submit/watch; NCCL bootstrapped through the coordinator), the agreement table
 #       (GPU vs the float64 reference, fp32 and bf16), ResNet-50 training throughput for lmsgd and for
@@ -19,8 +19,9 @@
 #       fp32/tf32/bf16 with one table of ratios, and last the CPU allreduce benchmark
 #       (lmsgd-bench allreduce, k = 2 and 4 processes, lmsgd vs Gloo vs Open MPI) on the machine's
 #       cores. --quick: batch 128 and 256 in bf16 and fp32 only. --no-allreduce: skip the CPU
-#       benchmark. Results also go to DIR (default $OUT or /tmp/gpu_check) as gpu_check.jsonl,
-#       gpu_check.log and allreduce_k{2,4}.txt.
+#       benchmark (ALLREDUCE_BUDGET_S: seconds of benchmark rounds, default 200). Results also go
+#       to DIR (default $OUT or /tmp/gpu_check) as gpu_check.jsonl, gpu_check.log, dist_worker0.log,
+#       allreduce.jsonl and allreduce_summary.txt.
 #
 # With the device tool: run(command="deploy/gpu_check.sh --quick", carry=[".gpu_bundle"], timeout_s=570).
 set -uo pipefail
