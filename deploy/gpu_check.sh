@@ -156,7 +156,7 @@ run timeout 120 "$BUNDLE/bin/lmsgd-worker" --standalone --device cuda:0 --job_fi
   --checkpoint_dir /tmp/lmsgd-gpu-check-ckpt --resume=false || rc=1
 echo; echo "== the same job through lmsgd-coordinator: lmsgdctl submit + watch, lmsgd-worker --device cuda:0 (NCCL id via the coordinator) =="
 work=$(mktemp -d /tmp/lmsgd-gpu-dist.XXXXXX)
-env LD_LIBRARY_PATH="$LIBPATH" "$BUNDLE/bin/lmsgd-coordinator" --listen 127.0.0.1:0 --metrics_listen 127.0.0.1:0 --state_dir "$work/state" \
+env LD_LIBRARY_PATH="$LIBPATH" timeout 400 "$BUNDLE/bin/lmsgd-coordinator" --listen 127.0.0.1:0 --metrics_listen 127.0.0.1:0 --state_dir "$work/state" \
   --ready_file "$work/ready" >"$work/coordinator.log" 2>&1 &
 coord=$!
 for _ in $(seq 1 100); do [[ -f "$work/ready" ]] && break; sleep 0.1; done
