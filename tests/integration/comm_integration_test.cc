@@ -102,6 +102,28 @@ TEST(CommTest, HalvingAndDoublingEachAtEverySize) {
   }
 }
 
+// Over UCX's TCP transport (the wire between hosts) instead of shared memory: the transport's
+// receive-and-add then unpacks TCP's fragments (and stages messages above its fused limit).
+TEST(CommTest, RingAndHalvingDoublingOverTcp) {
+  for (int k : {3, 4}) {
+    for (const std::string algo : {"ring", "hd"}) {
+      auto runs = RunRanks(k, {"--mode=allreduce", "--algo=" + algo, "--ucx_tls=tcp", "--doubling_max_bytes=0",
+                               "--counts=1,7,1023,8193,100000,1048576"},
+                           absl::Seconds(120));
+      std::set<std::string> result_lines;
+      for (int r = 0; r < k; ++r) {
+        ASSERT_EQ(runs[r].exit_code, 0) << "k=" << k << " " << algo << " rank " << r << ":\n" << runs[r].log;
+        std::string results;
+        for (absl::string_view line : absl::StrSplit(runs[r].log, '\n')) {
+          if (absl::StartsWith(line, "result ")) absl::StrAppend(&results, line, "\n");
+        }
+        result_lines.insert(results);
+      }
+      EXPECT_EQ(result_lines.size(), 1u) << "k=" << k << " " << algo << ": ranks disagree";
+    }
+  }
+}
+
 TEST(CommTest, BroadcastAndBarrier) {
   for (int k : {1, 3, 4}) {
     auto b = RunRanks(k, {"--mode=broadcast", "--counts=1,1000,300000"}, absl::Seconds(60));

@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/status_macros.h"
+#include "worker/comm/reduce.h"
 
 namespace lmsgd::comm {
 namespace {
@@ -25,12 +26,6 @@ namespace {
 size_t BlockStart(size_t count, int blocks, int i) {
   const size_t base = count / blocks, extra = count % blocks;
   return base * i + std::min<size_t>(i, extra);
-}
-
-// dst += src, compiled for AVX-512, AVX2 and baseline x86-64; the loader picks the best.
-__attribute__((target_clones("avx512f", "avx2", "default"))) void Add(float* __restrict dst,
-                                                                       const float* __restrict src, size_t n) {
-  for (size_t i = 0; i < n; ++i) dst[i] += src[i];
 }
 
 }  // namespace
@@ -62,20 +57,19 @@ absl::Status RingAllreduce::Run(float* data, size_t count, uint64_t seq, absl::T
     c = ((c % k) + k) % k;
     return (c + 1 == k ? count : BlockStart(count, k, c + 1)) - BlockStart(count, k, c);
   };
-  const size_t max_chunk = count / k + 1;
-  if (scratch_.size() < max_chunk) scratch_.resize(max_chunk);
   // Reduce-scatter: at step s send chunk r - s to the right, add chunk r - s - 1 from the left.
   // After k-1 steps rank r holds the full sum of chunk r + 1.
   for (int s = 0; s < k - 1; ++s) {
     const int send_c = r - s, recv_c = r - s - 1;
     const size_t sn = chunk_len(send_c), rn = chunk_len(recv_c);
-    // Pipelined: the incoming chunk arrives in segments, each added as soon as it lands while
-    // the rest is still in flight.
+    // Pipelined: the incoming chunk arrives in segments, each added (by the transport, straight
+    // out of its receive buffers where it can) while the rest is still in flight.
+    float* dst = data + start(recv_c);
     std::vector<P2POp> ops;
     const size_t nseg = std::clamp<size_t>((rn + kSegment - 1) / kSegment, 1, 64);
     for (size_t j = 0; j < nseg; ++j) {
       const size_t a = rn * j / nseg, b = rn * (j + 1) / nseg;
-      ops.push_back({P2POp::kRecv, left, scratch_.data() + a, (b - a) * sizeof(float),
+      ops.push_back({P2POp::kRecvAdd, left, dst + a, (b - a) * sizeof(float),
                      MakeTag(seq, static_cast<uint32_t>(s * 64 + j))});
     }
     const size_t send_segs = std::clamp<size_t>((sn + kSegment - 1) / kSegment, 1, 64);
@@ -84,12 +78,7 @@ absl::Status RingAllreduce::Run(float* data, size_t count, uint64_t seq, absl::T
       ops.push_back({P2POp::kSend, right, data + start(send_c) + a, (b - a) * sizeof(float),
                      MakeTag(seq, static_cast<uint32_t>(s * 64 + j))});
     }
-    float* dst = data + start(recv_c);
-    auto st = t_->Exchange(ops, deadline, "ring allreduce (reduce-scatter)", [&](size_t i) {
-      const size_t a = rn * i / nseg, b = rn * (i + 1) / nseg;
-      Add(dst + a, scratch_.data() + a, b - a);
-    });
-    if (!st.ok()) return st;
+    if (auto st = t_->Exchange(ops, deadline, "ring allreduce (reduce-scatter)", nullptr); !st.ok()) return st;
   }
   // Allgather: at step s send chunk r + 1 - s (reduced) to the right, receive chunk r - s.
   for (int s = 0; s < k - 1; ++s) {
@@ -122,12 +111,11 @@ absl::Status HalvingDoublingAllreduce::RunDoubling(float* data, size_t count, ui
                         "halving/doubling allreduce (recursive doubling: unfold)");
   }
   if (r < 2 * rem) {
-    if (auto st = t_->SendRecv(-1, nullptr, 0, r - 1, scratch_.data(), bytes, MakeTag(seq, 600), deadline,
-                               "halving/doubling allreduce (recursive doubling: fold)");
+    if (auto st = t_->Exchange({{P2POp::kRecvAdd, r - 1, data, bytes, MakeTag(seq, 600)}}, deadline,
+                               "halving/doubling allreduce (recursive doubling: fold)", nullptr);
         !st.ok()) {
       return st;
     }
-    Add(data, scratch_.data(), count);
   }
   // v: this rank among the p participants; real(w): participant w's rank.
   const int v = r < 2 * rem ? r / 2 : r - rem;
@@ -140,7 +128,7 @@ absl::Status HalvingDoublingAllreduce::RunDoubling(float* data, size_t count, ui
         !st.ok()) {
       return st;
     }
-    Add(data, scratch_.data(), count);
+    AddFloats(data, scratch_.data(), count);
   }
   if (r < 2 * rem) {
     return t_->SendRecv(r - 1, data, bytes, -1, nullptr, 0, MakeTag(seq, 700), deadline,
@@ -181,7 +169,6 @@ absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t s
     *lo = idx * (P / size);
     *hi = (idx + 1) * (P / size);
   };
-  if (scratch_.size() < count) scratch_.resize(count);
   // 1. Reduce-scatter inside the block. For a power of two (one block) the last halving step
   //    and the first allgather step pair the same ranks and move one piece each way each:
   //    merged into one exchange of the two-piece range, which both partners then sum (the same
@@ -198,26 +185,31 @@ absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t s
     const int send_lo = keep_low ? mid : lo, send_hi = keep_low ? hi : mid;
     const int keep_lo = keep_low ? lo : mid, keep_hi = keep_low ? mid : hi;
     const size_t rn = off(keep_hi) - off(keep_lo);
-    if (auto st = t_->SendRecv(partner, data + off(send_lo), (off(send_hi) - off(send_lo)) * sizeof(float), partner,
-                               scratch_.data(), rn * sizeof(float), MakeTag(seq, 100 + t), deadline,
-                               "halving/doubling allreduce (binary blocks: reduce-scatter)");
+    // The half received is added into the half kept (the transport adds as it arrives); the
+    // half sent is another range.
+    const std::vector<P2POp> ops = {
+        {P2POp::kRecvAdd, partner, data + off(keep_lo), rn * sizeof(float), MakeTag(seq, 100 + t)},
+        {P2POp::kSend, partner, data + off(send_lo), (off(send_hi) - off(send_lo)) * sizeof(float),
+         MakeTag(seq, 100 + t)}};
+    if (auto st = t_->Exchange(ops, deadline, "halving/doubling allreduce (binary blocks: reduce-scatter)", nullptr);
         !st.ok()) {
       return st;
     }
-    Add(data + off(keep_lo), scratch_.data(), rn);
     lo = keep_lo;
     hi = keep_hi;
   }
   if (merge) {
+    // Sends the very range it adds into: received into scratch, added once the send is done.
     const int partner = start_of[b] + (i ^ 1);
     const size_t rn = off(hi) - off(lo);
+    if (scratch_.size() < rn) scratch_.resize(rn);
     if (auto st = t_->SendRecv(partner, data + off(lo), rn * sizeof(float), partner, scratch_.data(),
                                rn * sizeof(float), MakeTag(seq, 150), deadline,
                                "halving/doubling allreduce (middle exchange)");
         !st.ok()) {
       return st;
     }
-    Add(data + off(lo), scratch_.data(), rn);
+    AddFloats(data + off(lo), scratch_.data(), rn);
   }
   // 2. Hand partial sums up, smallest block first.
   for (int c = nb - 1; c >= 1; --c) {
@@ -236,13 +228,12 @@ absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t s
       }
     } else if (b == c - 1) {  // receive my region's partial sums from block c
       const size_t rn = off(hi) - off(lo);
-      if (auto st = t_->SendRecv(-1, nullptr, 0, start_of[c] + i / ratio, scratch_.data(), rn * sizeof(float),
-                                 MakeTag(seq, 200 + static_cast<uint32_t>(c)), deadline,
-                                 "halving/doubling allreduce (binary blocks: hand up)");
+      const std::vector<P2POp> ops = {{P2POp::kRecvAdd, start_of[c] + i / ratio, data + off(lo), rn * sizeof(float),
+                                       MakeTag(seq, 200 + static_cast<uint32_t>(c))}};
+      if (auto st = t_->Exchange(ops, deadline, "halving/doubling allreduce (binary blocks: hand up)", nullptr);
           !st.ok()) {
         return st;
       }
-      Add(data + off(lo), scratch_.data(), rn);
     }
   }
   // 3./4. Block 0 allgathers; every smaller block first receives its regions from the block
@@ -391,14 +382,12 @@ absl::Status HierarchicalAllreduce::Run(float* data, size_t count, uint64_t seq,
       return st;
     }
   } else {
-    if (scratch_.size() < count) scratch_.resize(count);
-    for (int l = 1; l < local_size_; ++l) {
-      if (auto st = t_->SendRecv(-1, nullptr, 0, leader_ + l, scratch_.data(), bytes, MakeTag(seq, 0), deadline,
-                                 "hierarchical allreduce (intra-host reduce)");
+    for (int l = 1; l < local_size_; ++l) {  // one at a time: the sum in rank order
+      if (auto st = t_->Exchange({{P2POp::kRecvAdd, leader_ + l, data, bytes, MakeTag(seq, 0)}}, deadline,
+                                 "hierarchical allreduce (intra-host reduce)", nullptr);
           !st.ok()) {
         return st;
       }
-      Add(data, scratch_.data(), count);
     }
     // Phase 2: allreduce among the host leaders (its own tag space: sequence with a high bit).
     if (auto st = leader_ring_->Run(data, count, seq | (uint64_t{1} << 31), deadline); !st.ok()) return st;
@@ -709,7 +698,7 @@ absl::Status SharedMemoryAllreduce::Run(float* data, size_t count, uint64_t /*se
       const size_t len = std::min(kTile, hi - t);
       float* acc = out + t;
       std::memcpy(acc, r == 0 ? mine + t : in + t, len * sizeof(float));
-      for (int q = 1; q < k; ++q) Add(acc, q == r ? mine + t : in + static_cast<size_t>(q) * chunk_ + t, len);
+      for (int q = 1; q < k; ++q) AddFloats(acc, q == r ? mine + t : in + static_cast<size_t>(q) * chunk_ + t, len);
       std::memcpy(mine + t, acc, len * sizeof(float));
     }
     header_->flags[1][r].v.store(step, std::memory_order_release);

@@ -4,8 +4,10 @@
 // copied to the others (recursive doubling: by two partners adding the same two values), so
 // all ranks end bitwise identical.
 //
-// Scratch memory grows to the largest message seen and is then reused: Run() allocates only
-// when a message is larger than any before.
+// Received data that is summed goes through the transport's receive-and-add (P2POp::kRecvAdd:
+// added straight out of the transport's receive buffers), except where the rank is still sending
+// the very range (recursive doubling, the merged middle step of halving/doubling): those receive
+// into scratch memory, which grows to the largest message seen and is then reused.
 //
 // Ring (reduce-scatter, then allgather): the buffer is cut into k chunks; in k-1 steps each
 // rank sends one chunk to its right neighbour and adds the chunk from its left; then k-1 steps
@@ -65,7 +67,6 @@ class RingAllreduce final : public AllreduceAlgorithm {
 
  private:
   Transport* t_;
-  std::vector<float> scratch_;
 };
 
 // Messages of at most `doubling_max_bytes` take the latency-optimal end of the family
@@ -147,7 +148,6 @@ class HierarchicalAllreduce final : public AllreduceAlgorithm {
   std::unique_ptr<Transport> leader_view_, local_view_;
   std::unique_ptr<RingAllreduce> leader_ring_;
   std::unique_ptr<SharedMemoryAllreduce> local_shm_;
-  std::vector<float> scratch_;
 };
 
 // Broadcast from `root` (binomial tree, log2 k steps) and barrier (a 1-element allreduce by

@@ -17,8 +17,13 @@
 namespace lmsgd::comm {
 
 // One point-to-point operation of an Exchange. A receive must get exactly `bytes`.
+// kRecvAdd receives `bytes` / 4 float32 values and adds them into `buf` (buf[i] += value i,
+// the same float addition as AddFloats): a transport may add straight out of its receive
+// buffers, sparing the copy into a scratch buffer and the second pass over it. `buf` must not
+// be read by a send of the same Exchange (the addition may happen while that send is still
+// reading it).
 struct P2POp {
-  enum Kind { kSend, kRecv } kind;
+  enum Kind { kSend, kRecv, kRecvAdd } kind;
   int peer;
   void* buf;
   size_t bytes;
@@ -31,8 +36,8 @@ class Transport {
   virtual int rank() const = 0;
   virtual int size() const = 0;
   // Posts every operation (receives first), then waits for all of them, calling on_recv(i) as
-  // soon as receive i has completed (while the others are still in flight: this is how the
-  // algorithms overlap reduction with transfer). Errors (peer failure, Abort(), the deadline)
+  // soon as receive i (kRecv or kRecvAdd) has completed (while the others are still in flight:
+  // this is how the algorithms overlap reduction with transfer). Errors (peer failure, Abort(), the deadline)
   // name the peer and `what`; after an error the transport is unusable.
   virtual absl::Status Exchange(const std::vector<P2POp>& ops, absl::Time deadline, const char* what,
                                 const std::function<void(size_t)>& on_recv) = 0;

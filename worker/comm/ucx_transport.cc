@@ -5,12 +5,14 @@
 #include <unistd.h>
 #include <ucp/api/ucp.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "worker/comm/reduce.h"
 
 namespace lmsgd::comm {
 namespace {
@@ -22,6 +24,25 @@ namespace {
     if (_s == UCS_OK) return absl::OkStatus();                                                           \
     return absl::InternalError(absl::StrCat(__FILE__, ":", __LINE__, ": ", what, ": ", ucs_status_string(_s))); \
   }())
+
+// A kRecvAdd receive up to this size adds straight out of UCX's receive buffers (a generic
+// datatype whose unpack is the addition); larger ones, which UCX may move by rendezvous, land in
+// a contiguous buffer first and are added when complete. Equal to the eager limit on one host.
+constexpr size_t kFusedAddMaxBytes = 256 << 10;
+
+// UCX's generic-datatype callbacks for a fused kRecvAdd: the receive's "buffer" is its
+// StreamAdder, which adds each fragment as UCX unpacks it. Never used to send.
+struct AddOps {
+  static void* StartPack(void*, const void*, size_t) { return nullptr; }
+  static void* StartUnpack(void*, void* buffer, size_t) { return buffer; }
+  static size_t PackedSize(void* state) { return state ? static_cast<StreamAdder*>(state)->expected() : 0; }
+  static size_t Pack(void*, size_t, void*, size_t) { return 0; }
+  static ucs_status_t Unpack(void* state, size_t offset, const void* src, size_t length) {
+    static_cast<StreamAdder*>(state)->Add(offset, static_cast<const unsigned char*>(src), length);
+    return UCS_OK;
+  }
+  static void Finish(void*) {}
+};
 
 }  // namespace
 
@@ -40,6 +61,13 @@ struct UcxTransport::Impl {
   // Set when a SendRecv failed: sends may still be outstanding (UCX cannot cancel a send), so
   // endpoints must be force-closed, which completes them, before the worker is destroyed.
   bool broken = false;
+  // The generic datatype of fused kRecvAdd receives, and their states: reused from one Exchange
+  // to the next; after a failure they are retired, not freed (a cancelled receive may still be
+  // referenced inside UCX) until the worker is gone.
+  ucp_datatype_t add_dt = 0;
+  bool have_add_dt = false;
+  std::vector<std::unique_ptr<StreamAdder>> add_states, retired_add_states;
+  std::vector<float> add_staging;  // kRecvAdd receives above kFusedAddMaxBytes land here
 
   static void OnEndpointError(void* arg, ucp_ep_h, ucs_status_t status) {
     auto* a = static_cast<ErrArg*>(arg);
@@ -89,6 +117,7 @@ struct UcxTransport::Impl {
       ucp_request_free(req);  // released by UCX on completion if still in flight
     }
     if (worker) ucp_worker_destroy(worker);
+    if (have_add_dt) ucp_dt_destroy(add_dt);
     if (context) ucp_cleanup(context);
   }
 };
@@ -134,6 +163,14 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(int rank, int
   wp.thread_mode = UCS_THREAD_MODE_SINGLE;
   if (auto st = UCX_STATUS(ucp_worker_create(im.context, &wp, &im.worker), "ucp_worker_create"); !st.ok()) return st;
   if (ucp_worker_get_efd(im.worker, &im.efd) != UCS_OK) im.efd = -1;  // then: plain polling
+  static const ucp_generic_dt_ops_t kAddOps = {&AddOps::StartPack, &AddOps::StartUnpack, &AddOps::PackedSize,
+                                               &AddOps::Pack,      &AddOps::Unpack,      &AddOps::Finish};
+  if (auto st = UCX_STATUS(ucp_dt_create_generic(&kAddOps, nullptr, &im.add_dt),
+                           "ucp_dt_create_generic (receive-and-add)");
+      !st.ok()) {
+    return st;
+  }
+  im.have_add_dt = true;
 
   ucp_address_t* addr = nullptr;
   size_t addr_len = 0;
@@ -191,7 +228,28 @@ absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time de
   Impl& im = *impl_;
   for (const P2POp& op : ops) {
     if (op.peer < 0 || op.peer >= size_) return absl::InvalidArgumentError(absl::StrCat(what, ": bad peer ", op.peer));
+    if (op.kind == P2POp::kRecvAdd && op.bytes % sizeof(float) != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": receive-and-add of ", op.bytes,
+                                                     " bytes from rank ", op.peer, " (not whole floats)"));
+    }
   }
+  auto describe = [](const P2POp& op) { return op.kind == P2POp::kSend ? "send to" : "receive from"; };
+  // kRecvAdd: fused (state[i]) up to kFusedAddMaxBytes, else staged at staged_at[i] in add_staging.
+  std::vector<StreamAdder*> state(ops.size(), nullptr);
+  std::vector<size_t> staged_at(ops.size(), SIZE_MAX);
+  size_t fused = 0, staged_floats = 0;
+  for (size_t i = 0; i < ops.size(); ++i) {
+    if (ops[i].kind != P2POp::kRecvAdd) continue;
+    if (ops[i].bytes <= kFusedAddMaxBytes) {
+      if (fused == im.add_states.size()) im.add_states.push_back(std::make_unique<StreamAdder>());
+      state[i] = im.add_states[fused++].get();
+      state[i]->Reset(static_cast<float*>(ops[i].buf), ops[i].bytes);
+    } else {
+      staged_at[i] = staged_floats;
+      staged_floats += ops[i].bytes / sizeof(float);
+    }
+  }
+  if (im.add_staging.size() < staged_floats) im.add_staging.resize(staged_floats);
   std::vector<ucs_status_ptr_t> reqs(ops.size(), nullptr);
   std::vector<bool> finished(ops.size(), false);
   absl::Status result;
@@ -200,17 +258,24 @@ absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time de
     for (size_t i = 0; i < ops.size() && result.ok(); ++i) {
       const P2POp& op = ops[i];
       ucp_request_param_t p{};
+      const uint64_t recv_tag = (op.tag << 16) | static_cast<uint64_t>(op.peer);
       if (pass == 0 && op.kind == P2POp::kRecv) {
-        reqs[i] = ucp_tag_recv_nbx(im.worker, op.buf, op.bytes, (op.tag << 16) | static_cast<uint64_t>(op.peer),
-                                   ~uint64_t{0}, &p);
+        reqs[i] = ucp_tag_recv_nbx(im.worker, op.buf, op.bytes, recv_tag, ~uint64_t{0}, &p);
+      } else if (pass == 0 && op.kind == P2POp::kRecvAdd && state[i] != nullptr) {
+        p.op_attr_mask = UCP_OP_ATTR_FIELD_DATATYPE;
+        p.datatype = im.add_dt;
+        reqs[i] = ucp_tag_recv_nbx(im.worker, state[i], op.bytes, recv_tag, ~uint64_t{0}, &p);
+      } else if (pass == 0 && op.kind == P2POp::kRecvAdd) {
+        reqs[i] = ucp_tag_recv_nbx(im.worker, im.add_staging.data() + staged_at[i], op.bytes, recv_tag, ~uint64_t{0},
+                                   &p);
       } else if (pass == 1 && op.kind == P2POp::kSend) {
         reqs[i] = ucp_tag_send_nbx(im.eps[op.peer], op.buf, op.bytes, (op.tag << 16) | static_cast<uint64_t>(rank_), &p);
       } else {
         continue;
       }
       if (UCS_PTR_IS_ERR(reqs[i])) {
-        result = absl::UnavailableError(absl::StrCat(what, ": ", op.kind == P2POp::kSend ? "send to" : "receive from",
-                                                     " rank ", op.peer, ": ", ucs_status_string(UCS_PTR_STATUS(reqs[i]))));
+        result = absl::UnavailableError(absl::StrCat(what, ": ", describe(op), " rank ", op.peer, ": ",
+                                                     ucs_status_string(UCS_PTR_STATUS(reqs[i]))));
         reqs[i] = nullptr;
       }
     }
@@ -225,15 +290,15 @@ absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time de
         const ucs_status_t st = ucp_request_check_status(reqs[i]);
         if (st == UCS_INPROGRESS) continue;
         size_t length = op.bytes;
-        if (op.kind == P2POp::kRecv && st == UCS_OK) {
+        if (op.kind != P2POp::kSend && st == UCS_OK) {
           ucp_tag_recv_info_t info{};
           if (ucp_tag_recv_request_test(reqs[i], &info) == UCS_OK) length = info.length;
         }
         ucp_request_free(reqs[i]);
         reqs[i] = nullptr;
         if (st != UCS_OK) {
-          result = absl::UnavailableError(absl::StrCat(what, ": ", op.kind == P2POp::kSend ? "send to" : "receive from",
-                                                       " rank ", op.peer, ": ", ucs_status_string(st)));
+          result = absl::UnavailableError(absl::StrCat(what, ": ", describe(op), " rank ", op.peer, ": ",
+                                                       ucs_status_string(st)));
           break;
         }
         if (length != op.bytes) {
@@ -242,10 +307,20 @@ absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time de
           break;
         }
       }
-      finished[i] = true;  // completed (or completed immediately at posting)
+      // Completed (or completed immediately at posting).
+      if (state[i] != nullptr && !state[i]->complete()) {
+        result = absl::DataLossError(absl::StrCat(what, ": rank ", op.peer, "'s message of ", op.bytes,
+                                                  " bytes arrived incomplete (", state[i]->received(), " bytes added",
+                                                  state[i]->overflow() ? ", a fragment beyond its end" : "", ")"));
+        break;
+      }
+      if (staged_at[i] != SIZE_MAX) {
+        AddFloats(static_cast<float*>(op.buf), im.add_staging.data() + staged_at[i], op.bytes / sizeof(float));
+      }
+      finished[i] = true;
       --remaining;
       any = true;
-      if (op.kind == P2POp::kRecv && on_recv) on_recv(i);
+      if (op.kind != P2POp::kSend && on_recv) on_recv(i);
     }
     if (!result.ok() || remaining == 0) break;
     // Failure checks, then progress.
@@ -264,7 +339,7 @@ absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time de
       for (size_t i = 0; i < ops.size(); ++i) {
         if (finished[i]) continue;
         result = absl::DeadlineExceededError(absl::StrCat(what, ": timed out waiting for rank ", ops[i].peer,
-                                                          ops[i].kind == P2POp::kRecv ? " to send" : " to receive"));
+                                                          ops[i].kind == P2POp::kSend ? " to receive" : " to send"));
         break;
       }
       break;
@@ -276,12 +351,18 @@ absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time de
     // endpoint close when the transport is destroyed).
     for (size_t i = 0; i < ops.size(); ++i) {
       if (!UCS_PTR_IS_PTR(reqs[i])) continue;
-      if (ucp_request_check_status(reqs[i]) == UCS_INPROGRESS && ops[i].kind == P2POp::kRecv) {
+      if (ucp_request_check_status(reqs[i]) == UCS_INPROGRESS && ops[i].kind != P2POp::kSend) {
         ucp_request_cancel(im.worker, reqs[i]);
         for (int n = 0; n < 1000 && ucp_request_check_status(reqs[i]) == UCS_INPROGRESS; ++n) ucp_worker_progress(im.worker);
       }
       ucp_request_free(reqs[i]);
     }
+    // A receive-and-add that UCX still references adds nothing more, and its state stays alive.
+    for (auto& a : im.add_states) {
+      a->Detach();
+      im.retired_add_states.push_back(std::move(a));
+    }
+    im.add_states.clear();
     im.broken = true;
   }
   return result;

@@ -1,0 +1,108 @@
+// StreamAdder: the transport's receive-and-add (a message added into the destination as its
+// fragments arrive, at any byte offsets, in any order).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "worker/comm/reduce.h"
+
+namespace lmsgd::comm {
+namespace {
+
+struct Piece {
+  size_t offset, length;
+};
+
+// Cuts `bytes` at random byte positions (so floats straddle pieces) and shuffles the pieces.
+std::vector<Piece> RandomPieces(size_t bytes, int cuts, std::mt19937* rng) {
+  std::vector<size_t> at = {0, bytes};
+  std::uniform_int_distribution<size_t> pos(1, bytes > 1 ? bytes - 1 : 1);
+  for (int i = 0; i < cuts && bytes > 1; ++i) at.push_back(pos(*rng));
+  std::sort(at.begin(), at.end());
+  at.erase(std::unique(at.begin(), at.end()), at.end());
+  std::vector<Piece> pieces;
+  for (size_t i = 0; i + 1 < at.size(); ++i) pieces.push_back({at[i], at[i + 1] - at[i]});
+  std::shuffle(pieces.begin(), pieces.end(), *rng);
+  return pieces;
+}
+
+// Feeds `piece` from a copy at an odd address (fragments in a receive buffer have any alignment).
+void Feed(StreamAdder* adder, const std::vector<float>& message, const Piece& piece) {
+  std::vector<unsigned char> staging(piece.length + 1);
+  std::memcpy(staging.data() + 1, reinterpret_cast<const unsigned char*>(message.data()) + piece.offset,
+              piece.length);
+  adder->Add(piece.offset, staging.data() + 1, piece.length);
+}
+
+TEST(StreamAdderTest, AnyFragmentationInAnyOrderGivesExactlyAddFloatsResult) {
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> value(-3.0f, 3.0f);
+  for (size_t n : {1u, 2u, 7u, 1023u, 2049u, 65537u}) {
+    for (int cuts : {0, 1, 5, 40}) {
+      std::vector<float> dst(n), message(n);
+      for (size_t i = 0; i < n; ++i) {
+        dst[i] = value(rng);
+        message[i] = value(rng);
+      }
+      std::vector<float> want = dst;
+      AddFloats(want.data(), message.data(), n);
+      StreamAdder adder;
+      adder.Reset(dst.data(), n * sizeof(float));
+      const auto pieces = RandomPieces(n * sizeof(float), cuts, &rng);
+      for (size_t p = 0; p < pieces.size(); ++p) {
+        EXPECT_EQ(adder.complete(), false) << "n=" << n << " complete before its last piece";
+        Feed(&adder, message, pieces[p]);
+      }
+      EXPECT_TRUE(adder.complete()) << "n=" << n << " cuts=" << cuts;
+      EXPECT_EQ(adder.received(), n * sizeof(float));
+      ASSERT_EQ(std::memcmp(dst.data(), want.data(), n * sizeof(float)), 0) << "n=" << n << " cuts=" << cuts;
+    }
+  }
+}
+
+TEST(StreamAdderTest, AMissingPieceLeavesItIncompleteAndItsFloatsUntouched) {
+  std::vector<float> dst(8, 1.0f), message(8, 2.0f);
+  StreamAdder adder;
+  adder.Reset(dst.data(), 32);
+  Feed(&adder, message, {0, 10});   // floats 0, 1 and half of 2
+  Feed(&adder, message, {14, 18});  // the rest but bytes 10..13
+  EXPECT_FALSE(adder.complete());
+  EXPECT_EQ(dst[2], 1.0f);  // its bytes never all arrived: not added
+  EXPECT_EQ(dst[3], 1.0f);  // bytes 12, 13 missing
+  EXPECT_EQ(dst[0], 3.0f);
+  EXPECT_EQ(dst[7], 3.0f);
+  Feed(&adder, message, {10, 4});
+  EXPECT_TRUE(adder.complete());
+  for (float v : dst) EXPECT_EQ(v, 3.0f);
+}
+
+TEST(StreamAdderTest, APiecePastTheEndIsRefusedAndMarksTheMessage) {
+  std::vector<float> dst(5, 0.0f), message(4, 1.0f);
+  StreamAdder adder;
+  adder.Reset(dst.data(), 16);
+  Feed(&adder, message, {0, 16});
+  std::vector<unsigned char> extra(8, 0x3f);
+  adder.Add(12, extra.data(), 8);  // bytes 12..19 of a 16-byte message
+  EXPECT_TRUE(adder.overflow());
+  EXPECT_FALSE(adder.complete());
+  EXPECT_EQ(dst[3], 1.0f);
+  EXPECT_EQ(dst[4], 0.0f);  // nothing written beyond the destination
+}
+
+TEST(StreamAdderTest, PiecesAfterDetachAreDropped) {
+  std::vector<float> dst(4, 1.0f), message(4, 5.0f);
+  StreamAdder adder;
+  adder.Reset(dst.data(), 16);
+  Feed(&adder, message, {0, 6});
+  adder.Detach();
+  Feed(&adder, message, {6, 10});
+  EXPECT_EQ(dst[0], 6.0f);
+  EXPECT_EQ(dst[1], 1.0f);  // its last two bytes came after Detach
+  EXPECT_EQ(dst[3], 1.0f);
+}
+
+}  // namespace
+}  // namespace lmsgd::comm

@@ -1,0 +1,64 @@
+#include "worker/comm/reduce.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace lmsgd::comm {
+
+// Compiled for AVX-512, AVX2 and baseline x86-64; the loader picks the best.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void AddFloats(float* __restrict dst,
+                                                                             const float* __restrict src, size_t n) {
+  for (size_t i = 0; i < n; ++i) dst[i] += src[i];
+}
+
+// memcpy into a float is the defined way to read a possibly unaligned value; the compiler turns
+// the loop into unaligned vector loads.
+__attribute__((target_clones("avx512f", "avx2", "default"))) void AddFloatBytes(float* __restrict dst,
+                                                                                 const unsigned char* __restrict src,
+                                                                                 size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    float v;
+    std::memcpy(&v, src + 4 * i, sizeof(float));
+    dst[i] += v;
+  }
+}
+
+void StreamAdder::Reset(float* dst, size_t bytes) {
+  dst_ = dst;
+  bytes_ = bytes;
+  received_ = 0;
+  overflow_ = false;
+  partials_.clear();
+}
+
+void StreamAdder::Byte(size_t pos, unsigned char v) {
+  const size_t index = pos / 4;
+  auto it = std::find_if(partials_.begin(), partials_.end(), [&](const Partial& p) { return p.index == index; });
+  if (it == partials_.end()) it = partials_.insert(partials_.end(), Partial{index, {0, 0, 0, 0}, 0});
+  it->b[pos % 4] = v;
+  it->mask |= 1u << (pos % 4);
+  if (it->mask == 0xf) {
+    float f;
+    std::memcpy(&f, it->b, sizeof(f));
+    dst_[index] += f;
+    partials_.erase(it);
+  }
+}
+
+void StreamAdder::Add(size_t offset, const unsigned char* src, size_t length) {
+  if (dst_ == nullptr) return;
+  if (offset > bytes_ || length > bytes_ - offset) {
+    overflow_ = true;
+    return;
+  }
+  const size_t end = offset + length;
+  size_t pos = offset;
+  for (; pos < end && pos % 4 != 0; ++pos) Byte(pos, src[pos - offset]);
+  const size_t whole = (end - pos) / 4;
+  AddFloatBytes(dst_ + pos / 4, src + (pos - offset), whole);
+  pos += 4 * whole;
+  for (; pos < end; ++pos) Byte(pos, src[pos - offset]);
+  received_ += length;
+}
+
+}  // namespace lmsgd::comm

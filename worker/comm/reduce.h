@@ -1,0 +1,47 @@
+// The element-wise sum every allreduce algorithm and the transport's receive-and-add use: one
+// definition, so that every path adds in the same way (dst[i] = dst[i] + src[i], float32).
+#pragma once
+
+#include <cstddef>
+#include <vector>
+
+namespace lmsgd::comm {
+
+// dst[i] += src[i] for i < n.
+void AddFloats(float* __restrict dst, const float* __restrict src, size_t n);
+// The same with `src` given as bytes at any alignment (n float32 values in host byte order).
+void AddFloatBytes(float* __restrict dst, const unsigned char* __restrict src, size_t n);
+
+// Adds a message of float32 values into `dst` as it arrives in pieces (a transport's fragments)
+// at any byte offsets, in any order: whole floats are added straight from the piece; the bytes
+// of a float split across pieces are gathered until all four have arrived. Each float is added
+// exactly once, with the same addition as AddFloats.
+class StreamAdder {
+ public:
+  // Starts a message of `bytes` (a multiple of 4) to be added into dst[0 .. bytes / 4).
+  void Reset(float* dst, size_t bytes);
+  // Later pieces are ignored (the receive failed; the destination is no longer ours).
+  void Detach() { dst_ = nullptr; }
+  // The piece of the message at byte `offset`. A piece reaching past the end is not added and
+  // makes the message incomplete.
+  void Add(size_t offset, const unsigned char* src, size_t length);
+  // Every byte arrived (once) and every float was added.
+  bool complete() const { return !overflow_ && received_ == bytes_ && partials_.empty(); }
+  size_t received() const { return received_; }
+  size_t expected() const { return bytes_; }
+  bool overflow() const { return overflow_; }
+
+ private:
+  void Byte(size_t pos, unsigned char v);
+  struct Partial {
+    size_t index;
+    unsigned char b[4];
+    unsigned mask;
+  };
+  float* dst_ = nullptr;
+  size_t bytes_ = 0, received_ = 0;
+  bool overflow_ = false;
+  std::vector<Partial> partials_;
+};
+
+}  // namespace lmsgd::comm
