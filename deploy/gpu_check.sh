@@ -17,8 +17,8 @@
 #       (GPU vs the float64 reference, fp32 and bf16), ResNet-50 training throughput for lmsgd and for
 #       PyTorch (torchvision resnet50, channels_last, autocast bf16) at batch 64/128/256 x
 #       fp32/tf32/bf16 with one table of ratios, and last the CPU allreduce benchmark
-#       (lmsgd-bench allreduce, k = 2 and 4 processes, lmsgd vs Gloo vs Open MPI) on the machine's
-#       cores. --quick: batch 128 and 256 in bf16 and fp32 only. --no-allreduce: skip the CPU
+#       (lmsgd-bench allreduce, k = 2 and 4 processes, lmsgd vs Gloo vs Open MPI, and lmsgd's ring
+#       and halving/doubling over UCX's TCP transport up to 1 MiB) on the machine's cores. --quick: batch 128 and 256 in bf16 and fp32 only. --no-allreduce: skip the CPU
 #       benchmark (ALLREDUCE_BUDGET_S: seconds of benchmark rounds, default 200). Results also go
 #       to DIR (default $OUT or /tmp/gpu_check) as gpu_check.jsonl, gpu_check.log, dist_worker0.log,
 #       allreduce.jsonl and allreduce_summary.txt.
@@ -216,7 +216,10 @@ if [[ $ALLREDUCE == 1 ]]; then
         (( SECONDS - t0 < ${ALLREDUCE_BUDGET_S:-200} )) || break 2
         echo "round $round, k=$k ($((SECONDS - t0)) s)"
         run timeout 100 "$BUNDLE/bin/lmsgd-bench" allreduce --ranks=$k --rounds=1 --json --min_bytes=4096 \
-          --max_bytes=268435456 >>"$AR" || echo "FAILED: allreduce benchmark k=$k round $round"
+          --max_bytes=268435456 --impls=lmsgd,gloo,openmpi >>"$AR" || echo "FAILED: allreduce benchmark k=$k round $round"
+        # Ring and halving/doubling over UCX's TCP transport (the wire between hosts), up to 1 MiB.
+        run timeout 60 "$BUNDLE/bin/lmsgd-bench" allreduce --ranks=$k --rounds=1 --json --min_bytes=4096 \
+          --max_bytes=1048576 --impls=lmsgd-tcp >>"$AR" || echo "FAILED: allreduce benchmark (tcp) k=$k round $round"
       done
     done
   )
@@ -231,7 +234,8 @@ rounds = max((len(v) for v in t.values()), default=0)
 for k in sorted({key[0] for key in med}):
     print(f"\nallreduce k={k}: median time_us of {rounds} rounds; busbw GB/s = bytes/time * 2(k-1)/k")
     print(f"{'bytes':>10s} {'ring':>9s} {'hd':>9s} {'shm':>9s} {'gloo':>9s} {'openmpi':>9s}"
-          f" {'lmsgd best':>16s} {'busbw':>6s} {'best/mpi':>8s} {'ring/hd':>7s}")
+          f" {'lmsgd best':>16s} {'busbw':>6s} {'best/mpi':>8s} {'ring/hd':>7s} {'tcp ring':>9s} {'tcp hd':>9s}"
+          f" {'ring/hd':>7s}")
     for b in sorted({key[3] for key in med if key[0] == k}):
         lm = {a: us for (kk, impl, a, bb), us in med.items() if kk == k and bb == b and impl == "lmsgd"}
         gl = min((us for (kk, impl, a, bb), us in med.items() if kk == k and bb == b and impl == "gloo"), default=None)
@@ -241,8 +245,11 @@ for k in sorted({key[0] for key in med}):
         f = lambda v: f"{v:9.1f}" if v else f"{'-':>9s}"
         ratio = f"{mpi / lm[best]:8.2f}" if best and mpi else f"{'-':>8s}"
         rh = f"{lm['ring'] / lm['halving_doubling']:7.2f}" if "ring" in lm and "halving_doubling" in lm else f"{'-':>7s}"
+        tc = {a: us for (kk, impl, a, bb), us in med.items() if kk == k and bb == b and impl == "lmsgd-tcp"}
+        th = f"{tc['ring'] / tc['halving_doubling']:7.2f}" if "ring" in tc and "halving_doubling" in tc else f"{'-':>7s}"
         print(f"{b:10d} {f(lm.get('ring'))} {f(lm.get('halving_doubling'))} {f(lm.get('shared_memory'))}"
-              f" {f(gl)} {f(mpi)} {best or '-':>16s} {bw:6.2f} {ratio} {rh}")
+              f" {f(gl)} {f(mpi)} {best or '-':>16s} {bw:6.2f} {ratio} {rh}"
+              f" {f(tc.get('ring'))} {f(tc.get('halving_doubling'))} {th}")
 EOF
 fi
 

@@ -1,10 +1,12 @@
 // One rank of `lmsgd-bench allreduce` for lmsgd's algorithms and (when built with it) Gloo's:
 // rendezvous through a FileStore directory, then for every size: 2 warm-up runs, then
-// Iterations(bytes) timed runs between barriers (lmsgd's algorithms in interleaved blocks);
+// Iterations(bytes) timed runs between barriers (lmsgd's algorithms in interleaved blocks, in a
+// new order every block);
 // rank 0 prints one JSON line per (algorithm, size).
 #include <algorithm>
 #include <chrono>
 #include <iostream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -28,7 +30,14 @@ namespace lmsgd::bench {
 
 using Clock = std::chrono::steady_clock;
 
-int RunLmsgdRank(int rank, int k, const std::string& store_dir, size_t min_bytes, size_t max_bytes) {
+// `wire`: "shm" (UCX's choice on one host: shared memory) or "tcp" (UCX_TLS=tcp: the wire between
+// hosts, here on loopback, where ring and halving/doubling are what AUTO picks from). Rows are
+// reported as impl "lmsgd" and "lmsgd-tcp"; the shared-memory algorithm, which does not use the
+// wire, runs only in the first.
+int RunLmsgdRank(int rank, int k, const std::string& store_dir, size_t min_bytes, size_t max_bytes,
+                 const std::string& wire) {
+  if (wire == "tcp") setenv("UCX_TLS", "tcp", 1);
+  const std::string impl = wire == "tcp" ? "lmsgd-tcp" : "lmsgd";
   comm::FileStore store(store_dir);
   auto t = comm::UcxTransport::Create(rank, k, &store, "bench", absl::Now() + absl::Seconds(60), /*single_host=*/true);
   if (!t.ok()) {
@@ -41,15 +50,22 @@ int RunLmsgdRank(int rank, int k, const std::string& store_dir, size_t min_bytes
   // shows where the switch pays (HalvingDoublingAllreduce::kDefaultDoublingMaxBytes).
   comm::HalvingDoublingAllreduce halving_only(t->get(), /*doubling_max_bytes=*/0);
   uint64_t seq = 1;
-  const absl::Time deadline = absl::Now() + absl::Hours(1);
-  auto shm = comm::SharedMemoryAllreduce::Create(t->get(), seq++, deadline);
-  if (!shm.ok()) std::cerr << "rank " << rank << ": no shared-memory allreduce: " << shm.status() << "\n";
+  // Every collective has its own deadline: a peer that fails ends the run within a minute.
+  auto deadline = [] { return absl::Now() + absl::Seconds(60); };
   std::vector<std::pair<const char*, comm::AllreduceAlgorithm*>> algos = {
       {"ring", &ring}, {"halving_doubling", &hd}, {"hd_halving_only", &halving_only}};
+  absl::StatusOr<std::unique_ptr<comm::SharedMemoryAllreduce>> shm = absl::UnimplementedError("not on this wire");
+  if (wire != "tcp") {
+    shm = comm::SharedMemoryAllreduce::Create(t->get(), seq++, deadline());
+    if (!shm.ok()) std::cerr << "rank " << rank << ": no shared-memory allreduce: " << shm.status() << "\n";
+  }
   if (shm.ok()) algos.push_back({"shared_memory", shm->get()});
   // Per size, the algorithms take turns in blocks of runs (a slow spell of this machine then
   // lands on all of them alike, not on whichever was running), each block between barriers.
   constexpr int kBlocks = 10;
+  std::vector<size_t> order(algos.size());
+  for (size_t a = 0; a < order.size(); ++a) order[a] = a;
+  std::mt19937 rng(12345);
   std::vector<std::vector<std::string>> lines(algos.size());
   for (size_t bytes : Sizes(min_bytes, max_bytes)) {
     std::vector<float> buf(bytes / 4, 1.0f);
@@ -59,29 +75,33 @@ int RunLmsgdRank(int rank, int k, const std::string& store_dir, size_t min_bytes
     for (size_t a = 0; a < algos.size(); ++a) {
       runs[a] = !(algos[a].second == &halving_only && bytes > (256u << 10));
       for (int w = 0; w < 2 && runs[a]; ++w) {
-        if (auto st = algos[a].second->Run(buf.data(), buf.size(), seq++, deadline); !st.ok()) {
+        if (auto st = algos[a].second->Run(buf.data(), buf.size(), seq++, deadline()); !st.ok()) {
           std::cerr << st << "\n";
           return 1;
         }
       }
     }
     for (int b = 0; b < blocks; ++b) {
-      for (size_t a = 0; a < algos.size(); ++a) {
+      // Each block runs the algorithms in a fresh order (the same on every rank: same seed), so
+      // that none always follows the same one (what one leaves behind in UCX's receive buffers
+      // and the caches can change the next one's time).
+      std::shuffle(order.begin(), order.end(), rng);
+      for (size_t a : order) {
         if (!runs[a]) continue;
-        if (auto st = comm::Barrier(t->get(), seq++, deadline); !st.ok()) return 1;
+        if (auto st = comm::Barrier(t->get(), seq++, deadline()); !st.ok()) return 1;
         const auto t0 = Clock::now();
         for (int i = 0; i < per_block; ++i) {
-          if (auto st = algos[a].second->Run(buf.data(), buf.size(), seq++, deadline); !st.ok()) {
+          if (auto st = algos[a].second->Run(buf.data(), buf.size(), seq++, deadline()); !st.ok()) {
             std::cerr << st << "\n";
             return 1;
           }
         }
-        if (auto st = comm::Barrier(t->get(), seq++, deadline); !st.ok()) return 1;
+        if (auto st = comm::Barrier(t->get(), seq++, deadline()); !st.ok()) return 1;
         seconds[a] += std::chrono::duration<double>(Clock::now() - t0).count();
       }
     }
     for (size_t a = 0; a < algos.size(); ++a) {
-      if (runs[a]) lines[a].push_back(ResultLine("lmsgd", algos[a].first, k, bytes, seconds[a] / (blocks * per_block)));
+      if (runs[a]) lines[a].push_back(ResultLine(impl, algos[a].first, k, bytes, seconds[a] / (blocks * per_block)));
     }
   }
   if (rank == 0) {
@@ -151,7 +171,8 @@ bool HaveGloo() {
 
 int RunAllreduceRank(const std::string& impl, int rank, int k, const std::string& store_dir, size_t min_bytes,
                      size_t max_bytes) {
-  if (impl == "lmsgd") return RunLmsgdRank(rank, k, store_dir, min_bytes, max_bytes);
+  if (impl == "lmsgd") return RunLmsgdRank(rank, k, store_dir, min_bytes, max_bytes, "shm");
+  if (impl == "lmsgd-tcp") return RunLmsgdRank(rank, k, store_dir, min_bytes, max_bytes, "tcp");
 #ifdef LMSGD_HAVE_GLOO
   if (impl == "gloo") return RunGlooRank(rank, k, store_dir, min_bytes, max_bytes);
 #endif

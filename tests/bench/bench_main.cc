@@ -47,7 +47,9 @@ ABSL_FLAG(int32_t, ranks, 2, "allreduce: number of processes K");
 ABSL_FLAG(uint64_t, min_bytes, 4096, "allreduce: smallest message");
 ABSL_FLAG(uint64_t, max_bytes, 256ull << 20, "allreduce: largest message (sizes step x4)");
 ABSL_FLAG(bool, json, false, "allreduce: print one JSON object per line instead of a table");
-ABSL_FLAG(std::string, impls, "lmsgd,gloo,openmpi", "allreduce: implementations to run");
+ABSL_FLAG(std::string, impls, "lmsgd,lmsgd-tcp,gloo,openmpi",
+          "allreduce: implementations to run (lmsgd: UCX over shared memory, plus the shared-memory algorithm; "
+          "lmsgd-tcp: ring and halving/doubling over UCX's TCP transport, the wire between hosts, on loopback)");
 ABSL_FLAG(int32_t, impl_timeout_s, 1200,
           "allreduce: deadline of one implementation's run over all sizes (its processes are killed after it)");
 ABSL_FLAG(int32_t, rounds, 1,
@@ -55,7 +57,7 @@ ABSL_FLAG(int32_t, rounds, 1,
           "(a noisy machine then disturbs all implementations alike)");
 ABSL_FLAG(int32_t, rank, 0, "(internal) allreduce-rank: this process's rank");
 ABSL_FLAG(std::string, store, "", "(internal) allreduce-rank: rendezvous directory");
-ABSL_FLAG(std::string, impl, "lmsgd", "(internal) allreduce-rank: lmsgd | gloo");
+ABSL_FLAG(std::string, impl, "lmsgd", "(internal) allreduce-rank: lmsgd | lmsgd-tcp | gloo");
 ABSL_FLAG(int32_t, workers, 1024, "coordinator-load: simulated workers");
 ABSL_FLAG(int32_t, seconds, 20, "coordinator-load: heartbeat phase length");
 ABSL_FLAG(int32_t, client_threads, 32, "coordinator-load: client threads driving the simulated workers");
@@ -254,7 +256,7 @@ int Allreduce() {
   for (int round = 0; round < rounds; ++round)
   for (absl::string_view impl : absl::StrSplit(absl::GetFlag(FLAGS_impls), ',', absl::SkipEmpty())) {
     std::string cmd, store;
-    if (impl == "lmsgd" || impl == "gloo") {
+    if (impl == "lmsgd" || impl == "lmsgd-tcp" || impl == "gloo") {
       if (impl == "gloo" && !lmsgd::bench::HaveGloo()) {
         std::cerr << "lmsgd-bench: built without Gloo (deploy/setup.sh --with-baselines, then rebuild); skipping it\n";
         continue;
@@ -318,13 +320,14 @@ int Allreduce() {
   }
   std::cout << absl::StrFormat("allreduce, k=%d processes on this host, float32 sum; busbw = algbw * 2(k-1)/k%s\n", k,
                                rounds > 1 ? absl::StrFormat("; median of %d alternating rounds", rounds) : "");
-  std::cout << absl::StrFormat("%-8s %-18s %12s %12s %10s %10s\n", "impl", "algo", "bytes", "time_us", "algbw", "busbw");
+  std::cout << absl::StrFormat("%-10s %-18s %12s %12s %10s %10s\n", "impl", "algo", "bytes", "time_us", "algbw", "busbw");
   for (const auto& l : results) {
-    std::cout << absl::StrFormat("%-8s %-18s %12s %12s %10s %10s\n", Field(l, "impl"), Field(l, "algo"),
+    std::cout << absl::StrFormat("%-10s %-18s %12s %12s %10s %10s\n", Field(l, "impl"), Field(l, "algo"),
                                  Field(l, "bytes"), Field(l, "time_us"), Field(l, "algbw_gbps"), Field(l, "busbw_gbps"));
   }
-  // Ratios: lmsgd's best busbw over Open MPI's, and halving/doubling's speed-up over ring.
-  std::map<uint64_t, double> best, mpi, ring, hd;
+  // Ratios: lmsgd's best busbw over Open MPI's, and halving/doubling's speed-up over ring on
+  // each wire.
+  std::map<uint64_t, double> best, mpi, ring, hd, ring_tcp, hd_tcp;
   for (const auto& l : results) {
     uint64_t b = 0;
     double bw = 0, us = 0;
@@ -336,12 +339,20 @@ int Allreduce() {
       if (Field(l, "algo") == "ring") ring[b] = us;
       if (Field(l, "algo") == "halving_doubling") hd[b] = us;
     }
+    if (Field(l, "impl") == "lmsgd-tcp") {
+      best[b] = std::max(best[b], bw);
+      if (Field(l, "algo") == "ring") ring_tcp[b] = us;
+      if (Field(l, "algo") == "halving_doubling") hd_tcp[b] = us;
+    }
     if (Field(l, "impl") == "openmpi") mpi[b] = bw;
   }
-  std::cout << "bytes        lmsgd_best/openmpi_busbw  ring_time/halving_doubling_time\n";
+  auto ratio = [](std::map<uint64_t, double>& num, std::map<uint64_t, double>& den, uint64_t b) {
+    return num.count(b) && den.count(b) ? absl::StrFormat("%.2f", num[b] / den[b]) : std::string("-");
+  };
+  std::cout << "bytes        lmsgd_best/openmpi_busbw  ring_time/halving_doubling_time (shm)  (tcp)\n";
   for (const auto& [b, bw] : best) {
-    std::cout << absl::StrFormat("%-12d %24s %32s\n", b, mpi.count(b) ? absl::StrFormat("%.2f", bw / mpi[b]) : "-",
-                                 hd.count(b) && ring.count(b) ? absl::StrFormat("%.2f", ring[b] / hd[b]) : "-");
+    std::cout << absl::StrFormat("%-12d %24s %38s %6s\n", b, ratio(best, mpi, b), ratio(ring, hd, b),
+                                 ratio(ring_tcp, hd_tcp, b));
   }
   return failed ? 1 : 0;
 }
