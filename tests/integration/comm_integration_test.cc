@@ -103,23 +103,35 @@ TEST(CommTest, HalvingAndDoublingEachAtEverySize) {
 }
 
 // Over UCX's TCP transport (the wire between hosts) instead of shared memory: the transport's
-// receive-and-add then unpacks TCP's fragments (and stages messages above its fused limit).
-TEST(CommTest, RingAndHalvingDoublingOverTcp) {
-  for (int k : {3, 4}) {
+// receive-and-add then unpacks TCP's fragments (and stages messages above its fused limit). With
+// a 1 KiB rendezvous threshold (on TCP and on shared memory) it unpacks rendezvous data too.
+TEST(CommTest, RingAndHalvingDoublingOverTcpAndByRendezvous) {
+  struct Wire {
+    int k;
+    std::vector<std::string> flags;
+  };
+  const std::vector<Wire> wires = {{3, {"--ucx_tls=tcp"}},
+                                   {4, {"--ucx_tls=tcp"}},
+                                   {4, {"--ucx_tls=tcp", "--ucx_rndv_thresh=1024"}},
+                                   {4, {"--ucx_rndv_thresh=1024"}}};
+  for (const Wire& w : wires) {
+    const int k = w.k;
     for (const std::string algo : {"ring", "hd"}) {
-      auto runs = RunRanks(k, {"--mode=allreduce", "--algo=" + algo, "--ucx_tls=tcp", "--doubling_max_bytes=0",
-                               "--counts=1,7,1023,8193,100000,1048576"},
-                           absl::Seconds(120));
+      std::vector<std::string> flags = {"--mode=allreduce", "--algo=" + algo, "--doubling_max_bytes=0",
+                                        "--counts=1,7,1023,8193,100000,1048576"};
+      flags.insert(flags.end(), w.flags.begin(), w.flags.end());
+      const std::string algo_desc = algo + " " + absl::StrJoin(w.flags, " ");
+      auto runs = RunRanks(k, flags, absl::Seconds(120));
       std::set<std::string> result_lines;
       for (int r = 0; r < k; ++r) {
-        ASSERT_EQ(runs[r].exit_code, 0) << "k=" << k << " " << algo << " rank " << r << ":\n" << runs[r].log;
+        ASSERT_EQ(runs[r].exit_code, 0) << "k=" << k << " " << algo_desc << " rank " << r << ":\n" << runs[r].log;
         std::string results;
         for (absl::string_view line : absl::StrSplit(runs[r].log, '\n')) {
           if (absl::StartsWith(line, "result ")) absl::StrAppend(&results, line, "\n");
         }
         result_lines.insert(results);
       }
-      EXPECT_EQ(result_lines.size(), 1u) << "k=" << k << " " << algo << ": ranks disagree";
+      EXPECT_EQ(result_lines.size(), 1u) << "k=" << k << " " << algo_desc << ": ranks disagree";
     }
   }
 }

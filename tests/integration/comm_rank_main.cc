@@ -4,6 +4,7 @@
 //             [--counts=1,7,1023] [--timeout_s=10] [--victim=V] [--prefix=gen1]
 //             [--doubling_max_bytes=N] (halving/doubling: recursive doubling up to N bytes)
 //             [--ucx_tls=tcp] (UCX_TLS for the transport: e.g. the TCP wire ranks on different hosts use)
+//             [--ucx_rndv_thresh=N] (UCX_RNDV_THRESH: messages above N bytes go by rendezvous)
 //
 // Modes: allreduce (integer-valued data, checked exact; prints a CRC of each result so the test
 // can compare ranks), broadcast, barrier, bucketed (a ResNet-8 training step with gradient
@@ -87,6 +88,7 @@ int Run(int argc, char** argv) {
     counts.push_back(n);
   }
   if (a.count("ucx_tls")) setenv("UCX_TLS", a["ucx_tls"].c_str(), 1);
+  if (a.count("ucx_rndv_thresh")) setenv("UCX_RNDV_THRESH", a["ucx_rndv_thresh"].c_str(), 1);
   FileStore store(a["store"]);
   const std::string prefix = a.count("prefix") ? a["prefix"] : "gen1";
   auto comm = Connect(rank, size, &store, prefix, algo, hosts, timeout_s, doubling_max_bytes);
