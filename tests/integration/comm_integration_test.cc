@@ -49,6 +49,22 @@ std::string Hosts(int k) {  // two simulated hosts: ranks [0, k/2) on "a", the r
   return "--hosts=" + absl::StrJoin(h, ",");
 }
 
+// Checks that every rank succeeded and returns the distinct sets of "result ..." lines (CRCs of
+// the results) they printed: one element when all ranks agree.
+std::set<std::string> DistinctResults(const std::vector<RankRun>& runs, const std::string& context) {
+  std::set<std::string> distinct;
+  for (size_t r = 0; r < runs.size(); ++r) {
+    EXPECT_EQ(runs[r].exit_code, 0) << context << " rank " << r << ":\n" << runs[r].log;
+    EXPECT_NE(runs[r].log.find("ok\n"), std::string::npos) << context << " rank " << r;
+    std::string results;
+    for (absl::string_view line : absl::StrSplit(runs[r].log, '\n')) {
+      if (absl::StartsWith(line, "result ")) absl::StrAppend(&results, line, "\n");
+    }
+    distinct.insert(results);
+  }
+  return distinct;
+}
+
 class AllreduceTest : public ::testing::TestWithParam<std::tuple<int, std::string>> {};
 
 TEST_P(AllreduceTest, ExactSumIdenticalOnAllRanks) {
@@ -57,17 +73,7 @@ TEST_P(AllreduceTest, ExactSumIdenticalOnAllRanks) {
                                     "--timeout_s=120"};
   if (algo == "hier") flags.push_back(Hosts(k));
   auto runs = RunRanks(k, flags, absl::Seconds(300));
-  std::set<std::string> result_lines;
-  for (int r = 0; r < k; ++r) {
-    ASSERT_EQ(runs[r].exit_code, 0) << "rank " << r << ":\n" << runs[r].log;
-    EXPECT_NE(runs[r].log.find("ok\n"), std::string::npos);
-    std::string results;
-    for (absl::string_view line : absl::StrSplit(runs[r].log, '\n')) {
-      if (absl::StartsWith(line, "result ")) absl::StrAppend(&results, line, "\n");
-    }
-    result_lines.insert(results);
-  }
-  EXPECT_EQ(result_lines.size(), 1u) << "ranks disagree";
+  EXPECT_EQ(DistinctResults(runs, absl::StrCat("k=", k, " ", algo)).size(), 1u) << "ranks disagree";
 }
 
 INSTANTIATE_TEST_SUITE_P(Worlds, AllreduceTest,
@@ -88,16 +94,8 @@ TEST(CommTest, HalvingAndDoublingEachAtEverySize) {
       auto runs = RunRanks(k, {"--mode=allreduce", "--algo=hd", "--doubling_max_bytes=" + limit,
                                "--counts=1,7,1023,8193,1048576"},
                            absl::Seconds(120));
-      std::set<std::string> result_lines;
-      for (int r = 0; r < k; ++r) {
-        ASSERT_EQ(runs[r].exit_code, 0) << "k=" << k << " limit " << limit << " rank " << r << ":\n" << runs[r].log;
-        std::string results;
-        for (absl::string_view line : absl::StrSplit(runs[r].log, '\n')) {
-          if (absl::StartsWith(line, "result ")) absl::StrAppend(&results, line, "\n");
-        }
-        result_lines.insert(results);
-      }
-      EXPECT_EQ(result_lines.size(), 1u) << "k=" << k << " limit " << limit << ": ranks disagree";
+      const std::string context = absl::StrCat("k=", k, " limit ", limit);
+      EXPECT_EQ(DistinctResults(runs, context).size(), 1u) << context << ": ranks disagree";
     }
   }
 }
@@ -115,23 +113,13 @@ TEST(CommTest, RingAndHalvingDoublingOverTcpAndByRendezvous) {
                                    {4, {"--ucx_tls=tcp", "--ucx_rndv_thresh=1024"}},
                                    {4, {"--ucx_rndv_thresh=1024"}}};
   for (const Wire& w : wires) {
-    const int k = w.k;
     for (const std::string algo : {"ring", "hd"}) {
       std::vector<std::string> flags = {"--mode=allreduce", "--algo=" + algo, "--doubling_max_bytes=0",
                                         "--counts=1,7,1023,8193,100000,1048576"};
       flags.insert(flags.end(), w.flags.begin(), w.flags.end());
-      const std::string algo_desc = algo + " " + absl::StrJoin(w.flags, " ");
-      auto runs = RunRanks(k, flags, absl::Seconds(120));
-      std::set<std::string> result_lines;
-      for (int r = 0; r < k; ++r) {
-        ASSERT_EQ(runs[r].exit_code, 0) << "k=" << k << " " << algo_desc << " rank " << r << ":\n" << runs[r].log;
-        std::string results;
-        for (absl::string_view line : absl::StrSplit(runs[r].log, '\n')) {
-          if (absl::StartsWith(line, "result ")) absl::StrAppend(&results, line, "\n");
-        }
-        result_lines.insert(results);
-      }
-      EXPECT_EQ(result_lines.size(), 1u) << "k=" << k << " " << algo_desc << ": ranks disagree";
+      const std::string context = absl::StrCat("k=", w.k, " ", algo, " ", absl::StrJoin(w.flags, " "));
+      auto runs = RunRanks(w.k, flags, absl::Seconds(120));
+      EXPECT_EQ(DistinctResults(runs, context).size(), 1u) << context << ": ranks disagree";
     }
   }
 }
