@@ -10,6 +10,10 @@
 // event fd (ucp_worker_arm + poll, at most 1 ms), so a communication thread leaves the cores to
 // the backward pass. One thread at a time may call SendRecv; Abort() may come from any thread.
 //
+// Receive-and-add (P2POp::kRecvAdd) up to 256 KiB uses a UCX generic datatype whose unpack adds
+// each fragment into the destination as it arrives (StreamAdder), so the data is read once out of
+// UCX's receive buffers; larger ones are received whole into a staging buffer, then added.
+//
 // Wire tag: (tag << 16) | sender rank; receives match the full 64 bits.
 #pragma once
 
