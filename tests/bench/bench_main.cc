@@ -327,32 +327,27 @@ int Allreduce() {
   }
   // Ratios: lmsgd's best busbw over Open MPI's, and halving/doubling's speed-up over ring on
   // each wire.
-  std::map<uint64_t, double> best, mpi, ring, hd, ring_tcp, hd_tcp;
+  std::map<uint64_t, double> best, mpi;
+  std::map<std::pair<std::string, std::string>, std::map<uint64_t, double>> us;  // (impl, algo) -> bytes -> time
   for (const auto& l : results) {
     uint64_t b = 0;
-    double bw = 0, us = 0;
+    double bw = 0;
     (void)absl::SimpleAtoi(Field(l, "bytes"), &b);
     (void)absl::SimpleAtod(Field(l, "busbw_gbps"), &bw);
-    (void)absl::SimpleAtod(Field(l, "time_us"), &us);
-    if (Field(l, "impl") == "lmsgd") {
-      best[b] = std::max(best[b], bw);
-      if (Field(l, "algo") == "ring") ring[b] = us;
-      if (Field(l, "algo") == "halving_doubling") hd[b] = us;
-    }
-    if (Field(l, "impl") == "lmsgd-tcp") {
-      best[b] = std::max(best[b], bw);
-      if (Field(l, "algo") == "ring") ring_tcp[b] = us;
-      if (Field(l, "algo") == "halving_doubling") hd_tcp[b] = us;
-    }
+    (void)absl::SimpleAtod(Field(l, "time_us"), &us[{Field(l, "impl"), Field(l, "algo")}][b]);
+    if (absl::StartsWith(Field(l, "impl"), "lmsgd")) best[b] = std::max(best[b], bw);
     if (Field(l, "impl") == "openmpi") mpi[b] = bw;
   }
   auto ratio = [](std::map<uint64_t, double>& num, std::map<uint64_t, double>& den, uint64_t b) {
     return num.count(b) && den.count(b) ? absl::StrFormat("%.2f", num[b] / den[b]) : std::string("-");
   };
+  auto ring_over_hd = [&](const std::string& impl, uint64_t b) {
+    return ratio(us[{impl, "ring"}], us[{impl, "halving_doubling"}], b);
+  };
   std::cout << "bytes        lmsgd_best/openmpi_busbw  ring_time/halving_doubling_time (shm)  (tcp)\n";
   for (const auto& [b, bw] : best) {
-    std::cout << absl::StrFormat("%-12d %24s %38s %6s\n", b, ratio(best, mpi, b), ratio(ring, hd, b),
-                                 ratio(ring_tcp, hd_tcp, b));
+    std::cout << absl::StrFormat("%-12d %24s %38s %6s\n", b, ratio(best, mpi, b), ring_over_hd("lmsgd", b),
+                                 ring_over_hd("lmsgd-tcp", b));
   }
   return failed ? 1 : 0;
 }

@@ -78,7 +78,7 @@ absl::Status RingAllreduce::Run(float* data, size_t count, uint64_t seq, absl::T
       ops.push_back({P2POp::kSend, right, data + start(send_c) + a, (b - a) * sizeof(float),
                      MakeTag(seq, static_cast<uint32_t>(s * 64 + j))});
     }
-    if (auto st = t_->Exchange(ops, deadline, "ring allreduce (reduce-scatter)", nullptr); !st.ok()) return st;
+    if (auto st = t_->Exchange(ops, deadline, "ring allreduce (reduce-scatter)"); !st.ok()) return st;
   }
   // Allgather: at step s send chunk r + 1 - s (reduced) to the right, receive chunk r - s.
   for (int s = 0; s < k - 1; ++s) {
@@ -112,7 +112,7 @@ absl::Status HalvingDoublingAllreduce::RunDoubling(float* data, size_t count, ui
   }
   if (r < 2 * rem) {
     if (auto st = t_->Exchange({{P2POp::kRecvAdd, r - 1, data, bytes, MakeTag(seq, 600)}}, deadline,
-                               "halving/doubling allreduce (recursive doubling: fold)", nullptr);
+                               "halving/doubling allreduce (recursive doubling: fold)");
         !st.ok()) {
       return st;
     }
@@ -191,7 +191,7 @@ absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t s
         {P2POp::kRecvAdd, partner, data + off(keep_lo), rn * sizeof(float), MakeTag(seq, 100 + t)},
         {P2POp::kSend, partner, data + off(send_lo), (off(send_hi) - off(send_lo)) * sizeof(float),
          MakeTag(seq, 100 + t)}};
-    if (auto st = t_->Exchange(ops, deadline, "halving/doubling allreduce (binary blocks: reduce-scatter)", nullptr);
+    if (auto st = t_->Exchange(ops, deadline, "halving/doubling allreduce (binary blocks: reduce-scatter)");
         !st.ok()) {
       return st;
     }
@@ -222,7 +222,7 @@ absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t s
         ops.push_back({P2POp::kSend, start_of[c - 1] + i * ratio + j, data + off(plo),
                        (off(phi) - off(plo)) * sizeof(float), MakeTag(seq, 200 + static_cast<uint32_t>(c))});
       }
-      if (auto st = t_->Exchange(ops, deadline, "halving/doubling allreduce (binary blocks: hand up)", nullptr);
+      if (auto st = t_->Exchange(ops, deadline, "halving/doubling allreduce (binary blocks: hand up)");
           !st.ok()) {
         return st;
       }
@@ -230,7 +230,7 @@ absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t s
       const size_t rn = off(hi) - off(lo);
       const std::vector<P2POp> ops = {{P2POp::kRecvAdd, start_of[c] + i / ratio, data + off(lo), rn * sizeof(float),
                                        MakeTag(seq, 200 + static_cast<uint32_t>(c))}};
-      if (auto st = t_->Exchange(ops, deadline, "halving/doubling allreduce (binary blocks: hand up)", nullptr);
+      if (auto st = t_->Exchange(ops, deadline, "halving/doubling allreduce (binary blocks: hand up)");
           !st.ok()) {
         return st;
       }
@@ -282,7 +282,7 @@ absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t s
         ops.push_back({P2POp::kRecv, start_of[c - 1] + i * ratio + j, data + off(plo),
                        (off(phi) - off(plo)) * sizeof(float), MakeTag(seq, 400 + static_cast<uint32_t>(c))});
       }
-      if (auto st = t_->Exchange(ops, deadline, "halving/doubling allreduce (binary blocks: hand down)", nullptr);
+      if (auto st = t_->Exchange(ops, deadline, "halving/doubling allreduce (binary blocks: hand down)");
           !st.ok()) {
         return st;
       }
@@ -298,11 +298,10 @@ class HierarchicalAllreduce::LeaderView final : public Transport {
   LeaderView(Transport* t, std::vector<int> leaders, int index) : t_(t), leaders_(std::move(leaders)), index_(index) {}
   int rank() const override { return index_; }
   int size() const override { return static_cast<int>(leaders_.size()); }
-  absl::Status Exchange(const std::vector<P2POp>& ops, absl::Time deadline, const char* what,
-                        const std::function<void(size_t)>& on_recv) override {
+  absl::Status Exchange(const std::vector<P2POp>& ops, absl::Time deadline, const char* what) override {
     std::vector<P2POp> mapped = ops;
     for (auto& op : mapped) op.peer = leaders_[op.peer];
-    return t_->Exchange(mapped, deadline, what, on_recv);
+    return t_->Exchange(mapped, deadline, what);
   }
   void Abort() override { t_->Abort(); }
 
@@ -384,7 +383,7 @@ absl::Status HierarchicalAllreduce::Run(float* data, size_t count, uint64_t seq,
   } else {
     for (int l = 1; l < local_size_; ++l) {  // one at a time: the sum in rank order
       if (auto st = t_->Exchange({{P2POp::kRecvAdd, leader_ + l, data, bytes, MakeTag(seq, 0)}}, deadline,
-                                 "hierarchical allreduce (intra-host reduce)", nullptr);
+                                 "hierarchical allreduce (intra-host reduce)");
           !st.ok()) {
         return st;
       }
@@ -551,7 +550,7 @@ absl::StatusOr<std::unique_ptr<SharedMemoryAllreduce>> SharedMemoryAllreduce::Cr
     }
     std::vector<P2POp> ops;
     for (int q = 1; q < k; ++q) ops.push_back({P2POp::kSend, q, name, sizeof(name), MakeTag(tag_sequence, 1)});
-    if (auto st = t->Exchange(ops, deadline, "shared-memory allreduce setup (segment name)", nullptr); !st.ok()) {
+    if (auto st = t->Exchange(ops, deadline, "shared-memory allreduce setup (segment name)"); !st.ok()) {
       if (name[0]) shm_unlink(name);
       return st;
     }
@@ -592,13 +591,13 @@ absl::StatusOr<std::unique_ptr<SharedMemoryAllreduce>> SharedMemoryAllreduce::Cr
     std::vector<uint8_t> oks(k, 1);
     std::vector<P2POp> ops;
     for (int q = 1; q < k; ++q) ops.push_back({P2POp::kRecv, q, &oks[q], 1, MakeTag(tag_sequence, 2)});
-    absl::Status st = t->Exchange(ops, deadline, "shared-memory allreduce setup (status)", nullptr);
+    absl::Status st = t->Exchange(ops, deadline, "shared-memory allreduce setup (status)");
     if (name[0]) shm_unlink(name);
     if (!st.ok()) return st;
     for (int q = 1; q < k; ++q) ok = ok && oks[q];
     ops.clear();
     for (int q = 1; q < k; ++q) ops.push_back({P2POp::kSend, q, &ok, 1, MakeTag(tag_sequence, 3)});
-    RETURN_IF_ERROR(t->Exchange(ops, deadline, "shared-memory allreduce setup (verdict)", nullptr));
+    RETURN_IF_ERROR(t->Exchange(ops, deadline, "shared-memory allreduce setup (verdict)"));
   } else {
     RETURN_IF_ERROR(t->SendRecv(0, &ok, 1, -1, nullptr, 0, MakeTag(tag_sequence, 2), deadline,
                                 "shared-memory allreduce setup (status)"));

@@ -8,7 +8,6 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <functional>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -35,19 +34,18 @@ class Transport {
   virtual ~Transport() = default;
   virtual int rank() const = 0;
   virtual int size() const = 0;
-  // Posts every operation (receives first), then waits for all of them, calling on_recv(i) as
-  // soon as receive i (kRecv or kRecvAdd) has completed (while the others are still in flight:
-  // this is how the algorithms overlap reduction with transfer). Errors (peer failure, Abort(), the deadline)
+  // Posts every operation (receives first), then waits for all of them; a kRecvAdd's addition
+  // happens as its data arrives, while the other operations are still in flight (how the
+  // algorithms overlap reduction with transfer). Errors (peer failure, Abort(), the deadline)
   // name the peer and `what`; after an error the transport is unusable.
-  virtual absl::Status Exchange(const std::vector<P2POp>& ops, absl::Time deadline, const char* what,
-                                const std::function<void(size_t)>& on_recv) = 0;
+  virtual absl::Status Exchange(const std::vector<P2POp>& ops, absl::Time deadline, const char* what) = 0;
   // A send to `to` and a receive from `from` (-1: none) as one Exchange.
   absl::Status SendRecv(int to, const void* send, size_t send_bytes, int from, void* recv, size_t recv_bytes,
                         uint64_t tag, absl::Time deadline, const char* what) {
     std::vector<P2POp> ops;
     if (from >= 0) ops.push_back({P2POp::kRecv, from, recv, recv_bytes, tag});
     if (to >= 0) ops.push_back({P2POp::kSend, to, const_cast<void*>(send), send_bytes, tag});
-    return Exchange(ops, deadline, what, nullptr);
+    return Exchange(ops, deadline, what);
   }
   // Makes every pending and future SendRecv fail promptly (ABORTED). Thread-safe.
   virtual void Abort() = 0;

@@ -223,8 +223,7 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(int rank, int
 
 UcxTransport::~UcxTransport() = default;
 
-absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time deadline, const char* what,
-                                    const std::function<void(size_t)>& on_recv) {
+absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time deadline, const char* what) {
   Impl& im = *impl_;
   for (const P2POp& op : ops) {
     if (op.peer < 0 || op.peer >= size_) return absl::InvalidArgumentError(absl::StrCat(what, ": bad peer ", op.peer));
@@ -234,49 +233,54 @@ absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time de
     }
   }
   auto describe = [](const P2POp& op) { return op.kind == P2POp::kSend ? "send to" : "receive from"; };
-  // kRecvAdd: fused (state[i]) up to kFusedAddMaxBytes, else staged at staged_at[i] in add_staging.
-  std::vector<StreamAdder*> state(ops.size(), nullptr);
-  std::vector<size_t> staged_at(ops.size(), SIZE_MAX);
+  // Per operation: its UCX request; a kRecvAdd's adder (up to kFusedAddMaxBytes) or its place in
+  // add_staging (above).
+  struct Pending {
+    ucs_status_ptr_t req = nullptr;
+    bool finished = false;
+    StreamAdder* adder = nullptr;
+    size_t staged_at = SIZE_MAX;
+  };
+  std::vector<Pending> pend(ops.size());
   size_t fused = 0, staged_floats = 0;
   for (size_t i = 0; i < ops.size(); ++i) {
     if (ops[i].kind != P2POp::kRecvAdd) continue;
     if (ops[i].bytes <= kFusedAddMaxBytes) {
       if (fused == im.add_states.size()) im.add_states.push_back(std::make_unique<StreamAdder>());
-      state[i] = im.add_states[fused++].get();
-      state[i]->Reset(static_cast<float*>(ops[i].buf), ops[i].bytes);
+      pend[i].adder = im.add_states[fused++].get();
+      pend[i].adder->Reset(static_cast<float*>(ops[i].buf), ops[i].bytes);
     } else {
-      staged_at[i] = staged_floats;
+      pend[i].staged_at = staged_floats;
       staged_floats += ops[i].bytes / sizeof(float);
     }
   }
   if (im.add_staging.size() < staged_floats) im.add_staging.resize(staged_floats);
-  std::vector<ucs_status_ptr_t> reqs(ops.size(), nullptr);
-  std::vector<bool> finished(ops.size(), false);
   absl::Status result;
   // Receives first, so that a peer's eager send finds its match posted.
   for (int pass = 0; pass < 2 && result.ok(); ++pass) {
     for (size_t i = 0; i < ops.size() && result.ok(); ++i) {
       const P2POp& op = ops[i];
+      ucs_status_ptr_t& req = pend[i].req;
       ucp_request_param_t p{};
       const uint64_t recv_tag = (op.tag << 16) | static_cast<uint64_t>(op.peer);
       if (pass == 0 && op.kind == P2POp::kRecv) {
-        reqs[i] = ucp_tag_recv_nbx(im.worker, op.buf, op.bytes, recv_tag, ~uint64_t{0}, &p);
-      } else if (pass == 0 && op.kind == P2POp::kRecvAdd && state[i] != nullptr) {
+        req = ucp_tag_recv_nbx(im.worker, op.buf, op.bytes, recv_tag, ~uint64_t{0}, &p);
+      } else if (pass == 0 && op.kind == P2POp::kRecvAdd && pend[i].adder != nullptr) {
         p.op_attr_mask = UCP_OP_ATTR_FIELD_DATATYPE;
         p.datatype = im.add_dt;
-        reqs[i] = ucp_tag_recv_nbx(im.worker, state[i], op.bytes, recv_tag, ~uint64_t{0}, &p);
+        req = ucp_tag_recv_nbx(im.worker, pend[i].adder, op.bytes, recv_tag, ~uint64_t{0}, &p);
       } else if (pass == 0 && op.kind == P2POp::kRecvAdd) {
-        reqs[i] = ucp_tag_recv_nbx(im.worker, im.add_staging.data() + staged_at[i], op.bytes, recv_tag, ~uint64_t{0},
-                                   &p);
+        req = ucp_tag_recv_nbx(im.worker, im.add_staging.data() + pend[i].staged_at, op.bytes, recv_tag, ~uint64_t{0},
+                               &p);
       } else if (pass == 1 && op.kind == P2POp::kSend) {
-        reqs[i] = ucp_tag_send_nbx(im.eps[op.peer], op.buf, op.bytes, (op.tag << 16) | static_cast<uint64_t>(rank_), &p);
+        req = ucp_tag_send_nbx(im.eps[op.peer], op.buf, op.bytes, (op.tag << 16) | static_cast<uint64_t>(rank_), &p);
       } else {
         continue;
       }
-      if (UCS_PTR_IS_ERR(reqs[i])) {
+      if (UCS_PTR_IS_ERR(req)) {
         result = absl::UnavailableError(absl::StrCat(what, ": ", describe(op), " rank ", op.peer, ": ",
-                                                     ucs_status_string(UCS_PTR_STATUS(reqs[i]))));
-        reqs[i] = nullptr;
+                                                     ucs_status_string(UCS_PTR_STATUS(req))));
+        req = nullptr;
       }
     }
   }
@@ -284,18 +288,19 @@ absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time de
   while (result.ok() && remaining > 0) {
     bool any = false;
     for (size_t i = 0; i < ops.size() && result.ok(); ++i) {
-      if (finished[i]) continue;
+      Pending& pe = pend[i];
+      if (pe.finished) continue;
       const P2POp& op = ops[i];
-      if (UCS_PTR_IS_PTR(reqs[i])) {
-        const ucs_status_t st = ucp_request_check_status(reqs[i]);
+      if (UCS_PTR_IS_PTR(pe.req)) {
+        const ucs_status_t st = ucp_request_check_status(pe.req);
         if (st == UCS_INPROGRESS) continue;
         size_t length = op.bytes;
         if (op.kind != P2POp::kSend && st == UCS_OK) {
           ucp_tag_recv_info_t info{};
-          if (ucp_tag_recv_request_test(reqs[i], &info) == UCS_OK) length = info.length;
+          if (ucp_tag_recv_request_test(pe.req, &info) == UCS_OK) length = info.length;
         }
-        ucp_request_free(reqs[i]);
-        reqs[i] = nullptr;
+        ucp_request_free(pe.req);
+        pe.req = nullptr;
         if (st != UCS_OK) {
           result = absl::UnavailableError(absl::StrCat(what, ": ", describe(op), " rank ", op.peer, ": ",
                                                        ucs_status_string(st)));
@@ -308,24 +313,23 @@ absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time de
         }
       }
       // Completed (or completed immediately at posting).
-      if (state[i] != nullptr && !state[i]->complete()) {
+      if (pe.adder != nullptr && !pe.adder->complete()) {
         result = absl::DataLossError(absl::StrCat(what, ": rank ", op.peer, "'s message of ", op.bytes,
-                                                  " bytes arrived incomplete (", state[i]->received(), " bytes added",
-                                                  state[i]->overflow() ? ", a fragment beyond its end" : "", ")"));
+                                                  " bytes arrived incomplete (", pe.adder->received(), " bytes added",
+                                                  pe.adder->overflow() ? ", a fragment beyond its end" : "", ")"));
         break;
       }
-      if (staged_at[i] != SIZE_MAX) {
-        AddFloats(static_cast<float*>(op.buf), im.add_staging.data() + staged_at[i], op.bytes / sizeof(float));
+      if (pe.staged_at != SIZE_MAX) {
+        AddFloats(static_cast<float*>(op.buf), im.add_staging.data() + pe.staged_at, op.bytes / sizeof(float));
       }
-      finished[i] = true;
+      pe.finished = true;
       --remaining;
       any = true;
-      if (op.kind != P2POp::kSend && on_recv) on_recv(i);
     }
     if (!result.ok() || remaining == 0) break;
     // Failure checks, then progress.
     for (size_t i = 0; i < ops.size() && result.ok(); ++i) {
-      if (!finished[i] && im.peer_status[ops[i].peer] != UCS_OK) {
+      if (!pend[i].finished && im.peer_status[ops[i].peer] != UCS_OK) {
         result = absl::UnavailableError(absl::StrCat(what, ": rank ", ops[i].peer, " failed (",
                                                      ucs_status_string(im.peer_status[ops[i].peer]), ")"));
       }
@@ -337,7 +341,7 @@ absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time de
     }
     if (absl::Now() > deadline) {
       for (size_t i = 0; i < ops.size(); ++i) {
-        if (finished[i]) continue;
+        if (pend[i].finished) continue;
         result = absl::DeadlineExceededError(absl::StrCat(what, ": timed out waiting for rank ", ops[i].peer,
                                                           ops[i].kind == P2POp::kSend ? " to receive" : " to send"));
         break;
@@ -350,12 +354,13 @@ absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time de
     // Cancel what is still pending (receives can be cancelled; sends are completed by the forced
     // endpoint close when the transport is destroyed).
     for (size_t i = 0; i < ops.size(); ++i) {
-      if (!UCS_PTR_IS_PTR(reqs[i])) continue;
-      if (ucp_request_check_status(reqs[i]) == UCS_INPROGRESS && ops[i].kind != P2POp::kSend) {
-        ucp_request_cancel(im.worker, reqs[i]);
-        for (int n = 0; n < 1000 && ucp_request_check_status(reqs[i]) == UCS_INPROGRESS; ++n) ucp_worker_progress(im.worker);
+      ucs_status_ptr_t req = pend[i].req;
+      if (!UCS_PTR_IS_PTR(req)) continue;
+      if (ucp_request_check_status(req) == UCS_INPROGRESS && ops[i].kind != P2POp::kSend) {
+        ucp_request_cancel(im.worker, req);
+        for (int n = 0; n < 1000 && ucp_request_check_status(req) == UCS_INPROGRESS; ++n) ucp_worker_progress(im.worker);
       }
-      ucp_request_free(reqs[i]);
+      ucp_request_free(req);
     }
     // A receive-and-add that UCX still references adds nothing more, and its state stays alive.
     for (auto& a : im.add_states) {

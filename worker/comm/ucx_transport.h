@@ -42,8 +42,7 @@ class UcxTransport final : public Transport {
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
-  absl::Status Exchange(const std::vector<P2POp>& ops, absl::Time deadline, const char* what,
-                        const std::function<void(size_t)>& on_recv) override;
+  absl::Status Exchange(const std::vector<P2POp>& ops, absl::Time deadline, const char* what) override;
   void Abort() override { aborted_.store(true); }
 
  private:
