@@ -4,6 +4,7 @@
 // the timeout (naming it), and a re-formed generation after an abort.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <set>
 
 #include "absl/strings/str_cat.h"
@@ -95,6 +96,23 @@ TEST(CommTest, HalvingAndDoublingEachAtEverySize) {
                                "--counts=1,7,1023,8193,1048576"},
                            absl::Seconds(120));
       const std::string context = absl::StrCat("k=", k, " limit ", limit);
+      EXPECT_EQ(DistinctResults(runs, context).size(), 1u) << context << ": ranks disagree";
+    }
+  }
+}
+
+// The hierarchical allreduce with 3 and 4 simulated hosts of several ranks (host leaders by
+// binary blocks and by the power-of-two path) and uneven hosts, its leaders' phase by
+// halving/doubling at every size and by ring at every size.
+TEST(CommTest, HierarchicalLeadersByHalvingDoublingAndByRing) {
+  const std::vector<std::string> layouts = {"a,a,b,b,c,c", "a,a,b,b,c,c,d,d", "a,b,b,b,c"};
+  for (const std::string& hosts : layouts) {
+    const int k = static_cast<int>(std::count(hosts.begin(), hosts.end(), ',')) + 1;
+    for (const std::string limit : {"0", "1000000000"}) {
+      auto runs = RunRanks(k, {"--mode=allreduce", "--algo=hier", "--hosts=" + hosts, "--hd_max_bytes=" + limit,
+                               "--counts=1,7,1023,8193,1048576"},
+                           absl::Seconds(120));
+      const std::string context = absl::StrCat("hosts ", hosts, " halving/doubling up to ", limit, " bytes");
       EXPECT_EQ(DistinctResults(runs, context).size(), 1u) << context << ": ranks disagree";
     }
   }

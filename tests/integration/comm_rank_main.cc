@@ -3,6 +3,7 @@
 //   comm_rank --rank=R --size=K --store=DIR --mode=MODE [--algo=ring|hd|hier] [--hosts=a,a,b]
 //             [--counts=1,7,1023] [--timeout_s=10] [--victim=V] [--prefix=gen1]
 //             [--doubling_max_bytes=N] (halving/doubling: recursive doubling up to N bytes)
+//             [--hd_max_bytes=N] (auto and the hierarchical leaders: halving/doubling up to N bytes)
 //             [--ucx_tls=tcp] (UCX_TLS for the transport: e.g. the TCP wire ranks on different hosts use)
 //             [--ucx_rndv_thresh=N] (UCX_RNDV_THRESH: messages above N bytes go by rendezvous)
 //
@@ -52,7 +53,8 @@ int Fail(const std::string& msg) {
 
 absl::StatusOr<std::unique_ptr<Communicator>> Connect(int rank, int size, Store* store, const std::string& prefix,
                                                       Algorithm algo, const std::vector<std::string>& hosts,
-                                                      double timeout_s, size_t doubling_max_bytes) {
+                                                      double timeout_s, size_t doubling_max_bytes,
+                                                      size_t hd_max_bytes) {
   auto t = UcxTransport::Create(rank, size, store, prefix, absl::Now() + absl::Seconds(30), /*single_host=*/true);
   if (!t.ok()) return t.status();
   CommunicatorOptions o;
@@ -60,6 +62,7 @@ absl::StatusOr<std::unique_ptr<Communicator>> Connect(int rank, int size, Store*
   o.host_of_rank = hosts;
   o.collective_timeout = absl::Seconds(timeout_s);
   o.recursive_doubling_max_bytes = doubling_max_bytes;
+  o.halving_doubling_max_bytes = hd_max_bytes;
   return Communicator::Create(std::move(*t), o);
 }
 
@@ -73,6 +76,8 @@ int Run(int argc, char** argv) {
   if (a.count("timeout_s")) (void)absl::SimpleAtod(a["timeout_s"], &timeout_s);
   size_t doubling_max_bytes = HalvingDoublingAllreduce::kDefaultDoublingMaxBytes;
   if (a.count("doubling_max_bytes")) (void)absl::SimpleAtoi(a["doubling_max_bytes"], &doubling_max_bytes);
+  size_t hd_max_bytes = kHalvingDoublingMaxBytes;
+  if (a.count("hd_max_bytes")) (void)absl::SimpleAtoi(a["hd_max_bytes"], &hd_max_bytes);
   const std::string mode = a["mode"];
   Algorithm algo = Algorithm::kRing;
   if (a["algo"] == "auto") algo = Algorithm::kAuto;
@@ -91,7 +96,7 @@ int Run(int argc, char** argv) {
   if (a.count("ucx_rndv_thresh")) setenv("UCX_RNDV_THRESH", a["ucx_rndv_thresh"].c_str(), 1);
   FileStore store(a["store"]);
   const std::string prefix = a.count("prefix") ? a["prefix"] : "gen1";
-  auto comm = Connect(rank, size, &store, prefix, algo, hosts, timeout_s, doubling_max_bytes);
+  auto comm = Connect(rank, size, &store, prefix, algo, hosts, timeout_s, doubling_max_bytes, hd_max_bytes);
   if (!comm.ok()) return Fail(absl::StrCat("connect: ", comm.status().ToString()));
   const absl::Time far = absl::Now() + absl::Seconds(timeout_s * 3 + 30);
 
@@ -213,7 +218,7 @@ int Run(int argc, char** argv) {
     }
     comm->reset();
     if (rank == size - 1) return 0;  // leaves; the others re-form with k - 1
-    auto next = Connect(rank, size - 1, &store, "gen2", algo, {}, timeout_s, doubling_max_bytes);
+    auto next = Connect(rank, size - 1, &store, "gen2", algo, {}, timeout_s, doubling_max_bytes, hd_max_bytes);
     if (!next.ok()) return Fail(absl::StrCat("gen2 connect: ", next.status().ToString()));
     std::vector<float> e(777);
     for (size_t i = 0; i < e.size(); ++i) e[i] = static_cast<float>(rank + 1);

@@ -312,7 +312,8 @@ class HierarchicalAllreduce::LeaderView final : public Transport {
 };
 
 absl::StatusOr<std::unique_ptr<HierarchicalAllreduce>> HierarchicalAllreduce::Create(
-    Transport* t, const std::vector<std::string>& host_of_rank, absl::Time deadline) {
+    Transport* t, const std::vector<std::string>& host_of_rank, absl::Time deadline,
+    size_t halving_doubling_max_bytes, size_t doubling_max_bytes) {
   if (static_cast<int>(host_of_rank.size()) != t->size()) {
     return absl::InvalidArgumentError(absl::StrCat("host list has ", host_of_rank.size(), " entries for ", t->size(),
                                                    " ranks"));
@@ -340,6 +341,8 @@ absl::StatusOr<std::unique_ptr<HierarchicalAllreduce>> HierarchicalAllreduce::Cr
   h->local_size_ = next - h->leader_;
   h->leader_view_ = std::make_unique<LeaderView>(t, h->leaders_, index);
   h->leader_ring_ = std::make_unique<RingAllreduce>(h->leader_view_.get());
+  h->leader_halving_doubling_ = std::make_unique<HalvingDoublingAllreduce>(h->leader_view_.get(), doubling_max_bytes);
+  h->halving_doubling_max_bytes_ = halving_doubling_max_bytes;
   // Several hosts with several ranks on this one: the intra-host phases go through shared memory
   // when this host's ranks can map it (decided by them alone; other hosts decide for themselves).
   if (h->leaders_.size() > 1 && h->local_size_ > 1) {
@@ -360,6 +363,15 @@ void HierarchicalAllreduce::Abort() {
   if (local_shm_) local_shm_->Abort();
 }
 
+// Phase 2 (on the leaders only), in its own tag space: the collective's sequence with a high bit.
+absl::Status HierarchicalAllreduce::RunAmongLeaders(float* data, size_t count, uint64_t seq, absl::Time deadline) {
+  const uint64_t leader_seq = seq | (uint64_t{1} << 31);
+  if (InterHostAlgorithm(count * sizeof(float)) == Algorithm::kHalvingDoubling) {
+    return leader_halving_doubling_->Run(data, count, leader_seq, deadline);
+  }
+  return leader_ring_->Run(data, count, leader_seq, deadline);
+}
+
 absl::Status HierarchicalAllreduce::Run(float* data, size_t count, uint64_t seq, absl::Time deadline) {
   const int me = t_->rank();
   if (t_->size() == 1 || count == 0) return absl::OkStatus();
@@ -369,7 +381,7 @@ absl::Status HierarchicalAllreduce::Run(float* data, size_t count, uint64_t seq,
     // it over the transport; 3. the leader's result reaches the others as a shared-memory
     // allreduce in which they contribute zeros (x + 0 = x: the result is the leader's, bitwise).
     RETURN_IF_ERROR(Annotate(local_shm_->Run(data, count, seq, deadline), "hierarchical allreduce (intra-host reduce)"));
-    if (me == leader_) RETURN_IF_ERROR(leader_ring_->Run(data, count, seq | (uint64_t{1} << 31), deadline));
+    if (me == leader_) RETURN_IF_ERROR(RunAmongLeaders(data, count, seq, deadline));
     if (me != leader_) std::memset(data, 0, bytes);
     return Annotate(local_shm_->Run(data, count, seq, deadline), "hierarchical allreduce (intra-host broadcast)");
   }
@@ -388,8 +400,8 @@ absl::Status HierarchicalAllreduce::Run(float* data, size_t count, uint64_t seq,
         return st;
       }
     }
-    // Phase 2: allreduce among the host leaders (its own tag space: sequence with a high bit).
-    if (auto st = leader_ring_->Run(data, count, seq | (uint64_t{1} << 31), deadline); !st.ok()) return st;
+    // Phase 2: allreduce among the host leaders.
+    if (auto st = RunAmongLeaders(data, count, seq, deadline); !st.ok()) return st;
   }
   // Phase 3: broadcast inside the host.
   if (me == leader_) {

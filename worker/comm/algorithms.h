@@ -31,8 +31,9 @@
 //
 // Hierarchical (the paper's three phases): ranks are contiguous per host; the local ranks
 // send their buffers to the host's first rank (the leader), which sums them in rank order;
-// the leaders allreduce among themselves (ring); each leader sends the result back to its
-// local ranks.
+// the leaders allreduce among themselves (the paper's inter-server choice: halving/doubling up
+// to kHalvingDoublingMaxBytes, ring above); each leader sends the result back to its local
+// ranks.
 #pragma once
 
 #include <atomic>
@@ -51,6 +52,14 @@ namespace lmsgd::comm {
 // kAuto: chosen per collective by the Communicator (ChooseAlgorithm).
 enum class Algorithm { kAuto, kRing, kHalvingDoubling, kHierarchical, kSharedMemory };
 const char* AlgorithmName(Algorithm a);
+
+// Where ring and halving/doubling are chosen by message size (AUTO among ranks on different
+// hosts; the hierarchical allreduce's phase among host leaders): halving/doubling up to this
+// size, ring above. From `lmsgd-bench allreduce --ranks=4` over UCX's TCP transport (the wire
+// between hosts) on this project's machine (README): halving/doubling 1.4-2.9x faster than ring
+// from 4 to 64 KiB, still ahead at 1 MiB on loopback, behind at 4 MiB; kept at 256 KiB because
+// loopback has no network latency (the paper saw halving/doubling ahead up to ~1M elements).
+inline constexpr size_t kHalvingDoublingMaxBytes = 256 << 10;
 
 class AllreduceAlgorithm {
  public:
@@ -128,25 +137,37 @@ class SharedMemoryAllreduce final : public AllreduceAlgorithm {
 // `host_of_rank[r]` names rank r's host; ranks of a host must be contiguous. With several
 // hosts, a host whose ranks can map shared memory runs the intra-host phases through it
 // (SharedMemoryAllreduce over the host's ranks; set up in Create, a collective, by `deadline`).
+// The leaders allreduce by halving/doubling (`doubling_max_bytes`: its recursive-doubling
+// switch) up to `halving_doubling_max_bytes`, by ring above.
 class HierarchicalAllreduce final : public AllreduceAlgorithm {
  public:
-  static absl::StatusOr<std::unique_ptr<HierarchicalAllreduce>> Create(Transport* t,
-                                                                       const std::vector<std::string>& host_of_rank,
-                                                                       absl::Time deadline);
+  static absl::StatusOr<std::unique_ptr<HierarchicalAllreduce>> Create(
+      Transport* t, const std::vector<std::string>& host_of_rank, absl::Time deadline,
+      size_t halving_doubling_max_bytes = kHalvingDoublingMaxBytes,
+      size_t doubling_max_bytes = HalvingDoublingAllreduce::kDefaultDoublingMaxBytes);
   absl::Status Run(float* data, size_t count, uint64_t sequence, absl::Time deadline) override;
   void Abort();  // a Run in progress on shared memory returns ABORTED promptly
   bool intra_host_shared_memory() const { return local_shm_ != nullptr; }
-  // The setup messages of the intra-host segment (beyond any collective's sequence number).
-  static constexpr uint64_t kLocalShmSetupSequence = uint64_t{1} << 33;
+  int num_hosts() const { return static_cast<int>(leaders_.size()); }
+  // The algorithm of the phase among host leaders for a message of `bytes`.
+  Algorithm InterHostAlgorithm(size_t bytes) const {
+    return bytes <= halving_doubling_max_bytes_ ? Algorithm::kHalvingDoubling : Algorithm::kRing;
+  }
+  // The setup messages of the intra-host segment: the largest sequence a tag holds (32 bits,
+  // MakeTag), beyond any collective's (counted from 1; the leaders' phase adds bit 31).
+  static constexpr uint64_t kLocalShmSetupSequence = 0xffffffffu;
 
  private:
   class LeaderView;
   HierarchicalAllreduce() = default;
+  absl::Status RunAmongLeaders(float* data, size_t count, uint64_t sequence, absl::Time deadline);
   Transport* t_ = nullptr;
   int leader_ = 0, local_size_ = 1;  // this host's first rank and rank count
   std::vector<int> leaders_;          // first rank of every host
+  size_t halving_doubling_max_bytes_ = kHalvingDoublingMaxBytes;
   std::unique_ptr<Transport> leader_view_, local_view_;
   std::unique_ptr<RingAllreduce> leader_ring_;
+  std::unique_ptr<HalvingDoublingAllreduce> leader_halving_doubling_;
   std::unique_ptr<SharedMemoryAllreduce> local_shm_;
 };
 

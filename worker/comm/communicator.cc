@@ -33,10 +33,11 @@ void Work::Complete(absl::Status status) {
   cv_.notify_all();
 }
 
-Algorithm ChooseAlgorithm(size_t bytes, int world_size, int hosts, bool shared_memory) {
+Algorithm ChooseAlgorithm(size_t bytes, int world_size, int hosts, bool shared_memory,
+                          size_t halving_doubling_max_bytes) {
   if (hosts > 1 && world_size > hosts) return Algorithm::kHierarchical;
   if (hosts == 1 && shared_memory) return Algorithm::kSharedMemory;
-  return bytes <= (256u << 10) ? Algorithm::kHalvingDoubling : Algorithm::kRing;
+  return bytes <= halving_doubling_max_bytes ? Algorithm::kHalvingDoubling : Algorithm::kRing;
 }
 
 absl::StatusOr<std::unique_ptr<Communicator>> Communicator::Create(std::unique_ptr<Transport> transport,
@@ -50,7 +51,8 @@ absl::StatusOr<std::unique_ptr<Communicator>> Communicator::Create(std::unique_p
   std::vector<std::string> hosts = options.host_of_rank;
   if (hosts.empty()) hosts.assign(c->transport_->size(), "localhost");
   c->num_hosts_ = static_cast<int>(std::set<std::string>(hosts.begin(), hosts.end()).size());
-  auto h = HierarchicalAllreduce::Create(c->transport_.get(), hosts, absl::Now() + options.collective_timeout);
+  auto h = HierarchicalAllreduce::Create(c->transport_.get(), hosts, absl::Now() + options.collective_timeout,
+                                         options.halving_doubling_max_bytes, options.recursive_doubling_max_bytes);
   if (!h.ok()) return h.status();
   c->hierarchical_ = std::move(*h);
   // One host: map the shared-memory segment (a collective; sequence 0 is never a collective's).
@@ -141,7 +143,8 @@ void Communicator::Loop() {
 std::shared_ptr<Work> Communicator::AllreduceAsync(float* data, size_t count) {
   Algorithm choice = options_.algorithm;
   if (choice == Algorithm::kAuto) {
-    choice = ChooseAlgorithm(count * sizeof(float), size(), num_hosts_, shared_memory_ != nullptr);
+    choice = ChooseAlgorithm(count * sizeof(float), size(), num_hosts_, shared_memory_ != nullptr,
+                             options_.halving_doubling_max_bytes);
   }
   AllreduceAlgorithm* algo = ring_.get();
   if (choice == Algorithm::kHalvingDoubling) algo = halving_doubling_.get();

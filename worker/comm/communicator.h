@@ -48,6 +48,9 @@ struct CommunicatorOptions {
   std::vector<std::string> host_of_rank;   // for kHierarchical / kAuto; empty = all on one host
   // Halving/doubling switches to recursive doubling up to this message size (0: never).
   size_t recursive_doubling_max_bytes = HalvingDoublingAllreduce::kDefaultDoublingMaxBytes;
+  // Where ring and halving/doubling are chosen by size (kAuto across hosts; the hierarchical
+  // allreduce's phase among host leaders): halving/doubling up to this size.
+  size_t halving_doubling_max_bytes = kHalvingDoublingMaxBytes;
 };
 
 // The AUTO choice, from the measurements in the README (lmsgd-bench allreduce, k = 2 and 4 on
@@ -56,8 +59,10 @@ struct CommunicatorOptions {
 // halving/doubling); otherwise halving/doubling up to 256 KiB, where at k = 4 it was 1.1-1.9x
 // faster than ring (latency: recursive doubling's log2 k steps up to 32 KiB, 2 log2 k - 1 up to
 // 64 KiB, against the ring's 2(k-1)) and at k = 2 as fast; ring above (bandwidth-optimal,
-// pipelined); hierarchical when the ranks span several hosts.
-Algorithm ChooseAlgorithm(size_t bytes, int world_size, int hosts, bool shared_memory = false);
+// pipelined); hierarchical when the ranks span several hosts with more than one rank on some
+// (its leaders then choose between halving/doubling and ring by the same size).
+Algorithm ChooseAlgorithm(size_t bytes, int world_size, int hosts, bool shared_memory = false,
+                          size_t halving_doubling_max_bytes = kHalvingDoublingMaxBytes);
 
 class Communicator {
  public:
