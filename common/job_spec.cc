@@ -77,6 +77,7 @@ void ApplyDefaults(v1::JobSpec* s) {
   if (s->max_workers() == 0) s->set_max_workers(s->world_size());
   if (!s->has_max_recoveries()) s->set_max_recoveries(10);
   if (!s->has_collective_timeout_s()) s->set_collective_timeout_s(60);
+  if (s->concurrent_allreduces() == 0) s->set_concurrent_allreduces(1);
 }
 
 uint64_t GlobalBatch(const v1::JobSpec& spec, uint32_t world_size) {
@@ -173,6 +174,7 @@ std::vector<std::string> JobSpecErrors(const v1::JobSpec& s) {
   if (!Finite(s.collective_timeout_s()) || s.collective_timeout_s() <= 0 || s.collective_timeout_s() > 86400) {
     bad("collective_timeout_s", "must be in (0, 86400]");
   }
+  if (s.concurrent_allreduces() < 1 || s.concurrent_allreduces() > 8) bad("concurrent_allreduces", "must be in [1, 8]");
   if (s.world_size() >= 1 && s.per_worker_batch() >= 1 && s.virtual_workers_per_worker() >= 1 &&
       d.train_examples() > 0) {
     uint64_t kn = GlobalBatch(s, std::max(s.world_size(), s.max_workers()));

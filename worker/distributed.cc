@@ -6,6 +6,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -213,19 +214,27 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
   for (const auto& m : join_.members()) hosts.push_back(m.host());
   const bool single_host = std::set<std::string>(hosts.begin(), hosts.end()).size() <= 1;
   CoordinatorStore store(client_, join_.job_id(), join_.generation(), rank);
-  auto transport = comm::UcxTransport::Create(rank, k, &store, absl::StrCat("gen", join_.generation()),
-                                              absl::Now() + absl::Seconds(120), single_host,
-                                              rank < static_cast<int>(hosts.size()) ? hosts[rank] : "");
-  if (!transport.ok()) {
-    *why = absl::StrCat("communicator bootstrap: ", transport.status().message());
-    (void)ReportFailure(transport.status());
-    return End::kRejoin;
+  // c lanes (JobSpec concurrent_allreduces) for the CPU gradient exchange; on the GPU the
+  // gradients go over NCCL and this communicator only broadcasts and counts: one lane.
+  const int lanes = trainer.on_gpu() ? 1 : static_cast<int>(std::max<uint32_t>(1, spec.concurrent_allreduces()));
+  std::vector<std::unique_ptr<comm::Transport>> transports;
+  for (int lane = 0; lane < lanes; ++lane) {
+    auto transport = comm::UcxTransport::Create(rank, k, &store, absl::StrCat("gen", join_.generation()),
+                                                absl::Now() + absl::Seconds(120), single_host,
+                                                rank < static_cast<int>(hosts.size()) ? hosts[rank] : "", lane);
+    if (!transport.ok()) {
+      *why = absl::StrCat("communicator bootstrap", lanes > 1 ? absl::StrCat(" (lane ", lane, ")") : "", ": ",
+                          transport.status().message());
+      (void)ReportFailure(transport.status());
+      return End::kRejoin;
+    }
+    transports.push_back(std::move(*transport));
   }
   comm::CommunicatorOptions copt;
   copt.algorithm = ToAlgorithm(spec.allreduce());
   if (static_cast<int>(hosts.size()) == k) copt.host_of_rank = hosts;
   copt.collective_timeout = absl::Seconds(spec.collective_timeout_s() > 0 ? spec.collective_timeout_s() : 60);
-  auto comm = comm::Communicator::Create(std::move(*transport), copt);
+  auto comm = comm::Communicator::Create(std::move(transports), copt);
   if (!comm.ok()) return comm.status();
 #ifdef LMSGD_HAVE_CUDA
   // GPU gradients go over NCCL (unique id through the coordinator, like the UCX addresses);
@@ -284,6 +293,10 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
   const uint64_t local_batch = static_cast<uint64_t>(spec.per_worker_batch()) * spec.virtual_workers_per_worker();
   comm::BucketedReducer reducer(comm->get(), &trainer.store(), spec.bucket_bytes(), spec.first_bucket_bytes(),
                                 copt.collective_timeout);
+  if (!trainer.on_gpu()) {
+    Log(absl::StrFormat("generation %d: rank %d of %d, gradients in %d buckets on %d allreduce lane(s)",
+                        join_.generation(), rank, k, reducer.buckets().size(), (*comm)->lanes()));
+  }
   for (uint32_t epoch = static_cast<uint32_t>(iteration / ipe); epoch < spec.epochs(); ++epoch) {
     const auto epoch_start = Clock::now();
     auto loader_ptr = train::MakeEpochLoader(spec, datasets_->train.get(), epoch, static_cast<uint32_t>(rank),

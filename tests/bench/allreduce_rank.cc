@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "tests/bench/allreduce_bench.h"
 #include "worker/comm/algorithms.h"
+#include "worker/comm/communicator.h"
 #include "worker/comm/store.h"
 #include "worker/comm/ucx_transport.h"
 
@@ -112,6 +113,95 @@ int RunLmsgdRank(int rank, int k, const std::string& store_dir, size_t min_bytes
   return 0;
 }
 
+// The paper's c concurrent allreduces: the Communicator (AUTO) with c = 1, 2 and 4 lanes, each
+// timed on blocks of kInFlight allreduces issued at once on separate buffers (a backward pass's
+// buckets) and then waited for; reported as time per allreduce, impl "lmsgd-lanes" (shared
+// memory: AUTO takes the shared-memory algorithm) or "lmsgd-tcp-lanes", algo "auto_c<c>". The
+// communicators take turns per size in blocks, in a new random order each block.
+int RunLanesRank(int rank, int k, const std::string& store_dir, size_t min_bytes, size_t max_bytes,
+                 const std::string& wire) {
+  if (wire == "tcp") setenv("UCX_TLS", "tcp", 1);
+  const std::string impl = wire == "tcp" ? "lmsgd-tcp-lanes" : "lmsgd-lanes";
+  constexpr int kInFlight = 4;
+  const std::vector<int> lane_counts = {1, 2, 4};
+  comm::FileStore store(store_dir);
+  auto deadline = [] { return absl::Now() + absl::Seconds(60); };
+  std::vector<std::unique_ptr<comm::Communicator>> comms;
+  for (int c : lane_counts) {
+    std::vector<std::unique_ptr<comm::Transport>> lanes;
+    for (int l = 0; l < c; ++l) {
+      auto t = comm::UcxTransport::Create(rank, k, &store, absl::StrCat("lanes", c), deadline(), /*single_host=*/true,
+                                          "", l);
+      if (!t.ok()) {
+        std::cerr << "rank " << rank << ": " << t.status() << "\n";
+        return 1;
+      }
+      lanes.push_back(std::move(*t));
+    }
+    auto cm = comm::Communicator::Create(std::move(lanes), comm::CommunicatorOptions{});
+    if (!cm.ok()) {
+      std::cerr << "rank " << rank << ": " << cm.status() << "\n";
+      return 1;
+    }
+    comms.push_back(std::move(*cm));
+  }
+  // kInFlight allreduces at once, then all waited for.
+  auto batch = [&](comm::Communicator* cm, std::vector<std::vector<float>>& bufs) -> absl::Status {
+    std::vector<std::shared_ptr<comm::Work>> works;
+    for (auto& b : bufs) works.push_back(cm->AllreduceAsync(b.data(), b.size()));
+    absl::Status result;
+    for (auto& w : works) {
+      if (auto st = w->Wait(deadline()); result.ok() && !st.ok()) result = st;
+    }
+    return result;
+  };
+  constexpr int kBlocks = 10;
+  std::vector<size_t> order(comms.size());
+  for (size_t a = 0; a < order.size(); ++a) order[a] = a;
+  std::mt19937 rng(12345);
+  std::vector<std::vector<std::string>> lines(comms.size());
+  for (size_t bytes : Sizes(min_bytes, max_bytes)) {
+    std::vector<std::vector<float>> bufs(kInFlight, std::vector<float>(bytes / 4, 1.0f));
+    const int batches = std::max(1, Iterations(bytes) / kInFlight), blocks = std::min(kBlocks, batches),
+              per_block = (batches + blocks - 1) / blocks;
+    std::vector<double> seconds(comms.size(), 0.0);
+    for (auto& cm : comms) {
+      for (int w = 0; w < 2; ++w) {
+        if (auto st = batch(cm.get(), bufs); !st.ok()) {
+          std::cerr << st << "\n";
+          return 1;
+        }
+      }
+    }
+    for (int b = 0; b < blocks; ++b) {
+      std::shuffle(order.begin(), order.end(), rng);
+      for (size_t a : order) {
+        comm::Communicator* cm = comms[a].get();
+        if (auto st = cm->BarrierAsync()->Wait(deadline()); !st.ok()) return 1;
+        const auto t0 = Clock::now();
+        for (int i = 0; i < per_block; ++i) {
+          if (auto st = batch(cm, bufs); !st.ok()) {
+            std::cerr << st << "\n";
+            return 1;
+          }
+        }
+        if (auto st = cm->BarrierAsync()->Wait(deadline()); !st.ok()) return 1;
+        seconds[a] += std::chrono::duration<double>(Clock::now() - t0).count();
+      }
+    }
+    for (size_t a = 0; a < comms.size(); ++a) {
+      lines[a].push_back(ResultLine(impl, absl::StrCat("auto_c", lane_counts[a]), k, bytes,
+                                    seconds[a] / (blocks * per_block * kInFlight)));
+    }
+  }
+  if (rank == 0) {
+    for (const auto& per : lines) {
+      for (const auto& l : per) std::cout << l << std::endl;
+    }
+  }
+  return 0;
+}
+
 #ifdef LMSGD_HAVE_GLOO
 int RunGlooRankOrThrow(int rank, int k, const std::string& store_dir, size_t min_bytes, size_t max_bytes) {
   gloo::transport::tcp::attr attr;
@@ -173,6 +263,8 @@ int RunAllreduceRank(const std::string& impl, int rank, int k, const std::string
                      size_t max_bytes) {
   if (impl == "lmsgd") return RunLmsgdRank(rank, k, store_dir, min_bytes, max_bytes, "shm");
   if (impl == "lmsgd-tcp") return RunLmsgdRank(rank, k, store_dir, min_bytes, max_bytes, "tcp");
+  if (impl == "lmsgd-lanes") return RunLanesRank(rank, k, store_dir, min_bytes, max_bytes, "shm");
+  if (impl == "lmsgd-tcp-lanes") return RunLanesRank(rank, k, store_dir, min_bytes, max_bytes, "tcp");
 #ifdef LMSGD_HAVE_GLOO
   if (impl == "gloo") return RunGlooRank(rank, k, store_dir, min_bytes, max_bytes);
 #endif

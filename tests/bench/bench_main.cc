@@ -16,6 +16,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <map>
+#include <set>
 #include <iostream>
 #include <string>
 #include <tuple>
@@ -49,7 +50,9 @@ ABSL_FLAG(uint64_t, max_bytes, 256ull << 20, "allreduce: largest message (sizes 
 ABSL_FLAG(bool, json, false, "allreduce: print one JSON object per line instead of a table");
 ABSL_FLAG(std::string, impls, "lmsgd,lmsgd-tcp,gloo,openmpi",
           "allreduce: implementations to run (lmsgd: UCX over shared memory, plus the shared-memory algorithm; "
-          "lmsgd-tcp: ring and halving/doubling over UCX's TCP transport, the wire between hosts, on loopback)");
+          "lmsgd-tcp: ring and halving/doubling over UCX's TCP transport, the wire between hosts, on loopback; "
+          "not by default: lmsgd-lanes, lmsgd-tcp-lanes: the communicator (AUTO) with c = 1, 2, 4 lanes, "
+          "4 allreduces in flight)");
 ABSL_FLAG(int32_t, impl_timeout_s, 1200,
           "allreduce: deadline of one implementation's run over all sizes (its processes are killed after it)");
 ABSL_FLAG(int32_t, rounds, 1,
@@ -57,7 +60,8 @@ ABSL_FLAG(int32_t, rounds, 1,
           "(a noisy machine then disturbs all implementations alike)");
 ABSL_FLAG(int32_t, rank, 0, "(internal) allreduce-rank: this process's rank");
 ABSL_FLAG(std::string, store, "", "(internal) allreduce-rank: rendezvous directory");
-ABSL_FLAG(std::string, impl, "lmsgd", "(internal) allreduce-rank: lmsgd | lmsgd-tcp | gloo");
+ABSL_FLAG(std::string, impl, "lmsgd",
+          "(internal) allreduce-rank: lmsgd | lmsgd-tcp | lmsgd-lanes | lmsgd-tcp-lanes | gloo");
 ABSL_FLAG(int32_t, workers, 1024, "coordinator-load: simulated workers");
 ABSL_FLAG(int32_t, seconds, 20, "coordinator-load: heartbeat phase length");
 ABSL_FLAG(int32_t, client_threads, 32, "coordinator-load: client threads driving the simulated workers");
@@ -256,7 +260,8 @@ int Allreduce() {
   for (int round = 0; round < rounds; ++round)
   for (absl::string_view impl : absl::StrSplit(absl::GetFlag(FLAGS_impls), ',', absl::SkipEmpty())) {
     std::string cmd, store;
-    if (impl == "lmsgd" || impl == "lmsgd-tcp" || impl == "gloo") {
+    if (impl == "lmsgd" || impl == "lmsgd-tcp" || impl == "lmsgd-lanes" || impl == "lmsgd-tcp-lanes" ||
+        impl == "gloo") {
       if (impl == "gloo" && !lmsgd::bench::HaveGloo()) {
         std::cerr << "lmsgd-bench: built without Gloo (deploy/setup.sh --with-baselines, then rebuild); skipping it\n";
         continue;
@@ -335,7 +340,10 @@ int Allreduce() {
     (void)absl::SimpleAtoi(Field(l, "bytes"), &b);
     (void)absl::SimpleAtod(Field(l, "busbw_gbps"), &bw);
     (void)absl::SimpleAtod(Field(l, "time_us"), &us[{Field(l, "impl"), Field(l, "algo")}][b]);
-    if (absl::StartsWith(Field(l, "impl"), "lmsgd")) best[b] = std::max(best[b], bw);
+    // One allreduce at a time (the lanes rows time several in flight).
+    if (absl::StartsWith(Field(l, "impl"), "lmsgd") && !absl::EndsWith(Field(l, "impl"), "-lanes")) {
+      best[b] = std::max(best[b], bw);
+    }
     if (Field(l, "impl") == "openmpi") mpi[b] = bw;
   }
   auto ratio = [](std::map<uint64_t, double>& num, std::map<uint64_t, double>& den, uint64_t b) {
@@ -348,6 +356,22 @@ int Allreduce() {
   for (const auto& [b, bw] : best) {
     std::cout << absl::StrFormat("%-12d %24s %38s %6s\n", b, ratio(best, mpi, b), ring_over_hd("lmsgd", b),
                                  ring_over_hd("lmsgd-tcp", b));
+  }
+  // The lanes rows (--impls=lmsgd-lanes,lmsgd-tcp-lanes): one lane's time over c lanes'.
+  std::set<uint64_t> lane_sizes;
+  for (const auto& [key, t] : us) {
+    if (absl::EndsWith(key.first, "-lanes")) {
+      for (const auto& [b, x] : t) lane_sizes.insert(b);
+    }
+  }
+  if (!lane_sizes.empty()) {
+    std::cout << "bytes        c1_time/c2_time (shm)  c1_time/c4_time (shm)  c1_time/c2_time (tcp)  c1_time/c4_time (tcp)\n";
+    for (uint64_t b : lane_sizes) {
+      auto speedup = [&](const std::string& impl, const char* c) { return ratio(us[{impl, "auto_c1"}], us[{impl, c}], b); };
+      std::cout << absl::StrFormat("%-12d %21s %22s %22s %22s\n", b, speedup("lmsgd-lanes", "auto_c2"),
+                                   speedup("lmsgd-lanes", "auto_c4"), speedup("lmsgd-tcp-lanes", "auto_c2"),
+                                   speedup("lmsgd-tcp-lanes", "auto_c4"));
+    }
   }
   return failed ? 1 : 0;
 }

@@ -118,6 +118,21 @@ TEST(CommTest, HierarchicalLeadersByHalvingDoublingAndByRing) {
   }
 }
 
+// Several lanes (the paper's c concurrent allreduces): every count's allreduce issued before any
+// is waited for, so lanes run them at once, each algorithm; exact sums, identical ranks.
+TEST(CommTest, LanesRunAllreducesConcurrently) {
+  for (int k : {2, 3, 4}) {
+    for (const std::string algo : {"auto", "ring", "hd", "shm", "hier"}) {
+      std::vector<std::string> flags = {"--mode=allreduce", "--algo=" + algo, "--lanes=3", "--in_flight",
+                                        "--counts=1,7,1023,8193,100000,1048576,5,16384,262145"};
+      if (algo == "hier") flags.push_back(Hosts(k));
+      const std::string context = absl::StrCat("k=", k, " ", algo, " 3 lanes");
+      auto runs = RunRanks(k, flags, absl::Seconds(120));
+      EXPECT_EQ(DistinctResults(runs, context).size(), 1u) << context << ": ranks disagree";
+    }
+  }
+}
+
 // Over UCX's TCP transport (the wire between hosts) instead of shared memory: the transport's
 // receive-and-add then unpacks TCP's fragments (and stages messages above its fused limit). With
 // a 1 KiB rendezvous threshold (on TCP and on shared memory) it unpacks rendezvous data too.
@@ -206,6 +221,29 @@ TEST(CommTest, AStalledRankTimesOutTheOthersNamingIt) {
       named += runs[r].log.find("waiting for rank 2") != std::string::npos;
     }
     EXPECT_GE(named, 1) << algo;
+  }
+}
+
+// With c lanes (the paper's c allreduces in flight; JobSpec concurrent_allreduces): c
+// collectives fail together when a rank dies or stalls, within the timeout, all with the first
+// failure's error (naming the rank).
+TEST(CommTest, CollectivesInFlightOnEveryLaneFailTogether) {
+  for (const std::string mode : {"die", "stall"}) {
+    for (const std::string algo : {"ring", "shm"}) {
+      const absl::Time start = absl::Now();
+      auto runs = RunRanks(3, {"--mode=" + mode, "--victim=1", "--timeout_s=4", "--algo=" + algo, "--lanes=3"},
+                           absl::Seconds(60));
+      const std::string context = mode + " " + algo;
+      EXPECT_LT(absl::Now() - start, absl::Seconds(30)) << context;
+      EXPECT_EQ(runs[1].exit_code, mode == "die" ? 9 : 0) << context;
+      int named = 0;
+      for (int r : {0, 2}) {
+        EXPECT_EQ(runs[r].exit_code, 3) << context << " rank " << r << ":\n" << runs[r].log;
+        EXPECT_EQ(runs[r].log.find("failed differently"), std::string::npos) << runs[r].log;
+        named += runs[r].log.find("rank 1") != std::string::npos;
+      }
+      EXPECT_GE(named, 1) << context;
+    }
   }
 }
 

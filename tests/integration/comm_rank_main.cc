@@ -4,6 +4,8 @@
 //             [--counts=1,7,1023] [--timeout_s=10] [--victim=V] [--prefix=gen1]
 //             [--doubling_max_bytes=N] (halving/doubling: recursive doubling up to N bytes)
 //             [--hd_max_bytes=N] (auto and the hierarchical leaders: halving/doubling up to N bytes)
+//             [--lanes=C] (the communicator's lanes: up to C collectives at once)
+//             [--in_flight] (allreduce: issue every count's allreduce before waiting for any)
 //             [--ucx_tls=tcp] (UCX_TLS for the transport: e.g. the TCP wire ranks on different hosts use)
 //             [--ucx_rndv_thresh=N] (UCX_RNDV_THRESH: messages above N bytes go by rendezvous)
 //
@@ -54,16 +56,21 @@ int Fail(const std::string& msg) {
 absl::StatusOr<std::unique_ptr<Communicator>> Connect(int rank, int size, Store* store, const std::string& prefix,
                                                       Algorithm algo, const std::vector<std::string>& hosts,
                                                       double timeout_s, size_t doubling_max_bytes,
-                                                      size_t hd_max_bytes) {
-  auto t = UcxTransport::Create(rank, size, store, prefix, absl::Now() + absl::Seconds(30), /*single_host=*/true);
-  if (!t.ok()) return t.status();
+                                                      size_t hd_max_bytes, int lanes) {
+  std::vector<std::unique_ptr<Transport>> transports;
+  for (int lane = 0; lane < lanes; ++lane) {
+    auto t = UcxTransport::Create(rank, size, store, prefix, absl::Now() + absl::Seconds(30), /*single_host=*/true,
+                                  "", lane);
+    if (!t.ok()) return t.status();
+    transports.push_back(std::move(*t));
+  }
   CommunicatorOptions o;
   o.algorithm = algo;
   o.host_of_rank = hosts;
   o.collective_timeout = absl::Seconds(timeout_s);
   o.recursive_doubling_max_bytes = doubling_max_bytes;
   o.halving_doubling_max_bytes = hd_max_bytes;
-  return Communicator::Create(std::move(*t), o);
+  return Communicator::Create(std::move(transports), o);
 }
 
 int Run(int argc, char** argv) {
@@ -78,6 +85,8 @@ int Run(int argc, char** argv) {
   if (a.count("doubling_max_bytes")) (void)absl::SimpleAtoi(a["doubling_max_bytes"], &doubling_max_bytes);
   size_t hd_max_bytes = kHalvingDoublingMaxBytes;
   if (a.count("hd_max_bytes")) (void)absl::SimpleAtoi(a["hd_max_bytes"], &hd_max_bytes);
+  int lanes = 1;
+  if (a.count("lanes")) (void)absl::SimpleAtoi(a["lanes"], &lanes);
   const std::string mode = a["mode"];
   Algorithm algo = Algorithm::kRing;
   if (a["algo"] == "auto") algo = Algorithm::kAuto;
@@ -96,17 +105,31 @@ int Run(int argc, char** argv) {
   if (a.count("ucx_rndv_thresh")) setenv("UCX_RNDV_THRESH", a["ucx_rndv_thresh"].c_str(), 1);
   FileStore store(a["store"]);
   const std::string prefix = a.count("prefix") ? a["prefix"] : "gen1";
-  auto comm = Connect(rank, size, &store, prefix, algo, hosts, timeout_s, doubling_max_bytes, hd_max_bytes);
+  auto comm = Connect(rank, size, &store, prefix, algo, hosts, timeout_s, doubling_max_bytes, hd_max_bytes, lanes);
   if (!comm.ok()) return Fail(absl::StrCat("connect: ", comm.status().ToString()));
   const absl::Time far = absl::Now() + absl::Seconds(timeout_s * 3 + 30);
 
   if (mode == "allreduce") {
     const double s = size * (size + 1) / 2.0;
-    for (size_t n : counts) {
-      std::vector<float> d(n);
+    // --in_flight: every allreduce issued before the first is waited for (the lanes run them
+    // concurrently); otherwise one at a time.
+    const bool in_flight = a.count("in_flight") > 0;
+    std::vector<std::vector<float>> data(counts.size());
+    std::vector<std::shared_ptr<Work>> works(counts.size());
+    for (size_t c = 0; c < counts.size(); ++c) {
+      const size_t n = counts[c];
+      std::vector<float>& d = data[c];
+      d.resize(n);
       for (size_t i = 0; i < n; ++i) d[i] = static_cast<float>((rank + 1) * static_cast<int>(i % 13 + 1));
-      auto st = (*comm)->AllreduceAsync(d.data(), n)->Wait(far);
-      if (!st.ok()) return Fail(st.ToString());
+      works[c] = (*comm)->AllreduceAsync(d.data(), n);
+      if (!in_flight) {
+        if (auto st = works[c]->Wait(far); !st.ok()) return Fail(st.ToString());
+      }
+    }
+    for (size_t c = 0; c < counts.size(); ++c) {
+      const size_t n = counts[c];
+      const std::vector<float>& d = data[c];
+      if (auto st = works[c]->Wait(far); !st.ok()) return Fail(st.ToString());
       for (size_t i = 0; i < n; ++i) {
         if (d[i] != static_cast<float>(s * static_cast<double>(i % 13 + 1))) {
           return Fail(absl::StrCat("count ", n, " element ", i, " = ", d[i], " want ", s * (i % 13 + 1)));
@@ -202,8 +225,16 @@ int Run(int argc, char** argv) {
       return 0;
     }
     const absl::Time start = absl::Now();
-    auto st = (*comm)->AllreduceAsync(d.data(), d.size())->Wait(far);
+    // One collective in flight on every lane: all of them fail, with the same (first) error.
+    std::vector<std::vector<float>> bufs(lanes, d);
+    std::vector<std::shared_ptr<Work>> works;
+    for (auto& b : bufs) works.push_back((*comm)->AllreduceAsync(b.data(), b.size()));
+    auto st = works[0]->Wait(far);
     if (st.ok()) return Fail("the collective succeeded although a rank was gone");
+    for (size_t w = 1; w < works.size(); ++w) {
+      auto other = works[w]->Wait(far);
+      if (other != st) return Fail(absl::StrCat("collective ", w, " failed differently: ", other.ToString()));
+    }
     std::cout << "error after " << absl::ToDoubleSeconds(absl::Now() - start) << " s: " << st.ToString() << std::endl;
     // Broken for good: the next collective fails at once with the same error.
     auto again = (*comm)->AllreduceAsync(d.data(), d.size())->Wait(absl::Now() + absl::Seconds(5));
@@ -218,7 +249,8 @@ int Run(int argc, char** argv) {
     }
     comm->reset();
     if (rank == size - 1) return 0;  // leaves; the others re-form with k - 1
-    auto next = Connect(rank, size - 1, &store, "gen2", algo, {}, timeout_s, doubling_max_bytes, hd_max_bytes);
+    auto next =
+        Connect(rank, size - 1, &store, "gen2", algo, {}, timeout_s, doubling_max_bytes, hd_max_bytes, lanes);
     if (!next.ok()) return Fail(absl::StrCat("gen2 connect: ", next.status().ToString()));
     std::vector<float> e(777);
     for (size_t i = 0; i < e.size(); ++i) e[i] = static_cast<float>(rank + 1);

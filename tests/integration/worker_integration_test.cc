@@ -145,8 +145,13 @@ class WorkerIntegrationTest : public ::testing::Test {
   std::unique_ptr<testing::CoordinatorProcess> coord_;
 };
 
+// The workers exchange gradients in 8 KiB buckets on 3 lanes (up to 3 bucket allreduces in
+// flight, JobSpec concurrent_allreduces); the other tests here run the defaults (one lane).
 TEST_F(WorkerIntegrationTest, TwoWorkersTrainToSuccessAndMatchOneProcessWithTwoVirtualWorkers) {
-  const v1::JobSpec spec = BarsJob(data_, dir_ + "/ckpt", 768, 3);
+  v1::JobSpec spec = BarsJob(data_, dir_ + "/ckpt", 768, 3);
+  spec.set_concurrent_allreduces(3);
+  spec.set_bucket_bytes(8 << 10);
+  spec.set_first_bucket_bytes(2 << 10);
   const std::string job = Ctl(coord_->grpc_address(), {"submit", WriteJob(dir_, spec)});
   auto w0 = StartWorker(coord_->grpc_address(), job, 0, dir_ + "/w0.log");
   auto w1 = StartWorker(coord_->grpc_address(), job, 1, dir_ + "/w1.log");
@@ -154,6 +159,15 @@ TEST_F(WorkerIntegrationTest, TwoWorkersTrainToSuccessAndMatchOneProcessWithTwoV
       << ReadFileToString(dir_ + "/w0.log").value_or("") << ReadFileToString(dir_ + "/w1.log").value_or("");
   EXPECT_EQ(*w0->Wait(absl::Seconds(30)), 0);
   EXPECT_EQ(*w1->Wait(absl::Seconds(30)), 0);
+  const std::string log0 = ReadFileToString(dir_ + "/w0.log").value_or("");
+  // Enough buckets for every lane to carry some.
+  const size_t at = log0.find("gradients in ");
+  ASSERT_NE(at, std::string::npos) << log0;
+  const std::string rest = log0.substr(at + 13, log0.find('\n', at) - at - 13);
+  int buckets = 0;
+  EXPECT_TRUE(absl::SimpleAtoi(rest.substr(0, rest.find(' ')), &buckets)) << rest;
+  EXPECT_GE(buckets, 4) << rest;
+  EXPECT_TRUE(absl::EndsWith(rest, "buckets on 3 allreduce lane(s)")) << rest;
   const std::string status = Ctl(coord_->grpc_address(), {"--output=json", "status", job});
   EXPECT_NE(status.find("\"last_evaluation\""), std::string::npos) << status;
   EXPECT_NE(status.find("ckpt-0000000144"), std::string::npos) << status;  // 3 epochs x 48 iterations

@@ -1,12 +1,16 @@
 // Asynchronous collectives for one generation of a job (after PyTorch c10d's Backend/Work).
 //
-// Every call enqueues a collective and returns a Work handle at once; one communication thread
-// runs the queue in FIFO order (so every rank issues and executes collectives in the same order:
-// the caller's order), one at a time. Work::Wait(deadline) returns the collective's Status or
+// Every call enqueues a collective and returns a Work handle at once. Collectives run on c
+// lanes (the paper's bounded number c of concurrent allreduces): the i-th collective issued
+// goes to lane i mod c, and each lane, a transport of its own (its own UCX worker and
+// endpoints) with its own communication thread, runs its queue in FIFO order. Every rank issues
+// collectives in the same order, so every lane runs the same collectives in the same order on
+// every rank; at most c run at once. Work::Wait(deadline) returns the collective's Status or
 // DEADLINE_EXCEEDED. Each collective also has its own timeout (`collective_timeout`, default
 // 60 s): a stalled or dead peer fails it with an error naming the peer, never a hang. After any
-// failure the communicator is broken: the failed and every queued collective return that error,
-// and new calls fail at once. Abort() unblocks everything (ABORTED). A new generation builds a
+// failure the communicator is broken: the other lanes' transports are aborted (a collective in
+// flight there returns at once), and every collective not yet finished, and every new call,
+// returns the first failure. Abort() unblocks everything (ABORTED). A new generation builds a
 // new Communicator; nothing is reused.
 #pragma once
 
@@ -66,13 +70,18 @@ Algorithm ChooseAlgorithm(size_t bytes, int world_size, int hosts, bool shared_m
 
 class Communicator {
  public:
-  // Takes ownership of `transport` (already connected).
+  // One lane per transport (already connected; every one over the same ranks, each rank giving
+  // them in the same order): c = lanes.size() collectives at most run at once. Takes ownership.
+  static absl::StatusOr<std::unique_ptr<Communicator>> Create(std::vector<std::unique_ptr<Transport>> lanes,
+                                                              const CommunicatorOptions& options);
+  // One lane: one collective at a time.
   static absl::StatusOr<std::unique_ptr<Communicator>> Create(std::unique_ptr<Transport> transport,
                                                               const CommunicatorOptions& options);
   ~Communicator();
 
-  int rank() const { return transport_->rank(); }
-  int size() const { return transport_->size(); }
+  int rank() const { return lanes_[0]->transport->rank(); }
+  int size() const { return lanes_[0]->transport->size(); }
+  int lanes() const { return static_cast<int>(lanes_.size()); }
 
   std::shared_ptr<Work> AllreduceAsync(float* data, size_t count);
   std::shared_ptr<Work> BroadcastAsync(float* data, size_t count, int root);
@@ -82,26 +91,37 @@ class Communicator {
 
  private:
   Communicator() = default;
-  std::shared_ptr<Work> Enqueue(std::string what, std::function<absl::Status(uint64_t seq, absl::Time deadline)> fn);
-  void Loop();
-
-  std::unique_ptr<Transport> transport_;
-  CommunicatorOptions options_;
-  std::unique_ptr<AllreduceAlgorithm> ring_, halving_doubling_;
-  std::unique_ptr<HierarchicalAllreduce> hierarchical_;
-  std::unique_ptr<SharedMemoryAllreduce> shared_memory_;  // null unless every rank is on one host
-  int num_hosts_ = 1;
+  struct Lane;
   struct Op {
     std::shared_ptr<Work> work;
-    std::function<absl::Status(uint64_t, absl::Time)> fn;
+    std::function<absl::Status(Lane&, uint64_t, absl::Time)> fn;
   };
+  // A transport with its algorithms, queue and thread. Sequence numbers (message tags) count per
+  // lane: each lane's transport has its own tag space.
+  struct Lane {
+    int index = 0;
+    std::unique_ptr<Transport> transport;
+    std::unique_ptr<AllreduceAlgorithm> ring, halving_doubling;
+    std::unique_ptr<HierarchicalAllreduce> hierarchical;
+    std::unique_ptr<SharedMemoryAllreduce> shared_memory;  // null unless every rank is on one host
+    std::deque<Op> queue;  // guarded by mu_
+    uint64_t next_seq = 1;
+    std::thread thread;
+    void AbortTransport();  // thread-safe
+  };
+  // `fn` runs on the lane the collective falls to.
+  std::shared_ptr<Work> Enqueue(std::string what,
+                                std::function<absl::Status(Lane&, uint64_t seq, absl::Time deadline)> fn);
+  void Loop(Lane& lane);
+
+  CommunicatorOptions options_;
+  std::vector<std::unique_ptr<Lane>> lanes_;
+  int num_hosts_ = 1;
   std::mutex mu_;
   std::condition_variable cv_;
-  std::deque<Op> queue_;
   bool stop_ = false;
-  absl::Status broken_;  // first failure; sticky
-  uint64_t next_seq_ = 1;
-  std::thread thread_;
+  absl::Status broken_;    // first failure; sticky
+  uint64_t next_issue_ = 0;  // collectives issued so far: the next goes to lane next_issue_ % c
 };
 
 }  // namespace lmsgd::comm

@@ -124,10 +124,13 @@ struct UcxTransport::Impl {
 
 absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(int rank, int size, Store* store,
                                                                      const std::string& prefix, absl::Time deadline,
-                                                                     bool single_host, const std::string& host_name) {
+                                                                     bool single_host, const std::string& host_name,
+                                                                     int lane) {
   if (size < 1 || rank < 0 || rank >= size || size > 0xffff) {
     return absl::InvalidArgumentError(absl::StrCat("rank ", rank, " of ", size));
   }
+  if (lane < 0) return absl::InvalidArgumentError(absl::StrCat("lane ", lane));
+  const std::string key_name = lane == 0 ? "ucx" : absl::StrCat("ucx-lane", lane);
   auto t = std::unique_ptr<UcxTransport>(new UcxTransport());
   t->rank_ = rank;
   t->size_ = size;
@@ -183,13 +186,13 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(int rank, int
   const std::string my_host = host_name.empty() ? std::string(host) : host_name;
   const std::string mine = my_host + "\n" + std::string(reinterpret_cast<const char*>(addr), addr_len);
   ucp_worker_release_address(im.worker, addr);
-  if (auto st = store->Set(absl::StrCat(prefix, "/ucx/", rank), mine); !st.ok()) {
+  if (auto st = store->Set(absl::StrCat(prefix, "/", key_name, "/", rank), mine); !st.ok()) {
     return absl::Status(st.code(), absl::StrCat("publishing rank ", rank, "'s UCX address: ", st.message()));
   }
   im.eps.assign(size, nullptr);
   im.peer_status.assign(size, UCS_OK);
   for (int peer = 0; peer < size; ++peer) {
-    auto remote = store->Get(absl::StrCat(prefix, "/ucx/", peer), deadline);
+    auto remote = store->Get(absl::StrCat(prefix, "/", key_name, "/", peer), deadline);
     if (!remote.ok()) {
       return absl::Status(remote.status().code(),
                           absl::StrCat("rank ", rank, " waiting for rank ", peer, "'s UCX address: ",

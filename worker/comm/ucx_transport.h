@@ -2,7 +2,7 @@
 // on one host, TCP across hosts (override with UCX's own variables, e.g. UCX_TLS=tcp).
 //
 // Bootstrap: every rank creates a ucp worker, publishes its host name and address in the Store
-// under "<prefix>/ucx/<rank>", reads every other rank's and creates an endpoint to each. Peers on
+// under "<prefix>/ucx/<rank>" (another lane: "ucx-lane<L>"), reads every other rank's and creates an endpoint to each. Peers on
 // other hosts get UCX peer error handling (a dead peer surfaces as an endpoint error at once);
 // peers on the same host talk over shared memory, which UCX cannot combine with peer error
 // handling, so a dead local peer is caught by the collective's deadline instead. Never a hang.
@@ -33,11 +33,13 @@ class UcxTransport final : public Transport {
   // Connects to all `size` ranks through `store` (keys under `prefix`, e.g. "job/gen3").
   // `single_host`: every rank runs on this host (the coordinator knows; it selects shared-memory
   // transports only, see the .cc). `host`: this rank's host as the job knows it (the worker's
-  // --host; empty: gethostname), compared with the peers' to choose the endpoint mode.
+  // --host; empty: gethostname), compared with the peers' to choose the endpoint mode. `lane`:
+  // which of a communicator's transports this is (Communicator lanes); lane L > 0 publishes under
+  // "<prefix>/ucx-lane<L>/<rank>".
   static absl::StatusOr<std::unique_ptr<UcxTransport>> Create(int rank, int size, Store* store,
                                                                const std::string& prefix, absl::Time deadline,
                                                                bool single_host = false,
-                                                               const std::string& host = "");
+                                                               const std::string& host = "", int lane = 0);
   ~UcxTransport() override;
 
   int rank() const override { return rank_; }

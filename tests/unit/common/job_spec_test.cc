@@ -35,6 +35,7 @@ TEST(JobSpecTest, DefaultsAreThePapers) {
   EXPECT_FALSE(s.weight_decay_on_bn());
   EXPECT_TRUE(s.zero_init_last_bn_gamma());
   EXPECT_EQ(s.bucket_bytes(), 25u << 20);
+  EXPECT_EQ(s.concurrent_allreduces(), 1u);
   EXPECT_EQ(s.dataset().train_examples(), 1281167u);
   EXPECT_TRUE(ValidateJobSpec(s).ok()) << ValidateJobSpec(s);
 }
@@ -61,6 +62,7 @@ TEST(JobSpecTest, ValidationNamesEveryBadField) {
   s.set_base_lr(-1);
   s.add_lr_decay_epochs(60);
   s.add_lr_decay_epochs(30);  // not increasing
+  s.set_concurrent_allreduces(9);
   ApplyDefaults(&s);
   auto errors = JobSpecErrors(s);
   auto has = [&](const std::string& field) {
@@ -75,10 +77,11 @@ TEST(JobSpecTest, ValidationNamesEveryBadField) {
   EXPECT_TRUE(has("momentum"));
   EXPECT_TRUE(has("base_lr"));
   EXPECT_TRUE(has("lr_decay_epochs[1]"));
-  EXPECT_EQ(errors.size(), 6u) << ::testing::PrintToString(errors);
+  EXPECT_TRUE(has("concurrent_allreduces"));
+  EXPECT_EQ(errors.size(), 7u) << ::testing::PrintToString(errors);
   absl::Status st = ValidateJobSpec(s);
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_TRUE(absl::StrContains(st.message(), "6 errors")) << st;
+  EXPECT_TRUE(absl::StrContains(st.message(), "7 errors")) << st;
 }
 
 TEST(JobSpecTest, TooFewExamplesForOneBatch) {
