@@ -222,6 +222,11 @@ if [[ $ALLREDUCE == 1 ]]; then
           --max_bytes=1048576 --impls=lmsgd-tcp >>"$AR" || echo "FAILED: allreduce benchmark (tcp) k=$k round $round"
       done
     done
+    # The communicator's lanes (c = 1, 2, 4; 4 allreduces in flight), once per k, up to 4 MiB.
+    for k in 2 4; do
+      run timeout 60 "$BUNDLE/bin/lmsgd-bench" allreduce --ranks=$k --rounds=1 --json --min_bytes=4096 \
+        --max_bytes=4194304 --impls=lmsgd-lanes,lmsgd-tcp-lanes >>"$AR" || echo "FAILED: allreduce lanes k=$k"
+    done
   )
   python3 - "$AR" <<'EOF' | tee "$OUTDIR/allreduce_summary.txt"
 import json, statistics, sys
@@ -236,7 +241,7 @@ for k in sorted({key[0] for key in med}):
     print(f"{'bytes':>10s} {'ring':>9s} {'hd':>9s} {'shm':>9s} {'gloo':>9s} {'openmpi':>9s}"
           f" {'lmsgd best':>16s} {'busbw':>6s} {'best/mpi':>8s} {'ring/hd':>7s} {'tcp ring':>9s} {'tcp hd':>9s}"
           f" {'ring/hd':>7s}")
-    for b in sorted({key[3] for key in med if key[0] == k}):
+    for b in sorted({key[3] for key in med if key[0] == k and not key[1].endswith("-lanes")}):
         lm = {a: us for (kk, impl, a, bb), us in med.items() if kk == k and bb == b and impl == "lmsgd"}
         gl = min((us for (kk, impl, a, bb), us in med.items() if kk == k and bb == b and impl == "gloo"), default=None)
         mpi = med.get((k, "openmpi", "MPI_Allreduce", b))
@@ -250,6 +255,14 @@ for k in sorted({key[0] for key in med}):
         print(f"{b:10d} {f(lm.get('ring'))} {f(lm.get('halving_doubling'))} {f(lm.get('shared_memory'))}"
               f" {f(gl)} {f(mpi)} {best or '-':>16s} {bw:6.2f} {ratio} {rh}"
               f" {f(tc.get('ring'))} {f(tc.get('halving_doubling'))} {th}")
+    lanes = {(impl, a, bb): us for (kk, impl, a, bb), us in med.items() if kk == k and impl.endswith("-lanes")}
+    if lanes:
+        print(f"lanes k={k}: time per allreduce (us) with c lanes, 4 in flight; c1/c2 and c1/c4 = speed-ups")
+        for impl in ("lmsgd-lanes", "lmsgd-tcp-lanes"):
+            for b in sorted({bb for (i, a, bb) in lanes if i == impl}):
+                c = {n: lanes.get((impl, f"auto_c{n}", b)) for n in (1, 2, 4)}
+                sp = lambda n: f"{c[1] / c[n]:6.2f}" if c[1] and c[n] else f"{'-':>6s}"
+                print(f"{impl:>16s} {b:10d} {f(c[1])} {f(c[2])} {f(c[4])} {sp(2)} {sp(4)}")
 EOF
 fi
 

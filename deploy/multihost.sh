@@ -19,7 +19,13 @@ fi
 work="$(mktemp -d /tmp/lmsgd-multihost.XXXXXX)"
 pids=()
 cleanup() {
+  exec 2>/dev/null  # not bash's "Killed" notices for the jobs below
   for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  # $! above is the background subshell running `ip netns exec`, not always the program itself:
+  # kill whatever still runs in the namespaces, or a coordinator outlives the test.
+  for i in 0 1 2; do
+    for p in $(ip netns pids "${tag}h$i" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
+  done
   wait 2>/dev/null || true
   for i in 0 1 2; do ip netns del "${tag}h$i" 2>/dev/null || true; done
   ip link del "${tag}b" 2>/dev/null || true
@@ -97,4 +103,7 @@ if [ "$cut" = 1 ] && [ "${gen:-1}" -lt 2 ]; then
   echo "FAILED: the link cut did not re-form the job (generation ${gen:-?})"
   exit 1
 fi
-echo "OK: job succeeded across 3 network namespaces (generation ${gen:-?}); logs in $work"
+echo "OK: job succeeded across 3 network namespaces (generation ${gen:-?})"
+trap - EXIT
+cleanup
+rm -rf "$work"
