@@ -168,16 +168,18 @@ TEST(CommTest, BroadcastAndBarrier) {
 
 TEST(CommTest, BucketedAllreduceDuringBackwardEqualsOneAllreduceAfterIt) {
   for (int k : {2, 3}) {
-    auto runs = RunRanks(k, {"--mode=bucketed"}, absl::Seconds(120));
-    std::set<std::string> crcs;
-    for (int r = 0; r < k; ++r) {
-      ASSERT_EQ(runs[r].exit_code, 0) << "rank " << r << ":\n" << runs[r].log;
-      auto pos = runs[r].log.find("crc=");
-      ASSERT_NE(pos, std::string::npos);
-      crcs.insert(runs[r].log.substr(pos, runs[r].log.find('\n', pos) - pos));
-      EXPECT_NE(runs[r].log.find("buckets="), std::string::npos);
+    for (const std::string lanes : {"1", "3"}) {  // 3: several buckets in flight at once
+      auto runs = RunRanks(k, {"--mode=bucketed", "--lanes=" + lanes}, absl::Seconds(120));
+      std::set<std::string> crcs;
+      for (int r = 0; r < k; ++r) {
+        ASSERT_EQ(runs[r].exit_code, 0) << "rank " << r << " lanes " << lanes << ":\n" << runs[r].log;
+        auto pos = runs[r].log.find("crc=");
+        ASSERT_NE(pos, std::string::npos);
+        crcs.insert(runs[r].log.substr(pos, runs[r].log.find('\n', pos) - pos));
+        EXPECT_NE(runs[r].log.find("buckets="), std::string::npos);
+      }
+      EXPECT_EQ(crcs.size(), 1u) << "ranks hold different weights after the step (lanes " << lanes << ")";
     }
-    EXPECT_EQ(crcs.size(), 1u) << "ranks hold different weights after the step";
   }
 }
 
@@ -248,8 +250,12 @@ TEST(CommTest, CollectivesInFlightOnEveryLaneFailTogether) {
 }
 
 TEST(CommTest, ANewGenerationWithFewerRanksWorksAfterAnAbort) {
-  auto runs = RunRanks(3, {"--mode=regen"}, absl::Seconds(60));
-  for (int r = 0; r < 3; ++r) EXPECT_EQ(runs[r].exit_code, 0) << "rank " << r << ":\n" << runs[r].log;
+  for (const std::string lanes : {"1", "3"}) {
+    auto runs = RunRanks(3, {"--mode=regen", "--lanes=" + lanes}, absl::Seconds(60));
+    for (int r = 0; r < 3; ++r) {
+      EXPECT_EQ(runs[r].exit_code, 0) << "rank " << r << " lanes " << lanes << ":\n" << runs[r].log;
+    }
+  }
 }
 
 }  // namespace
