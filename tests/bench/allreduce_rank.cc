@@ -5,12 +5,15 @@
 // rank 0 prints one JSON line per (algorithm, size).
 #include <algorithm>
 #include <chrono>
+#include <functional>
 #include <iostream>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 #include "tests/bench/allreduce_bench.h"
 #include "worker/comm/algorithms.h"
 #include "worker/comm/communicator.h"
@@ -30,6 +33,40 @@
 namespace lmsgd::bench {
 
 using Clock = std::chrono::steady_clock;
+
+// Times `n` contenders at one size: 2 untimed runs of each, then `units` timed runs of each
+// (`run(a)` once per run). They take turns in up to 10 blocks of runs, so a slow spell of this
+// machine lands on all of them alike, not on whichever was running. Each block has a new order,
+// the same on every rank (`rng` has the same seed everywhere), so none always follows the same
+// one: what one leaves in UCX's receive buffers and the caches can change the next one's time.
+// Each contender's share of a block sits between two `barrier(a)` calls. Contenders for which
+// `included(a)` is false are skipped. Returns seconds per run, per contender.
+absl::StatusOr<std::vector<double>> TimeInTurns(size_t n, int units, std::mt19937* rng,
+                                                 const std::function<bool(size_t)>& included,
+                                                 const std::function<absl::Status(size_t)>& run,
+                                                 const std::function<absl::Status(size_t)>& barrier) {
+  constexpr int kBlocks = 10;
+  const int blocks = std::min(kBlocks, units), per_block = (units + blocks - 1) / blocks;
+  for (size_t a = 0; a < n; ++a) {
+    for (int w = 0; w < 2 && included(a); ++w) RETURN_IF_ERROR(run(a));
+  }
+  std::vector<size_t> order(n);
+  for (size_t a = 0; a < n; ++a) order[a] = a;
+  std::vector<double> seconds(n, 0.0);
+  for (int b = 0; b < blocks; ++b) {
+    std::shuffle(order.begin(), order.end(), *rng);
+    for (size_t a : order) {
+      if (!included(a)) continue;
+      RETURN_IF_ERROR(barrier(a));
+      const auto t0 = Clock::now();
+      for (int i = 0; i < per_block; ++i) RETURN_IF_ERROR(run(a));
+      RETURN_IF_ERROR(barrier(a));
+      seconds[a] += std::chrono::duration<double>(Clock::now() - t0).count();
+    }
+  }
+  for (double& x : seconds) x /= blocks * per_block;
+  return seconds;
+}
 
 // `wire`: "shm" (UCX's choice on one host: shared memory) or "tcp" (UCX_TLS=tcp: the wire between
 // hosts, here on loopback, where ring and halving/doubling are what AUTO picks from). Rows are
@@ -61,48 +98,23 @@ int RunLmsgdRank(int rank, int k, const std::string& store_dir, size_t min_bytes
     if (!shm.ok()) std::cerr << "rank " << rank << ": no shared-memory allreduce: " << shm.status() << "\n";
   }
   if (shm.ok()) algos.push_back({"shared_memory", shm->get()});
-  // Per size, the algorithms take turns in blocks of runs (a slow spell of this machine then
-  // lands on all of them alike, not on whichever was running), each block between barriers.
-  constexpr int kBlocks = 10;
-  std::vector<size_t> order(algos.size());
-  for (size_t a = 0; a < order.size(); ++a) order[a] = a;
+  // Per size, the algorithms take turns (TimeInTurns); halving/doubling without its
+  // recursive-doubling switch only up to 256 KiB.
   std::mt19937 rng(12345);
   std::vector<std::vector<std::string>> lines(algos.size());
   for (size_t bytes : Sizes(min_bytes, max_bytes)) {
     std::vector<float> buf(bytes / 4, 1.0f);
-    const int iters = Iterations(bytes), blocks = std::min(kBlocks, iters), per_block = (iters + blocks - 1) / blocks;
-    std::vector<double> seconds(algos.size(), 0.0);
-    std::vector<bool> runs(algos.size(), false);
-    for (size_t a = 0; a < algos.size(); ++a) {
-      runs[a] = !(algos[a].second == &halving_only && bytes > (256u << 10));
-      for (int w = 0; w < 2 && runs[a]; ++w) {
-        if (auto st = algos[a].second->Run(buf.data(), buf.size(), seq++, deadline()); !st.ok()) {
-          std::cerr << st << "\n";
-          return 1;
-        }
-      }
-    }
-    for (int b = 0; b < blocks; ++b) {
-      // Each block runs the algorithms in a fresh order (the same on every rank: same seed), so
-      // that none always follows the same one (what one leaves behind in UCX's receive buffers
-      // and the caches can change the next one's time).
-      std::shuffle(order.begin(), order.end(), rng);
-      for (size_t a : order) {
-        if (!runs[a]) continue;
-        if (auto st = comm::Barrier(t->get(), seq++, deadline()); !st.ok()) return 1;
-        const auto t0 = Clock::now();
-        for (int i = 0; i < per_block; ++i) {
-          if (auto st = algos[a].second->Run(buf.data(), buf.size(), seq++, deadline()); !st.ok()) {
-            std::cerr << st << "\n";
-            return 1;
-          }
-        }
-        if (auto st = comm::Barrier(t->get(), seq++, deadline()); !st.ok()) return 1;
-        seconds[a] += std::chrono::duration<double>(Clock::now() - t0).count();
-      }
+    auto included = [&](size_t a) { return !(algos[a].second == &halving_only && bytes > (256u << 10)); };
+    auto seconds = TimeInTurns(
+        algos.size(), Iterations(bytes), &rng, included,
+        [&](size_t a) { return algos[a].second->Run(buf.data(), buf.size(), seq++, deadline()); },
+        [&](size_t) { return comm::Barrier(t->get(), seq++, deadline()); });
+    if (!seconds.ok()) {
+      std::cerr << "rank " << rank << ": " << seconds.status() << "\n";
+      return 1;
     }
     for (size_t a = 0; a < algos.size(); ++a) {
-      if (runs[a]) lines[a].push_back(ResultLine(impl, algos[a].first, k, bytes, seconds[a] / (blocks * per_block)));
+      if (included(a)) lines[a].push_back(ResultLine(impl, algos[a].first, k, bytes, (*seconds)[a]));
     }
   }
   if (rank == 0) {
@@ -155,43 +167,21 @@ int RunLanesRank(int rank, int k, const std::string& store_dir, size_t min_bytes
     }
     return result;
   };
-  constexpr int kBlocks = 10;
-  std::vector<size_t> order(comms.size());
-  for (size_t a = 0; a < order.size(); ++a) order[a] = a;
   std::mt19937 rng(12345);
   std::vector<std::vector<std::string>> lines(comms.size());
   for (size_t bytes : Sizes(min_bytes, max_bytes)) {
     std::vector<std::vector<float>> bufs(kInFlight, std::vector<float>(bytes / 4, 1.0f));
-    const int batches = std::max(1, Iterations(bytes) / kInFlight), blocks = std::min(kBlocks, batches),
-              per_block = (batches + blocks - 1) / blocks;
-    std::vector<double> seconds(comms.size(), 0.0);
-    for (auto& cm : comms) {
-      for (int w = 0; w < 2; ++w) {
-        if (auto st = batch(cm.get(), bufs); !st.ok()) {
-          std::cerr << st << "\n";
-          return 1;
-        }
-      }
-    }
-    for (int b = 0; b < blocks; ++b) {
-      std::shuffle(order.begin(), order.end(), rng);
-      for (size_t a : order) {
-        comm::Communicator* cm = comms[a].get();
-        if (auto st = cm->BarrierAsync()->Wait(deadline()); !st.ok()) return 1;
-        const auto t0 = Clock::now();
-        for (int i = 0; i < per_block; ++i) {
-          if (auto st = batch(cm, bufs); !st.ok()) {
-            std::cerr << st << "\n";
-            return 1;
-          }
-        }
-        if (auto st = cm->BarrierAsync()->Wait(deadline()); !st.ok()) return 1;
-        seconds[a] += std::chrono::duration<double>(Clock::now() - t0).count();
-      }
+    auto seconds = TimeInTurns(
+        comms.size(), std::max(1, Iterations(bytes) / kInFlight), &rng, [](size_t) { return true; },
+        [&](size_t a) { return batch(comms[a].get(), bufs); },
+        [&](size_t a) { return comms[a]->BarrierAsync()->Wait(deadline()); });
+    if (!seconds.ok()) {
+      std::cerr << "rank " << rank << ": " << seconds.status() << "\n";
+      return 1;
     }
     for (size_t a = 0; a < comms.size(); ++a) {
-      lines[a].push_back(ResultLine(impl, absl::StrCat("auto_c", lane_counts[a]), k, bytes,
-                                    seconds[a] / (blocks * per_block * kInFlight)));
+      lines[a].push_back(
+          ResultLine(impl, absl::StrCat("auto_c", lane_counts[a]), k, bytes, (*seconds)[a] / kInFlight));
     }
   }
   if (rank == 0) {
