@@ -218,9 +218,10 @@ absl::StatusOr<End> Generation::Run(std::string* why) {
   // gradients go over NCCL and this communicator only broadcasts and counts: one lane.
   const int lanes = trainer.on_gpu() ? 1 : static_cast<int>(std::max<uint32_t>(1, spec.concurrent_allreduces()));
   std::vector<std::unique_ptr<comm::Transport>> transports;
+  const absl::Time bootstrap_deadline = absl::Now() + absl::Seconds(120);  // for all the lanes together
   for (int lane = 0; lane < lanes; ++lane) {
     auto transport = comm::UcxTransport::Create(rank, k, &store, absl::StrCat("gen", join_.generation()),
-                                                absl::Now() + absl::Seconds(120), single_host,
+                                                bootstrap_deadline, single_host,
                                                 rank < static_cast<int>(hosts.size()) ? hosts[rank] : "", lane);
     if (!transport.ok()) {
       *why = absl::StrCat("communicator bootstrap", lanes > 1 ? absl::StrCat(" (lane ", lane, ")") : "", ": ",

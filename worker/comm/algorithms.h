@@ -60,6 +60,10 @@ const char* AlgorithmName(Algorithm a);
 // from 4 to 64 KiB, still ahead at 1 MiB on loopback, behind at 4 MiB; kept at 256 KiB because
 // loopback has no network latency (the paper saw halving/doubling ahead up to ~1M elements).
 inline constexpr size_t kHalvingDoublingMaxBytes = 256 << 10;
+// That choice for a message of `bytes`.
+inline Algorithm RingOrHalvingDoubling(size_t bytes, size_t halving_doubling_max_bytes = kHalvingDoublingMaxBytes) {
+  return bytes <= halving_doubling_max_bytes ? Algorithm::kHalvingDoubling : Algorithm::kRing;
+}
 
 class AllreduceAlgorithm {
  public:
@@ -150,9 +154,7 @@ class HierarchicalAllreduce final : public AllreduceAlgorithm {
   bool intra_host_shared_memory() const { return local_shm_ != nullptr; }
   int num_hosts() const { return static_cast<int>(leaders_.size()); }
   // The algorithm of the phase among host leaders for a message of `bytes`.
-  Algorithm InterHostAlgorithm(size_t bytes) const {
-    return bytes <= halving_doubling_max_bytes_ ? Algorithm::kHalvingDoubling : Algorithm::kRing;
-  }
+  Algorithm InterHostAlgorithm(size_t bytes) const { return RingOrHalvingDoubling(bytes, halving_doubling_max_bytes_); }
   // The setup messages of the intra-host segment: the largest sequence a tag holds (32 bits,
   // MakeTag), beyond any collective's (counted from 1; the leaders' phase adds bit 31).
   static constexpr uint64_t kLocalShmSetupSequence = 0xffffffffu;

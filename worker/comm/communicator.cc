@@ -37,7 +37,7 @@ Algorithm ChooseAlgorithm(size_t bytes, int world_size, int hosts, bool shared_m
                           size_t halving_doubling_max_bytes) {
   if (hosts > 1 && world_size > hosts) return Algorithm::kHierarchical;
   if (hosts == 1 && shared_memory) return Algorithm::kSharedMemory;
-  return bytes <= halving_doubling_max_bytes ? Algorithm::kHalvingDoubling : Algorithm::kRing;
+  return RingOrHalvingDoubling(bytes, halving_doubling_max_bytes);
 }
 
 absl::StatusOr<std::unique_ptr<Communicator>> Communicator::Create(std::unique_ptr<Transport> transport,
