@@ -2,7 +2,7 @@
 //
 //   lmsgd-worker --coordinator HOST:PORT [--job JOB_ID] [--threads N] [--local_device I]
 //       joins a job of the coordinator (or the next one that needs workers) and trains its
-//       rank's shard with the others (worker/distributed.h); re-joins after failures.
+//       rank's shard with the others (worker/session/distributed.h); re-joins after failures.
 //   lmsgd-worker --standalone --job_file JOB.textproto [--threads N]
 //       trains the job in this process (k = 1; virtual workers allowed), no coordinator.
 #include <iostream>
@@ -16,11 +16,9 @@
 #include "common/job_spec.h"
 #include "common/logging.h"
 #include "prometheus/exposer.h"
-#include "worker/distributed.h"
-#ifdef LMSGD_HAVE_CUDA
-#include "worker/backend/cuda/device.h"
-#endif
-#include "worker/standalone.h"
+#include "worker/session/distributed.h"
+#include "worker/session/standalone.h"
+#include "worker/train/trainer_factory.h"
 
 ABSL_FLAG(bool, standalone, false, "Train --job_file in this process, without a coordinator");
 ABSL_FLAG(std::string, job_file, "", "Job spec (text proto or JSON) for --standalone");
@@ -54,28 +52,17 @@ int main(int argc, char** argv) {
       return 2;
     }
     // Checked before joining anything: a machine without the GPU must not fail a job.
-#ifdef LMSGD_HAVE_CUDA
-    auto n = lmsgd::cuda::DeviceCount();
-    if (!n.ok() || *n <= cuda_device) {
-      std::cerr << "lmsgd-worker: --device " << device << ": "
-                << (!n.ok()    ? n.status().ToString()
-                    : *n == 0 ? std::string("no CUDA device on this machine (no GPU or no driver)")
-                              : absl::StrCat("only ", *n, " CUDA device(s) on this machine"))
-                << "; the CPU backend is available with --device cpu\n";
+    if (auto st = lmsgd::train::CheckDeviceAvailable(cuda_device); !st.ok()) {
+      std::cerr << "lmsgd-worker: --device " << device << " is not available: " << st.message() << "\n";
       return 2;
     }
-#else
-    std::cerr << "lmsgd-worker: --device " << device
-              << ": this build has no CUDA backend (configured without LMSGD_WITH_CUDA); use --device cpu\n";
-    return 2;
-#endif
   }
   if (!absl::GetFlag(FLAGS_standalone)) {
     if (absl::GetFlag(FLAGS_coordinator).empty()) {
       std::cerr << "lmsgd-worker: give --coordinator HOST:PORT (or --standalone --job_file FILE)\n";
       return 2;
     }
-    lmsgd::worker::WorkerOptions wo;
+    lmsgd::session::WorkerOptions wo;
     wo.client.address = absl::GetFlag(FLAGS_coordinator);
     wo.client.tls.ca = absl::GetFlag(FLAGS_tls_ca);
     wo.client.tls.cert = absl::GetFlag(FLAGS_tls_cert);
@@ -88,7 +75,7 @@ int main(int argc, char** argv) {
     if (absl::GetFlag(FLAGS_data_threads) > 0) wo.data_threads = absl::GetFlag(FLAGS_data_threads);
     wo.join_timeout = absl::Seconds(absl::GetFlag(FLAGS_join_timeout_s));
     wo.log = &std::cout;
-    lmsgd::worker::WorkerMetrics metrics;
+    lmsgd::session::WorkerMetrics metrics;
     std::unique_ptr<prometheus::Exposer> exposer;
     if (!absl::GetFlag(FLAGS_metrics_listen).empty()) {
       try {  // prometheus-cpp reports a busy/bad address by throwing; stop here, before training
@@ -105,7 +92,7 @@ int main(int argc, char** argv) {
                 << (ports.empty() ? 0 : ports[0]) << "/metrics" << std::endl;
       wo.metrics = &metrics;
     }
-    const absl::Status st = lmsgd::worker::RunWorker(wo);
+    const absl::Status st = lmsgd::session::RunWorker(wo);
     if (!st.ok()) {
       std::cerr << "lmsgd-worker: " << st.ToString() << "\n";
       return 1;
@@ -124,14 +111,14 @@ int main(int argc, char** argv) {
   }
   if (!absl::GetFlag(FLAGS_checkpoint_dir).empty()) spec->set_checkpoint_dir(absl::GetFlag(FLAGS_checkpoint_dir));
   if (absl::GetFlag(FLAGS_epochs) > 0) spec->set_epochs(static_cast<uint32_t>(absl::GetFlag(FLAGS_epochs)));
-  lmsgd::train::StandaloneOptions opt;
+  lmsgd::session::StandaloneOptions opt;
   opt.threads = absl::GetFlag(FLAGS_threads);
   opt.data_threads = absl::GetFlag(FLAGS_data_threads);
   opt.resume = absl::GetFlag(FLAGS_resume);
   opt.log_every = absl::GetFlag(FLAGS_log_every);
   opt.cuda_device = cuda_device;
   opt.log = &std::cout;
-  auto result = lmsgd::train::RunStandalone(*spec, opt);
+  auto result = lmsgd::session::RunStandalone(*spec, opt);
   if (!result.ok()) {
     std::cerr << "lmsgd-worker: " << result.status().ToString() << "\n";
     return 1;

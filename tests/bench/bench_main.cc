@@ -33,7 +33,7 @@
 #include "absl/strings/str_split.h"
 #include "tests/bench/allreduce_bench.h"
 #include "worker/backend/onednn/resnet.h"
-#include "worker/trainer.h"
+#include "worker/train/trainer_factory.h"
 
 ABSL_FLAG(std::string, model, "resnet50", "resnet50 | resnet18 | resnet34 | resnet20");
 ABSL_FLAG(int32_t, batch, 32, "Per-step batch");
@@ -117,7 +117,7 @@ int Train(const char* argv0) {
   c.bn_group = batch;
   c.schedule.global_batch = batch;
   c.schedule.reference_batch = 256;
-  auto trainer = lmsgd::train::Trainer::Create(c);
+  auto trainer = lmsgd::train::CreateTrainer(c);
   if (!trainer.ok()) {
     std::cerr << "lmsgd-bench: " << trainer.status() << "\n";
     return 1;
@@ -131,14 +131,13 @@ int Train(const char* argv0) {
   }
   for (int i = 0; i < batch; ++i) labels[i] = (i * 37) % c.num_classes;
   std::cout << absl::StrFormat("lmsgd %s batch %d %dx%d: %s\n", m, batch, size, size, (*trainer)->Describe());
-  lmsgd::train::LocalReducer reducer;
   std::vector<double> times;
   lmsgd::train::StepStats sum;
   const int warmup = absl::GetFlag(FLAGS_warmup), iters = absl::GetFlag(FLAGS_iterations);
   for (int i = 0; i < warmup + iters; ++i) {
     if (i == warmup) (*trainer)->network().ResetTimes();
     const auto t0 = std::chrono::steady_clock::now();
-    auto st = (*trainer)->Step(static_cast<uint64_t>(i), images.data(), labels.data(), &reducer);
+    auto st = (*trainer)->Step(static_cast<uint64_t>(i), images.data(), labels.data());
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (!st.ok()) {
       std::cerr << "lmsgd-bench: " << st.status() << "\n";

@@ -7,18 +7,18 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "tests/unit/worker/test_params.h"
-#include "worker/backend/cuda/gpu_trainer.h"
+#include "worker/backend/cuda/device_step.h"
 #include "worker/backend/cuda/kernels.h"
 #include "worker/backend/reference/ops.h"
 #include "worker/model/param_store.h"
-#include "worker/model/reference_resnet.h"
+#include "worker/backend/reference/reference_resnet.h"
 #include "worker/optim/sgd.h"
 
 namespace lmsgd::gpucheck {
 namespace {
 
 using backend::cuda::GpuResNet;
-using backend::cuda::Precision;
+using backend::Precision;
 
 using ::lmsgd::testing::TestParams;
 
@@ -48,7 +48,7 @@ double RelErr(const A* a, const B* b, size_t n) {
 std::string AgreementCase::Name() const {
   auto spec = model::MakeResNet(arch, channels, classes);
   return absl::StrCat(spec.ok() ? spec->name : "?", " ", hw, "x", hw, " batch ", batch, " bn_group ", bn_group, " ",
-                      backend::cuda::PrecisionName(precision));
+                      backend::PrecisionName(precision));
 }
 
 Tolerance ToleranceFor(const AgreementCase& c, const Agreement* fp32) {
@@ -98,8 +98,8 @@ absl::StatusOr<Agreement> RunAgreement(const AgreementCase& c, int device) {
   ASSIGN_OR_RETURN(double loss, net->ForwardTrain(images.data(), labels.data(), kn));
   RETURN_IF_ERROR(net->Backward(nullptr));
 
-  model::ReferenceResNet ref(spec, init);
-  reference::Tensor x({c.batch, c.channels, c.hw, c.hw});
+  backend::reference::ReferenceResNet ref(spec, init);
+  backend::reference::Tensor x({c.batch, c.channels, c.hw, c.hw});
   for (size_t i = 0; i < images.size(); ++i) x.data[i] = images[i];
   const double ref_loss = ref.Forward(x, std::vector<int>(labels.begin(), labels.end()), c.bn_group, kn);
   const auto ref_grads = ref.Backward();
@@ -125,12 +125,12 @@ absl::StatusOr<Agreement> RunAgreement(const AgreementCase& c, int device) {
   a.grad_rel_all = all.Rel();
 
   // Stem BN running statistics: 0.9 * initial + 0.1 * mean over groups (unbiased variance).
-  reference::Tensor w({spec.stem_conv.out_channels, c.channels, spec.stem_conv.kernel, spec.stem_conv.kernel});
+  backend::reference::Tensor w({spec.stem_conv.out_channels, c.channels, spec.stem_conv.kernel, spec.stem_conv.kernel});
   for (size_t i = 0; i < w.data.size(); ++i) w.data[i] = init.at("conv1.weight")[i];
-  const auto conv1 = reference::ConvForward(x, w, {spec.stem_conv.stride, spec.stem_conv.padding});
+  const auto conv1 = backend::reference::ConvForward(x, w, {spec.stem_conv.stride, spec.stem_conv.padding});
   std::vector<double> rm(init.at("bn1.running_mean").begin(), init.at("bn1.running_mean").end());
   std::vector<double> rv(init.at("bn1.running_var").begin(), init.at("bn1.running_var").end());
-  reference::UpdateRunningStats(conv1, c.bn_group, 0.9, &rm, &rv);
+  backend::reference::UpdateRunningStats(conv1, c.bn_group, 0.9, &rm, &rv);
   a.running_rel = std::max(RelErr(store.BufferByName("bn1.running_mean"), rm.data(), rm.size()),
                            RelErr(store.BufferByName("bn1.running_var"), rv.data(), rv.size()));
 
@@ -141,7 +141,7 @@ absl::StatusOr<Agreement> RunAgreement(const AgreementCase& c, int device) {
     ASSIGN_OR_RETURN(std::unique_ptr<GpuResNet> inf, GpuResNet::Create(spec, &store, io, g));
     std::vector<float> logits(static_cast<size_t>(c.batch) * c.classes);
     RETURN_IF_ERROR(inf->Predict(images.data(), logits.data()));
-    model::ReferenceResNet ref_inf(spec, store.ToMap());
+    backend::reference::ReferenceResNet ref_inf(spec, store.ToMap());
     const auto ref_logits = ref_inf.Predict(x);
     a.logits_rel = RelErr(logits.data(), ref_logits.data.data(), logits.size());
   }
@@ -152,10 +152,10 @@ absl::StatusOr<Agreement> RunAgreement(const AgreementCase& c, int device) {
     model::ParamStore s0(spec);
     RETURN_IF_ERROR(s0.Load(init));
     RETURN_IF_ERROR(net->UploadState(s0));
-    backend::cuda::GpuTrainerOptions to;
+    backend::cuda::DeviceStepOptions to;
     to.sgd.momentum = 0.9;
     to.sgd.weight_decay = 1e-4;
-    ASSIGN_OR_RETURN(auto trainer, backend::cuda::GpuTrainer::Create(net.get(), nullptr, to));
+    ASSIGN_OR_RETURN(auto trainer, backend::cuda::DeviceStep::Create(net.get(), nullptr, to));
     RETURN_IF_ERROR(net->StageBatch(images.data(), labels.data()));
     const double lr = 0.1;
     RETURN_IF_ERROR(trainer->Step(kn, lr, 1.0));
@@ -179,7 +179,7 @@ absl::StatusOr<Agreement> RunAgreement(const AgreementCase& c, int device) {
 }
 
 absl::StatusOr<double> SgdKernelAgreement(int device) {
-  namespace k = ::lmsgd::cuda;
+  namespace k = ::lmsgd::backend::cuda;
   if (cudaSetDevice(device) != cudaSuccess) return absl::InternalError("cudaSetDevice failed");
   const int sizes[] = {1000, 70000, 5};  // the second spans two chunks
   const bool decays[] = {true, true, false};

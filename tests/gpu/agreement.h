@@ -1,6 +1,6 @@
 // GPU vs float64-reference agreement for one small ResNet and precision: the loss, the
 // gradients (relative error of all of them together, and per tensor, ||gpu - ref|| / ||ref||),
-// the stem BN's running statistics, inference logits, and one full GpuTrainer step (forward,
+// the stem BN's running statistics, inference logits, and one full DeviceStep step (forward,
 // backward, fused SGD) against the paper's update computed on the host from the reference
 // gradients. Shared by the GPU unit test (tests/unit/worker/cuda_resnet_test.cc) and
 // lmsgd-gpu-check.
@@ -27,7 +27,7 @@ namespace lmsgd::gpucheck {
 struct AgreementCase {
   model::Arch arch = model::Arch::kResNet8;
   int channels = 3, classes = 10, hw = 16, batch = 16, bn_group = 8;
-  backend::cuda::Precision precision = backend::cuda::Precision::kFp32;
+  backend::Precision precision = backend::Precision::kFp32;
   bool relu_flips = false;  // fp32 and fp64 are known to take different ReLU branches (see above)
   std::string Name() const;
 };
@@ -41,7 +41,7 @@ struct Agreement {
   int tensors = 0;
   double running_rel = 0;     // stem BN running mean/var
   double logits_rel = 0;      // inference logits after the step's running-stat update
-  double step_rel = 0;        // GpuTrainer's parameter update vs the host's from reference grads
+  double step_rel = 0;        // DeviceStep's parameter update vs the host's from reference grads
 };
 
 // Tolerances of issue 6: fp32 loss 1e-4, gradients 1e-3 (as a whole, each tensor, and the

@@ -34,13 +34,13 @@
 #include "tests/gpu/agreement.h"
 #include "worker/backend/cuda/cuda_check.h"
 #include "worker/backend/cuda/device.h"
-#include "worker/backend/cuda/gpu_trainer.h"
+#include "worker/backend/cuda/device_step.h"
 #include "worker/backend/cuda/resnet.h"
 
 namespace lmsgd::gpucheck {
 namespace {
 
-using backend::cuda::Precision;
+using backend::Precision;
 
 struct Flags {
   std::string mode = "all";
@@ -79,7 +79,7 @@ absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
     } else if (name == "precisions") {
       f.precisions.clear();
       for (absl::string_view s : absl::StrSplit(value, ',')) {
-        ASSIGN_OR_RETURN(Precision p, backend::cuda::ParsePrecision(s));
+        ASSIGN_OR_RETURN(Precision p, backend::ParsePrecision(s));
         f.precisions.push_back(p);
       }
     } else if (name == "warmup") {
@@ -185,8 +185,8 @@ SpeedRow TimeResNet50(const Flags& f, Precision p, int batch, std::string* descr
     g.search = f.search;
     ASSIGN_OR_RETURN(auto net, backend::cuda::GpuResNet::Create(spec, &store, o, g));
     RETURN_IF_ERROR(net->UploadState(store));
-    backend::cuda::GpuTrainerOptions to;
-    ASSIGN_OR_RETURN(auto trainer, backend::cuda::GpuTrainer::Create(net.get(), nullptr, to));
+    backend::cuda::DeviceStepOptions to;
+    ASSIGN_OR_RETURN(auto trainer, backend::cuda::DeviceStep::Create(net.get(), nullptr, to));
     std::mt19937 rng(1);
     std::normal_distribution<float> nd;
     std::vector<float> images(static_cast<size_t>(batch) * 3 * 224 * 224);
@@ -253,21 +253,21 @@ bool RunSpeedTable(const Flags& f, std::ofstream* json) {
       const SpeedRow r = TimeResNet50(f, p, b, &describe);
       if (!r.error.empty()) {
         ok = false;
-        std::printf("%-6s %6d ERROR %s\n", backend::cuda::PrecisionName(p), b, r.error.c_str());
+        std::printf("%-6s %6d ERROR %s\n", backend::PrecisionName(p), b, r.error.c_str());
         if (json) {
           *json << absl::StrFormat("{\"kind\": \"speed\", \"impl\": \"lmsgd\", \"precision\": \"%s\", \"batch\": %d, "
                                    "\"error\": \"%s\"}\n",
-                                   backend::cuda::PrecisionName(p), b, absl::StrReplaceAll(r.error, {{"\"", "'"}}));
+                                   backend::PrecisionName(p), b, absl::StrReplaceAll(r.error, {{"\"", "'"}}));
         }
         continue;
       }
-      std::printf("%-6s %6d %12.1f %10.2f   per op (ms/step): %s\n", backend::cuda::PrecisionName(p), b, r.img_s,
+      std::printf("%-6s %6d %12.1f %10.2f   per op (ms/step): %s\n", backend::PrecisionName(p), b, r.img_s,
                   r.step_ms, r.ops.c_str());
       std::fflush(stdout);
       if (json) {
         *json << absl::StrFormat("{\"kind\": \"speed\", \"impl\": \"lmsgd\", \"precision\": \"%s\", \"batch\": %d, "
                                  "\"img_s\": %.1f, \"step_ms\": %.3f, \"ops_ms\": \"%s\"}\n",
-                                 backend::cuda::PrecisionName(p), b, r.img_s, r.step_ms, r.ops);
+                                 backend::PrecisionName(p), b, r.img_s, r.step_ms, r.ops);
         json->flush();
       }
     }
@@ -282,7 +282,7 @@ int Main(int argc, char** argv) {
     std::fprintf(stderr, "lmsgd-gpu-check: %s\n", flags.status().ToString().c_str());
     return 2;
   }
-  auto info = cuda::GetDeviceInfo(flags->device);
+  auto info = backend::cuda::GetDeviceInfo(flags->device);
   if (!info.ok()) {
     std::fprintf(stderr, "lmsgd-gpu-check: %s\n", info.status().ToString().c_str());
     return 2;

@@ -32,7 +32,7 @@
 #include "worker/comm/bucketer.h"
 #include "worker/comm/communicator.h"
 #include "worker/comm/ucx_transport.h"
-#include "worker/trainer.h"
+#include "worker/train/cpu_trainer.h"
 
 namespace lmsgd::comm {
 namespace {
@@ -176,19 +176,26 @@ int Run(int argc, char** argv) {
     c.world_size = static_cast<uint32_t>(size);
     c.zero_init_last_bn_gamma = false;
     c.schedule.global_batch = 4u * size;
-    auto overlapped = train::Trainer::Create(c);
-    auto after = train::Trainer::Create(c);
+    auto overlapped = train::CpuTrainer::Create(c);
+    auto after = train::CpuTrainer::Create(c);
     if (!overlapped.ok() || !after.ok()) return Fail("trainer");
     std::vector<float> x(4 * 64);
     std::vector<int32_t> y(4);
     for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(0.37f * static_cast<float>(i + 101 * rank));
     for (int i = 0; i < 4; ++i) y[i] = (i + 3 * rank) % 10;
     // 4 KiB buckets, 1 KiB first bucket: many buckets, started during backward.
-    BucketedReducer buckets(comm->get(), &(*overlapped)->store(), 4 << 10, 1 << 10, absl::Seconds(timeout_s * 3));
-    auto s1 = (*overlapped)->Step(0, x.data(), y.data(), &buckets);
+    train::PeerGroup peers;
+    peers.rank = static_cast<uint32_t>(rank);
+    peers.world_size = static_cast<uint32_t>(size);
+    peers.communicator = comm->get();
+    peers.bucket_bytes = 4 << 10;
+    peers.first_bucket_bytes = 1 << 10;
+    peers.collective_timeout = absl::Seconds(timeout_s * 3);
+    if (auto st = (*overlapped)->ConnectPeers(peers); !st.ok()) return Fail(st.ToString());
+    auto s1 = (*overlapped)->Step(0, x.data(), y.data());
     if (!s1.ok()) return Fail(s1.status().ToString());
     // Reference: the whole gradient array in one allreduce after backward.
-    struct AllAtOnce final : train::GradientReducer {
+    struct AllAtOnce final : train::GradientExchange {
       Communicator* comm;
       model::ParamStore* store;
       absl::Time deadline;
@@ -196,11 +203,15 @@ int Run(int argc, char** argv) {
       absl::Status Finish() override {
         return comm->AllreduceAsync(store->grads().data(), store->grads().size())->Wait(deadline);
       }
-    } whole;
-    whole.comm = comm->get();
-    whole.store = &(*after)->store();
-    whole.deadline = far;
-    auto s2 = (*after)->Step(0, x.data(), y.data(), &whole);
+      uint64_t bytes_reduced() const override { return store->grads().size() * sizeof(float); }
+      std::string Describe() const override { return "one allreduce after backward"; }
+    };
+    auto whole = std::make_unique<AllAtOnce>();
+    whole->comm = comm->get();
+    whole->store = &(*after)->store();
+    whole->deadline = far;
+    (*after)->UseGradientExchange(std::move(whole));
+    auto s2 = (*after)->Step(0, x.data(), y.data());
     if (!s2.ok()) return Fail(s2.status().ToString());
     const auto& p1 = (*overlapped)->store().params();
     const auto& p2 = (*after)->store().params();
@@ -210,7 +221,7 @@ int Run(int argc, char** argv) {
       max_abs = std::max(max_abs, static_cast<double>(std::abs(p2[i])));
     }
     if (max_diff > 1e-6 * max_abs) return Fail(absl::StrCat("bucketed vs whole: max diff ", max_diff));
-    std::cout << "buckets=" << buckets.buckets().size() << " bytes=" << buckets.bytes_reduced()
+    std::cout << "buckets=(" << (*overlapped)->DescribeExchange() << ") bytes=" << (*overlapped)->bytes_reduced()
               << " crc=" << Crc32(absl::string_view(reinterpret_cast<const char*>(p1.data()), p1.size() * 4)) << std::endl;
   } else if (mode == "die" || mode == "stall") {
     std::vector<float> d(1 << 16, 1.0f);

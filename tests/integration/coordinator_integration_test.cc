@@ -20,8 +20,8 @@
 #include "tests/integration/test_util.h"
 #include "worker/comm/communicator.h"
 #include "worker/comm/ucx_transport.h"
-#include "worker/coordinator_client.h"
-#include "worker/coordinator_store.h"
+#include "worker/session/coordinator_client.h"
+#include "worker/session/coordinator_store.h"
 
 namespace lmsgd {
 namespace {
@@ -72,10 +72,10 @@ v1::JobStatus GetJob(const std::string& addr, const std::string& id) {
   return resp;
 }
 
-std::unique_ptr<worker::CoordinatorClient> Client(const std::string& addr) {
-  worker::CoordinatorClientOptions o;
+std::unique_ptr<session::CoordinatorClient> Client(const std::string& addr) {
+  session::CoordinatorClientOptions o;
   o.address = addr;
-  return *worker::CoordinatorClient::Create(o);
+  return *session::CoordinatorClient::Create(o);
 }
 
 v1::WorkerIdentity Identity(const std::string& host, uint32_t dev) {
@@ -215,7 +215,7 @@ TEST(CoordinatorIntegrationTest, UcxCommunicatorBootstrapsThroughTheCoordinator)
   for (const auto& j : joined) {
     fs.push_back(std::async(std::launch::async, [&coord, j]() -> absl::Status {
       auto client = Client(coord.grpc_address());
-      worker::CoordinatorStore store(client.get(), j.job_id(), j.generation(), j.rank());
+      session::CoordinatorStore store(client.get(), j.job_id(), j.generation(), j.rank());
       auto t = comm::UcxTransport::Create(j.rank(), 2, &store, "gen", absl::Now() + absl::Seconds(20));
       if (!t.ok()) return t.status();
       auto c = comm::Communicator::Create(std::move(*t), {});
@@ -373,12 +373,12 @@ TEST(CoordinatorIntegrationTest, MutualTls) {
   EXPECT_EQ(ok.exit_code, 0) << ok.err;
   EXPECT_TRUE(absl::StrContains(ok.out, "(no jobs)")) << ok.out;
   // The worker client too.
-  worker::CoordinatorClientOptions o;
+  session::CoordinatorClientOptions o;
   o.address = addr;
   o.tls.ca = d + "/ca.pem";
   o.tls.cert = d + "/client.pem";
   o.tls.key = d + "/client.key";
-  auto wc = worker::CoordinatorClient::Create(o);
+  auto wc = session::CoordinatorClient::Create(o);
   ASSERT_TRUE(wc.ok());
   v1::HeartbeatRequest hb;
   hb.set_job_id("job-000404");

@@ -27,7 +27,7 @@
 #include "tests/unit/worker/test_data.h"
 #include "worker/backend/onednn/resnet.h"
 #include "worker/checkpoint/checkpoint.h"
-#include "worker/standalone.h"
+#include "worker/session/standalone.h"
 
 namespace lmsgd {
 namespace {
@@ -177,9 +177,9 @@ TEST_F(WorkerIntegrationTest, TwoWorkersTrainToSuccessAndMatchOneProcessWithTwoV
   one.set_world_size(1);
   one.set_virtual_workers_per_worker(2);
   one.set_checkpoint_dir(dir_ + "/ckpt_one");
-  train::StandaloneOptions so;
+  session::StandaloneOptions so;
   so.threads = 1;  // the workers' thread count: oneDNN's summation order depends on it
-  auto r = train::RunStandalone(one, so);
+  auto r = session::RunStandalone(one, so);
   ASSERT_TRUE(r.ok()) << r.status();
   const double diff = MaxRelDiff(Params(dir_ + "/ckpt/ckpt-0000000144.safetensors"), Params(r->last_checkpoint));
   EXPECT_LT(diff, 1e-5) << "2 workers vs 1 worker x 2 virtual workers";

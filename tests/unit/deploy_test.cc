@@ -24,7 +24,7 @@ TEST(DeployTest, GrafanaDashboardQueriesOnlyDeclaredMetrics) {
   ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(dash, &parsed).ok());
   ASSERT_TRUE(parsed.fields().count("panels"));
   EXPECT_GE(parsed.fields().at("panels").list_value().values_size(), 6);
-  const std::string declared = Source("coordinator/metrics.h") + Source("worker/metrics.h");
+  const std::string declared = Source("coordinator/metrics.h") + Source("worker/session/metrics.h");
   std::set<std::string> names;
   const std::regex metric("lmsgd_(coordinator|worker)_[a-z0-9_]+");
   for (auto it = std::sregex_iterator(dash.begin(), dash.end(), metric); it != std::sregex_iterator(); ++it) {

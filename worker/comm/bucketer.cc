@@ -4,7 +4,7 @@
 
 namespace lmsgd::comm {
 
-BucketedReducer::BucketedReducer(Communicator* comm, model::ParamStore* store, size_t bucket_bytes,
+GradientBuckets::GradientBuckets(Communicator* comm, model::ParamStore* store, size_t bucket_bytes,
                                  size_t first_bucket_bytes, absl::Duration finish_timeout)
     : comm_(comm), store_(store), finish_timeout_(finish_timeout) {
   buckets_ = model::MakeBuckets(*store, bucket_bytes, first_bucket_bytes);
@@ -16,7 +16,7 @@ BucketedReducer::BucketedReducer(Communicator* comm, model::ParamStore* store, s
   for (size_t b = 0; b < buckets_.size(); ++b) pending_[b] = buckets_[b].end_param - buckets_[b].first_param;
 }
 
-void BucketedReducer::GradReady(size_t p) {
+void GradientBuckets::GradReady(size_t p) {
   const int b = bucket_of_param_[p];
   if (--pending_[b] != 0) return;
   const model::Bucket& bk = buckets_[b];
@@ -24,7 +24,7 @@ void BucketedReducer::GradReady(size_t p) {
   bytes_reduced_ += bk.count * sizeof(float);
 }
 
-absl::Status BucketedReducer::Finish() {
+absl::Status GradientBuckets::Finish() {
   absl::Status result;
   if (works_.size() != buckets_.size()) {
     result = absl::InternalError(absl::StrCat("only ", works_.size(), " of ", buckets_.size(),
@@ -39,5 +39,7 @@ absl::Status BucketedReducer::Finish() {
   for (size_t b = 0; b < buckets_.size(); ++b) pending_[b] = buckets_[b].end_param - buckets_[b].first_param;
   return result;
 }
+
+int GradientBuckets::lanes() const { return comm_->lanes(); }
 
 }  // namespace lmsgd::comm

@@ -13,24 +13,28 @@
 #pragma once
 
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/time/time.h"
 #include "worker/comm/communicator.h"
 #include "worker/model/buckets.h"
 #include "worker/model/param_store.h"
-#include "worker/trainer.h"
 
 namespace lmsgd::comm {
 
-class BucketedReducer final : public train::GradientReducer {
+// Not thread-safe: one step at a time, from the thread that runs backward.
+class GradientBuckets {
  public:
-  BucketedReducer(Communicator* comm, model::ParamStore* store, size_t bucket_bytes, size_t first_bucket_bytes,
+  GradientBuckets(Communicator* comm, model::ParamStore* store, size_t bucket_bytes, size_t first_bucket_bytes,
                   absl::Duration finish_timeout = absl::Seconds(120));
-  void GradReady(size_t param_index) override;
-  absl::Status Finish() override;
+  // Parameter `param_index`'s gradient is final: its bucket starts once all of it is.
+  void GradReady(size_t param_index);
+  // Waits (finish_timeout) for every bucket of the step; the first error, naming what failed.
+  absl::Status Finish();
   const std::vector<model::Bucket>& buckets() const { return buckets_; }
   uint64_t bytes_reduced() const { return bytes_reduced_; }
+  int lanes() const;
 
  private:
   Communicator* comm_;

@@ -25,7 +25,12 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
-#include "worker/comm/algorithms.h"
+#include "worker/comm/algorithms/allreduce.h"
+#include "worker/comm/algorithms/broadcast_barrier.h"
+#include "worker/comm/algorithms/halving_doubling.h"
+#include "worker/comm/algorithms/hierarchical.h"
+#include "worker/comm/algorithms/ring.h"
+#include "worker/comm/algorithms/shared_memory.h"
 #include "worker/comm/store.h"
 #include "worker/comm/transport.h"
 
@@ -57,14 +62,13 @@ struct CommunicatorOptions {
   size_t halving_doubling_max_bytes = kHalvingDoublingMaxBytes;
 };
 
-// The AUTO choice, from the measurements in the README (lmsgd-bench allreduce, k = 2 and 4 on
-// one host): every rank on one host with the shared-memory segment mapped: shared memory at
-// every size (the fastest from 4 KiB to 256 MiB in all but one noisy point, 1.1-2x
-// halving/doubling); otherwise halving/doubling up to 256 KiB, where at k = 4 it was 1.1-1.9x
-// faster than ring (latency: recursive doubling's log2 k steps up to 32 KiB, 2 log2 k - 1 up to
-// 64 KiB, against the ring's 2(k-1)) and at k = 2 as fast; ring above (bandwidth-optimal,
-// pipelined); hierarchical when the ranks span several hosts with more than one rank on some
-// (its leaders then choose between halving/doubling and ring by the same size).
+// The AUTO choice (the figures behind it: docs/benchmarks.md, "Allreduce"). Every rank on one
+// host with the shared-memory segment mapped: shared memory at every size (one read and one
+// write of each buffer against a transport's several copies); otherwise halving/doubling up to
+// halving_doubling_max_bytes (latency: recursive doubling's log2 k steps, or 2 log2 k - 1,
+// against the ring's 2(k-1)), ring above (bandwidth-optimal, pipelined); hierarchical when the
+// ranks span several hosts with more than one rank on some (its leaders then choose between
+// halving/doubling and ring by the same size).
 Algorithm ChooseAlgorithm(size_t bytes, int world_size, int hosts, bool shared_memory = false,
                           size_t halving_doubling_max_bytes = kHalvingDoublingMaxBytes);
 

@@ -104,11 +104,11 @@ absl::Status NcclCommunicator::BroadcastAsync(float* buf, size_t count, int root
 
 absl::Status NcclCommunicator::Wait(cudaEvent_t done, absl::Time deadline, const char* what) {
   for (;;) {
-    const cudaError_t q = cuda::QueryEvent(done);
+    const cudaError_t q = backend::cuda::QueryEvent(done);
     if (q == cudaSuccess) return absl::OkStatus();
     if (q != cudaErrorNotReady) {
       Abort();
-      return cuda::CudaStatus(q, what, __FILE__, __LINE__);
+      return backend::cuda::CudaStatus(q, what, __FILE__, __LINE__);
     }
     ncclResult_t state = ncclSuccess;
     if (!aborted_) ncclCommGetAsyncError(comm_, &state);

@@ -7,7 +7,12 @@
 #include <string>
 #include <vector>
 
-#include "worker/comm/algorithms.h"
+#include "worker/comm/algorithms/allreduce.h"
+#include "worker/comm/algorithms/broadcast_barrier.h"
+#include "worker/comm/algorithms/halving_doubling.h"
+#include "worker/comm/algorithms/hierarchical.h"
+#include "worker/comm/algorithms/ring.h"
+#include "worker/comm/algorithms/shared_memory.h"
 #include "worker/comm/communicator.h"
 
 namespace lmsgd::comm {

@@ -9,7 +9,7 @@
 #include "worker/backend/cuda/cuda_check.h"
 #include "worker/backend/cuda/device.h"
 
-namespace lmsgd::cuda {
+namespace lmsgd::backend::cuda {
 namespace {
 
 TEST(CudaDeviceTest, CountIsNotAnErrorWithoutGpu) {
@@ -57,4 +57,4 @@ TEST(CudaDeviceTest, AConvertedErrorIsNotReportedAgainByTheNextCheck) {
 }
 
 }  // namespace
-}  // namespace lmsgd::cuda
+}  // namespace lmsgd::backend::cuda

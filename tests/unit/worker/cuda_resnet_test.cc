@@ -1,5 +1,5 @@
 // The cuDNN ResNet against the float64 reference (tests/gpu/agreement.h): loss, every
-// gradient tensor, stem running statistics, inference logits and one full GpuTrainer step, in
+// gradient tensor, stem running statistics, inference logits and one full DeviceStep step, in
 // fp32 and bf16; and the fused SGD kernel against optim::Sgd. Skips without a GPU; the
 // no-GPU error path runs everywhere.
 #include <gtest/gtest.h>
@@ -16,10 +16,10 @@
 namespace lmsgd::gpucheck {
 namespace {
 
-using backend::cuda::Precision;
+using backend::Precision;
 
 bool HaveGpu() {
-  auto n = cuda::DeviceCount();
+  auto n = backend::cuda::DeviceCount();
   return n.ok() && *n > 0;
 }
 
@@ -38,9 +38,9 @@ TEST(CudaResNetTest, WithoutGpuCreateIsAClearError) {
 }
 
 TEST(CudaResNetTest, PrecisionNames) {
-  EXPECT_EQ(*backend::cuda::ParsePrecision("BF16"), Precision::kBf16);
-  EXPECT_EQ(*backend::cuda::ParsePrecision("tf32"), Precision::kTf32);
-  auto bad = backend::cuda::ParsePrecision("fp8");
+  EXPECT_EQ(*backend::ParsePrecision("BF16"), Precision::kBf16);
+  EXPECT_EQ(*backend::ParsePrecision("tf32"), Precision::kTf32);
+  auto bad = backend::ParsePrecision("fp8");
   ASSERT_FALSE(bad.ok());
   EXPECT_TRUE(absl::StrContains(bad.status().message(), "fp8"));
 }

@@ -14,7 +14,7 @@ namespace lmsgd::comm {
 namespace {
 
 TEST(NcclCommunicatorTest, NoUsableDeviceIsAClearErrorNotACrash) {
-  auto n = cuda::DeviceCount();
+  auto n = backend::cuda::DeviceCount();
   ASSERT_TRUE(n.ok()) << n.status();
   MemoryStore store;
   // Without a GPU device 0 does not exist; with GPUs, index n does not.
@@ -24,7 +24,7 @@ TEST(NcclCommunicatorTest, NoUsableDeviceIsAClearErrorNotACrash) {
 }
 
 TEST(NcclCommunicatorTest, SingleRankAllreduceAndBroadcastOnTheGpu) {
-  auto n = cuda::DeviceCount();
+  auto n = backend::cuda::DeviceCount();
   ASSERT_TRUE(n.ok()) << n.status();
   if (*n == 0) GTEST_SKIP() << "no CUDA device on this machine (cudaGetDeviceCount found none)";
   MemoryStore store;

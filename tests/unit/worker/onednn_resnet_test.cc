@@ -14,7 +14,7 @@
 
 #include "tests/unit/worker/test_params.h"
 #include "worker/backend/reference/ops.h"
-#include "worker/model/reference_resnet.h"
+#include "worker/backend/reference/reference_resnet.h"
 
 namespace lmsgd::backend::onednn {
 namespace {
@@ -57,8 +57,8 @@ TEST_P(OnednnVsReference, LossGradientsRunningStatsAndLogitsMatch) {
   ASSERT_TRUE(bst.ok()) << bst;
 
   // Reference on the same (pre-step) parameters.
-  model::ReferenceResNet ref(*spec, init);
-  reference::Tensor x({c.batch, c.channels, c.hw, c.hw});
+  backend::reference::ReferenceResNet ref(*spec, init);
+  backend::reference::Tensor x({c.batch, c.channels, c.hw, c.hw});
   for (size_t i = 0; i < images.size(); ++i) x.data[i] = images[i];
   const double ref_loss = ref.Forward(x, std::vector<int>(labels.begin(), labels.end()), c.bn_group, kn);
   auto ref_grads = ref.Backward();
@@ -83,12 +83,12 @@ TEST_P(OnednnVsReference, LossGradientsRunningStatsAndLogitsMatch) {
   EXPECT_EQ(store.param_specs()[ready.back()].name, "conv1.weight");
 
   // Stem BN running statistics: 0.9 * initial + 0.1 * mean over groups (unbiased variance).
-  reference::Tensor w({spec->stem_conv.out_channels, c.channels, spec->stem_conv.kernel, spec->stem_conv.kernel});
+  backend::reference::Tensor w({spec->stem_conv.out_channels, c.channels, spec->stem_conv.kernel, spec->stem_conv.kernel});
   for (size_t i = 0; i < w.data.size(); ++i) w.data[i] = init.at("conv1.weight")[i];
-  const auto conv1 = reference::ConvForward(x, w, {spec->stem_conv.stride, spec->stem_conv.padding});
+  const auto conv1 = backend::reference::ConvForward(x, w, {spec->stem_conv.stride, spec->stem_conv.padding});
   std::vector<double> rm(init.at("bn1.running_mean").begin(), init.at("bn1.running_mean").end());
   std::vector<double> rv(init.at("bn1.running_var").begin(), init.at("bn1.running_var").end());
-  reference::UpdateRunningStats(conv1, c.bn_group, 0.9, &rm, &rv);
+  backend::reference::UpdateRunningStats(conv1, c.bn_group, 0.9, &rm, &rv);
   for (size_t i = 0; i < rm.size(); ++i) {
     EXPECT_NEAR(store.BufferByName("bn1.running_mean")[i], rm[i], 1e-4 * (1 + std::abs(rm[i]))) << i;
     EXPECT_NEAR(store.BufferByName("bn1.running_var")[i], rv[i], 1e-4 * (1 + std::abs(rv[i]))) << i;
@@ -102,7 +102,7 @@ TEST_P(OnednnVsReference, LossGradientsRunningStatsAndLogitsMatch) {
   ASSERT_TRUE(inf.ok()) << inf.status();
   std::vector<float> logits(static_cast<size_t>(c.batch) * c.classes);
   ASSERT_TRUE((*inf)->Predict(images.data(), logits.data()).ok());
-  model::ReferenceResNet ref_inf(*spec, store.ToMap());
+  backend::reference::ReferenceResNet ref_inf(*spec, store.ToMap());
   const auto ref_logits = ref_inf.Predict(x);
   double max_ref = 0;
   for (double v : ref_logits.data) max_ref = std::max(max_ref, std::abs(v));

@@ -8,7 +8,7 @@
 #include <functional>
 #include <random>
 
-namespace lmsgd::reference {
+namespace lmsgd::backend::reference {
 namespace {
 
 Tensor Random(std::vector<int> shape, uint32_t seed, double scale = 1.0) {
@@ -163,4 +163,4 @@ TEST(ReferenceOpsTest, SoftmaxCrossEntropyNormalizedByGlobalBatch) {
 }
 
 }  // namespace
-}  // namespace lmsgd::reference
+}  // namespace lmsgd::backend::reference

@@ -1,5 +1,5 @@
 // A whole small ResNet's gradient checked end to end against finite differences.
-#include "worker/model/reference_resnet.h"
+#include "worker/backend/reference/reference_resnet.h"
 
 #include <gtest/gtest.h>
 
@@ -9,12 +9,14 @@
 namespace lmsgd::model {
 namespace {
 
+using backend::reference::ReferenceResNet;
+
 TEST(ReferenceResNetTest, WholeNetworkGradientMatchesFiniteDifferences) {
   auto spec = MakeResNet(Arch::kResNet8, 1, 10);
   ASSERT_TRUE(spec.ok());
   // gamma = 1 everywhere so that every branch carries gradient.
   ReferenceResNet net(*spec, InitializeParameters(*spec, {3, /*zero_init_last_bn_gamma=*/false}));
-  reference::Tensor x({4, 1, 8, 8});
+  backend::reference::Tensor x({4, 1, 8, 8});
   std::mt19937 rng(11);
   std::normal_distribution<double> nd;
   for (auto& v : x.data) v = nd(rng);
@@ -51,7 +53,7 @@ TEST(ReferenceResNetTest, WholeNetworkGradientMatchesFiniteDifferences) {
 TEST(ReferenceResNetTest, BnGroupsChangeTheLoss) {
   auto spec = MakeResNet(Arch::kResNet8, 1, 10);
   ReferenceResNet net(*spec, InitializeParameters(*spec, {3, false}));
-  reference::Tensor x({4, 1, 8, 8});
+  backend::reference::Tensor x({4, 1, 8, 8});
   std::mt19937 rng(12);
   std::normal_distribution<double> nd;
   for (auto& v : x.data) v = nd(rng);

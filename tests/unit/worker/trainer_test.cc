@@ -1,6 +1,6 @@
 // The training engine end to end on CPU: virtual workers, determinism, exact resume, sharded
 // evaluation, and the standalone loop on a real (small) IDX dataset.
-#include "worker/trainer.h"
+#include "worker/train/trainer.h"
 
 #include <gtest/gtest.h>
 
@@ -12,11 +12,9 @@
 #include "worker/backend/onednn/resnet.h"
 #include "worker/backend/reference/ops.h"
 #include "worker/checkpoint/checkpoint.h"
-#include "worker/model/reference_resnet.h"
-#include "worker/standalone.h"
-#ifdef LMSGD_HAVE_CUDA
-#include "worker/backend/cuda/device.h"
-#endif
+#include "worker/backend/reference/reference_resnet.h"
+#include "worker/session/standalone.h"
+#include "worker/train/trainer_factory.h"
 
 namespace lmsgd::train {
 namespace {
@@ -62,16 +60,15 @@ double MaxRelDiff(const std::vector<float>& a, const std::vector<float>& b) {
 
 TEST(TrainerTest, VirtualWorkersEqualOneBigBatchWithTheSameBnGroups) {
   backend::onednn::SetNumThreads(2);
-  auto virt = Trainer::Create(SmallConfig(4, 2, 4));  // 2 virtual workers of 4
-  auto big = Trainer::Create(SmallConfig(8, 1, 4));   // one batch of 8, BN groups of 4
+  auto virt = CreateTrainer(SmallConfig(4, 2, 4));  // 2 virtual workers of 4
+  auto big = CreateTrainer(SmallConfig(8, 1, 4));   // one batch of 8, BN groups of 4
   ASSERT_TRUE(virt.ok() && big.ok());
-  LocalReducer r;
   for (uint64_t t = 0; t < 3; ++t) {
     std::vector<float> x;
     std::vector<int32_t> y;
     RandomBatch(8, &x, &y, 100 + static_cast<uint32_t>(t));
-    auto a = (*virt)->Step(t, x.data(), y.data(), &r);
-    auto b = (*big)->Step(t, x.data(), y.data(), &r);
+    auto a = (*virt)->Step(t, x.data(), y.data());
+    auto b = (*big)->Step(t, x.data(), y.data());
     ASSERT_TRUE(a.ok() && b.ok());
     EXPECT_NEAR(a->loss, b->loss, 1e-5 * std::abs(b->loss));
     EXPECT_DOUBLE_EQ(a->lr, b->lr);
@@ -80,18 +77,17 @@ TEST(TrainerTest, VirtualWorkersEqualOneBigBatchWithTheSameBnGroups) {
   EXPECT_LT(MaxRelDiff((*virt)->store().buffers(), (*big)->store().buffers()), 1e-5);
 }
 
-#ifdef LMSGD_HAVE_CUDA
-bool HaveGpu() {
-  auto n = cuda::DeviceCount();
-  return n.ok() && *n > 0;
-}
+bool HaveGpu() { return CheckDeviceAvailable(0).ok(); }
 
 // --device cuda:0 on a machine without a GPU: a clear FAILED_PRECONDITION, never a crash.
 TEST(TrainerTest, GpuTrainerWithoutGpuIsAClearError) {
   if (HaveGpu()) GTEST_SKIP() << "a GPU is present: the no-GPU error path is not reachable here";
+  if (CheckDeviceAvailable(0).message().find("no CUDA backend") != std::string::npos) {
+    GTEST_SKIP() << "this build has no CUDA backend: the no-GPU error of a CUDA build is not reachable here";
+  }
   TrainerConfig c = SmallConfig(4, 1, 4);
   c.cuda_device = 0;
-  auto t = Trainer::Create(c);
+  auto t = CreateTrainer(c);
   ASSERT_FALSE(t.ok());
   EXPECT_EQ(t.status().code(), absl::StatusCode::kFailedPrecondition) << t.status();
   EXPECT_NE(t.status().message().find("cuda:0"), std::string::npos) << t.status();
@@ -104,58 +100,55 @@ TEST(TrainerTest, GpuTrainerWithoutGpuIsAClearError) {
 TEST(TrainerTest, GpuStepsMatchTheCpuAndHostStateRoundTrips) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device on this machine (cudaGetDeviceCount found none)";
   TrainerConfig c = SmallConfig(8, 1, 4);
-  auto cpu = Trainer::Create(c);
+  auto cpu = CreateTrainer(c);
   ASSERT_TRUE(cpu.ok()) << cpu.status();
   c.cuda_device = 0;
-  auto gpu = Trainer::Create(c);
+  auto gpu = CreateTrainer(c);
   ASSERT_TRUE(gpu.ok()) << gpu.status();
-  LocalReducer local;
   std::vector<float> images;
   std::vector<int32_t> labels;
   for (uint64_t it = 0; it < 3; ++it) {
     RandomBatch(8, &images, &labels, static_cast<uint32_t>(10 + it));
-    auto a = (*cpu)->Step(it, images.data(), labels.data(), &local);
-    auto b = (*gpu)->Step(it, images.data(), labels.data(), &local);
+    auto a = (*cpu)->Step(it, images.data(), labels.data());
+    auto b = (*gpu)->Step(it, images.data(), labels.data());
     ASSERT_TRUE(a.ok()) << a.status();
     ASSERT_TRUE(b.ok()) << b.status();
     EXPECT_NEAR(a->loss, b->loss, 1e-4 * std::abs(a->loss)) << "step " << it;
   }
-  ASSERT_TRUE((*gpu)->SyncHostState().ok());
+  ASSERT_TRUE((*gpu)->ExportState().ok());
   EXPECT_LE(MaxRelDiff((*cpu)->store().params(), (*gpu)->store().params()), 1e-4);
   EXPECT_LE(MaxRelDiff((*cpu)->store().buffers(), (*gpu)->store().buffers()), 1e-4);
   EXPECT_EQ((*gpu)->store().num_batches_tracked(), 3);
 
   // A fresh GPU trainer given the host state continues exactly like the original.
-  auto resumed = Trainer::Create(c);
+  auto resumed = CreateTrainer(c);
   ASSERT_TRUE(resumed.ok()) << resumed.status();
   ASSERT_TRUE((*resumed)->store().Load((*gpu)->store().ToMap()).ok());
   (*resumed)->store().set_num_batches_tracked((*gpu)->store().num_batches_tracked());
   ASSERT_TRUE((*resumed)->sgd().SetVelocity((*gpu)->sgd().velocity()).ok());
-  ASSERT_TRUE((*resumed)->HostStateChanged().ok());
+  ASSERT_TRUE((*resumed)->ImportState().ok());
   RandomBatch(8, &images, &labels, 99);
-  ASSERT_TRUE((*gpu)->Step(3, images.data(), labels.data(), &local).ok());
-  ASSERT_TRUE((*resumed)->Step(3, images.data(), labels.data(), &local).ok());
-  ASSERT_TRUE((*gpu)->SyncHostState().ok());
-  ASSERT_TRUE((*resumed)->SyncHostState().ok());
+  ASSERT_TRUE((*gpu)->Step(3, images.data(), labels.data()).ok());
+  ASSERT_TRUE((*resumed)->Step(3, images.data(), labels.data()).ok());
+  ASSERT_TRUE((*gpu)->ExportState().ok());
+  ASSERT_TRUE((*resumed)->ExportState().ok());
   EXPECT_LE(MaxRelDiff((*gpu)->store().params(), (*resumed)->store().params()), 1e-6);
 }
-#endif
 
 TEST(TrainerTest, FirstStepWithVirtualWorkersIsThePapersUpdateOnTheReferenceGradient) {
   backend::onednn::SetNumThreads(2);
   TrainerConfig c = SmallConfig(4, 2, 2);
   c.world_size = 2;  // kn = 2 * 2 * 4 = 16: this worker's gradient share is normalized by 16
-  auto t = Trainer::Create(c);
+  auto t = CreateTrainer(c);
   ASSERT_TRUE(t.ok());
   const auto w0 = (*t)->store().ToMap();
   std::vector<float> x;
   std::vector<int32_t> y;
   RandomBatch(8, &x, &y, 5);
-  LocalReducer r;
-  ASSERT_TRUE((*t)->Step(0, x.data(), y.data(), &r).ok());
+  ASSERT_TRUE((*t)->Step(0, x.data(), y.data()).ok());
   // Reference: float64 loss over the 8 samples with BN groups of 2, normalized by kn = 16.
-  model::ReferenceResNet ref((*t)->spec(), w0);
-  reference::Tensor xt({8, 1, 8, 8});
+  backend::reference::ReferenceResNet ref((*t)->spec(), w0);
+  backend::reference::Tensor xt({8, 1, 8, 8});
   for (size_t i = 0; i < x.size(); ++i) xt.data[i] = x[i];
   ref.Forward(xt, std::vector<int>(y.begin(), y.end()), 2, 16);
   auto g = ref.Backward();
@@ -205,11 +198,11 @@ class StandaloneTest : public ::testing::Test {
 };
 
 TEST_F(StandaloneTest, LearnsIsDeterministicAndReportsShardedEvaluation) {
-  StandaloneOptions o;
+  session::StandaloneOptions o;
   std::unique_ptr<Trainer> a, b;
-  auto ra = RunStandalone(spec_, o, &a);
+  auto ra = session::RunStandalone(spec_, o, &a);
   ASSERT_TRUE(ra.ok()) << ra.status();
-  auto rb = RunStandalone(spec_, o, &b);
+  auto rb = session::RunStandalone(spec_, o, &b);
   ASSERT_TRUE(rb.ok());
   EXPECT_EQ(ra->iterations, 36u);
   ASSERT_EQ(ra->epochs.size(), 3u);
@@ -235,19 +228,19 @@ TEST_F(StandaloneTest, LearnsIsDeterministicAndReportsShardedEvaluation) {
 }
 
 TEST_F(StandaloneTest, ResumeFromACheckpointEqualsTheUninterruptedRunBitwise) {
-  StandaloneOptions o;
+  session::StandaloneOptions o;
   std::unique_ptr<Trainer> full, resumed;
   spec_.set_checkpoint_dir(testing::MakeTempDir("resume_full"));
-  ASSERT_TRUE(RunStandalone(spec_, o, &full).ok());
+  ASSERT_TRUE(session::RunStandalone(spec_, o, &full).ok());
   // Interrupted mid-epoch 2 (iteration 17 of 36), then resumed by a fresh process-equivalent.
   spec_.set_checkpoint_dir(testing::MakeTempDir("resume_part"));
   o.stop_after_iterations = 17;
-  auto part = RunStandalone(spec_, o);
+  auto part = session::RunStandalone(spec_, o);
   ASSERT_TRUE(part.ok()) << part.status();
   EXPECT_EQ(part->iterations, 17u);
   EXPECT_FALSE(part->last_checkpoint.empty());
   o.stop_after_iterations = 0;
-  auto rest = RunStandalone(spec_, o, &resumed);
+  auto rest = session::RunStandalone(spec_, o, &resumed);
   ASSERT_TRUE(rest.ok()) << rest.status();
   EXPECT_EQ(rest->iterations, 36u);
   EXPECT_EQ(resumed->store().params(), full->store().params());
@@ -256,18 +249,18 @@ TEST_F(StandaloneTest, ResumeFromACheckpointEqualsTheUninterruptedRunBitwise) {
   EXPECT_EQ(resumed->sgd().velocity(), full->sgd().velocity());
   // A checkpoint from another recipe is refused, not silently mixed in.
   spec_.set_seed(12);
-  auto mixed = RunStandalone(spec_, o);
+  auto mixed = session::RunStandalone(spec_, o);
   EXPECT_EQ(mixed.status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
 TEST_F(StandaloneTest, BadDatasetsAreClearErrors) {
   spec_.mutable_dataset()->set_train_examples(100);
-  auto r = RunStandalone(spec_, {});
+  auto r = session::RunStandalone(spec_, {});
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find("holds 192 examples"), std::string::npos) << r.status();
   spec_.mutable_dataset()->set_train_examples(192);
   spec_.mutable_dataset()->set_train_path(dir_ + "/missing");
-  r = RunStandalone(spec_, {});
+  r = session::RunStandalone(spec_, {});
   ASSERT_FALSE(r.ok());
   EXPECT_NE(r.status().message().find("missing"), std::string::npos) << r.status();
 }

@@ -8,7 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 
-namespace lmsgd::cuda {
+namespace lmsgd::backend::cuda {
 
 // A failed call's error is consumed here (cudaGetLastError): once it is a Status it must not be
 // reported again by an unrelated launch check later on this thread (a failed cudaSetDevice
@@ -38,6 +38,6 @@ inline cudaError_t QueryEvent(cudaEvent_t event) {
   return q;
 }
 
-}  // namespace lmsgd::cuda
+}  // namespace lmsgd::backend::cuda
 
-#define CUDA_RETURN_IF_ERROR(expr) RETURN_IF_ERROR(::lmsgd::cuda::CudaStatus((expr), #expr, __FILE__, __LINE__))
+#define CUDA_RETURN_IF_ERROR(expr) RETURN_IF_ERROR(::lmsgd::backend::cuda::CudaStatus((expr), #expr, __FILE__, __LINE__))

@@ -8,7 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 
-namespace lmsgd::cuda {
+namespace lmsgd::backend::cuda {
 
 inline absl::Status CudnnStatus(cudnnStatus_t st, const char* expr, const char* file, int line) {
   if (st == CUDNN_STATUS_SUCCESS) return absl::OkStatus();
@@ -18,6 +18,6 @@ inline absl::Status CudnnStatus(cudnnStatus_t st, const char* expr, const char* 
       absl::StrCat(file, ":", line, ": ", expr, ": ", cudnnGetErrorString(st), detail[0] ? ": " : "", detail));
 }
 
-}  // namespace lmsgd::cuda
+}  // namespace lmsgd::backend::cuda
 
-#define CUDNN_RETURN_IF_ERROR(expr) RETURN_IF_ERROR(::lmsgd::cuda::CudnnStatus((expr), #expr, __FILE__, __LINE__))
+#define CUDNN_RETURN_IF_ERROR(expr) RETURN_IF_ERROR(::lmsgd::backend::cuda::CudnnStatus((expr), #expr, __FILE__, __LINE__))

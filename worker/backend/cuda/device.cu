@@ -3,7 +3,7 @@
 #include "absl/strings/str_cat.h"
 #include "worker/backend/cuda/cuda_check.h"
 
-namespace lmsgd::cuda {
+namespace lmsgd::backend::cuda {
 
 absl::StatusOr<int> DeviceCount() {
   int n = 0;
@@ -53,4 +53,4 @@ absl::Status FillAndSync(float* device_ptr, size_t n, float value) {
   return absl::OkStatus();
 }
 
-}  // namespace lmsgd::cuda
+}  // namespace lmsgd::backend::cuda

@@ -7,7 +7,7 @@
 
 #include "absl/status/statusor.h"
 
-namespace lmsgd::cuda {
+namespace lmsgd::backend::cuda {
 
 absl::StatusOr<int> DeviceCount();
 
@@ -26,4 +26,4 @@ absl::StatusOr<DeviceInfo> GetDeviceInfo(int index);
 // kernel launch used to prove a device works.
 absl::Status FillAndSync(float* device_ptr, size_t n, float value);
 
-}  // namespace lmsgd::cuda
+}  // namespace lmsgd::backend::cuda

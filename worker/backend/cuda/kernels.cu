@@ -8,7 +8,7 @@
 #include "worker/backend/bn_running_stats.h"
 #include "worker/backend/cuda/cuda_check.h"
 
-namespace lmsgd::cuda {
+namespace lmsgd::backend::cuda {
 namespace {
 
 using bf16 = __nv_bfloat16;
@@ -660,4 +660,4 @@ absl::Status SgdUpdate(const SgdChunk* chunks, int num_chunks, float* params, co
   return LMSGD_LAUNCHED("SgdKernel");
 }
 
-}  // namespace lmsgd::cuda
+}  // namespace lmsgd::backend::cuda

@@ -19,7 +19,7 @@
 
 #include "absl/status/status.h"
 
-namespace lmsgd::cuda {
+namespace lmsgd::backend::cuda {
 
 enum class DType { kF32, kBF16 };
 inline size_t DTypeSize(DType t) { return t == DType::kF32 ? 4 : 2; }
@@ -123,4 +123,4 @@ constexpr int kSgdChunk = 1 << 16;
 absl::Status SgdUpdate(const SgdChunk* chunks, int num_chunks, float* params, const float* grads, float* velocity,
                        float lr, float momentum, float correction, bool nesterov, cudaStream_t stream);
 
-}  // namespace lmsgd::cuda
+}  // namespace lmsgd::backend::cuda

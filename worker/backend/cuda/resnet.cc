@@ -22,37 +22,17 @@
 
 namespace lmsgd::backend::cuda {
 
-using ::lmsgd::cuda::BnShape;
-using ::lmsgd::cuda::DType;
-using ::lmsgd::cuda::PoolShape;
-namespace k = ::lmsgd::cuda;
-
-const char* PrecisionName(Precision p) {
-  switch (p) {
-    case Precision::kFp32: return "fp32";
-    case Precision::kTf32: return "tf32";
-    case Precision::kBf16: return "bf16";
-  }
-  return "?";
-}
-
-absl::StatusOr<Precision> ParsePrecision(absl::string_view name) {
-  const std::string n = absl::AsciiStrToLower(name);
-  if (n == "fp32") return Precision::kFp32;
-  if (n == "tf32") return Precision::kTf32;
-  if (n == "bf16") return Precision::kBf16;
-  return absl::InvalidArgumentError(absl::StrCat("precision '", name, "': expected fp32, tf32 or bf16"));
-}
+namespace k = ::lmsgd::backend::cuda;
 
 absl::Status WaitForEvent(cudaEvent_t event, absl::Duration timeout, absl::string_view what) {
   const auto start = std::chrono::steady_clock::now();
   const auto limit = absl::ToChronoNanoseconds(timeout);
   for (int spin = 0;; ++spin) {
-    cudaError_t err = ::lmsgd::cuda::QueryEvent(event);
+    cudaError_t err = ::lmsgd::backend::cuda::QueryEvent(event);
     if (err == cudaSuccess) return absl::OkStatus();
     if (err != cudaErrorNotReady) {
       const std::string call = absl::StrCat("waiting for ", what, " (cudaEventQuery)");
-      return ::lmsgd::cuda::CudaStatus(err, call.c_str(), __FILE__, __LINE__);
+      return ::lmsgd::backend::cuda::CudaStatus(err, call.c_str(), __FILE__, __LINE__);
     }
     const auto waited = std::chrono::steady_clock::now() - start;
     if (waited > limit) {
@@ -193,7 +173,7 @@ struct GpuResNet::Impl {
       return e;
     }
     cudaEvent_t e = nullptr;
-    if (!::lmsgd::cuda::BestEffort(cudaEventCreate(&e))) return nullptr;
+    if (!::lmsgd::backend::cuda::BestEffort(cudaEventCreate(&e))) return nullptr;
     all_events.push_back(e);
     return e;
   }
@@ -201,7 +181,7 @@ struct GpuResNet::Impl {
    public:
     Timer(Impl* m, double OpTimes::*field) : m_(m), field_(field) {
       if (!m_->profile || (start_ = m_->TimingEvent()) == nullptr) return;
-      if (!::lmsgd::cuda::BestEffort(cudaEventRecord(start_, m_->stream))) {  // no timing, no error left
+      if (!::lmsgd::backend::cuda::BestEffort(cudaEventRecord(start_, m_->stream))) {  // no timing, no error left
         m_->event_pool.push_back(start_);
         start_ = nullptr;
       }
@@ -209,7 +189,7 @@ struct GpuResNet::Impl {
     ~Timer() {
       if (start_ == nullptr) return;
       cudaEvent_t end = m_->TimingEvent();
-      if (end == nullptr || !::lmsgd::cuda::BestEffort(cudaEventRecord(end, m_->stream))) {
+      if (end == nullptr || !::lmsgd::backend::cuda::BestEffort(cudaEventRecord(end, m_->stream))) {
         m_->event_pool.push_back(start_);
         if (end != nullptr) m_->event_pool.push_back(end);
         return;
@@ -225,7 +205,7 @@ struct GpuResNet::Impl {
   void CollectTimes() {
     for (const Timing& t : timings) {
       float ms = 0;
-      if (::lmsgd::cuda::BestEffort(cudaEventElapsedTime(&ms, t.start, t.end))) times.*(t.field) += ms / 1000.0;
+      if (::lmsgd::backend::cuda::BestEffort(cudaEventElapsedTime(&ms, t.start, t.end))) times.*(t.field) += ms / 1000.0;
       event_pool.push_back(t.start);
       event_pool.push_back(t.end);
     }
@@ -465,7 +445,7 @@ absl::Status GpuResNet::Impl::ChooseAlgorithms(Unit* u, void* ws, size_t ws_byte
     if (!keep_math) CUDNN_RETURN_IF_ERROR(cudnnSetConvolutionMathType(desc, c.math));
     return c.algo;
   };
-#define LMSGD_CUDNN_CALL(expr) ::lmsgd::cuda::CudnnStatus((expr), #expr, __FILE__, __LINE__)
+#define LMSGD_CUDNN_CALL(expr) ::lmsgd::backend::cuda::CudnnStatus((expr), #expr, __FILE__, __LINE__)
   ASSIGN_OR_RETURN(int fwd, choose("forward", u->fwd_desc, [&](const std::string& what) {
     return SearchAlgorithm<cudnnConvolutionFwdAlgoPerf_t, CUDNN_CONVOLUTION_FWD_ALGO_COUNT>(
         find, limit, what,

@@ -22,7 +22,7 @@
 //    ParamStore's parameters, runs, and copies results back. For agreement tests and the
 //    host-side Trainer.
 //  * the device API (StageBatch / ForwardTrainAsync / BackwardAsync on stream()): nothing
-//    leaves the GPU; GpuTrainer builds the step on it (NCCL buckets, fused SGD).
+//    leaves the GPU; DeviceStep builds the step on it (NCCL buckets, fused SGD).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -34,15 +34,12 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "worker/backend/network.h"
+#include "worker/backend/precision.h"
 #include "worker/model/param_store.h"
 #include "worker/model/resnet.h"
 
 namespace lmsgd::backend::cuda {
 
-enum class Precision { kFp32, kTf32, kBf16 };
-const char* PrecisionName(Precision p);
-// "fp32", "tf32", "bf16"; anything else is INVALID_ARGUMENT naming the value.
-absl::StatusOr<Precision> ParsePrecision(absl::string_view name);
 
 enum class ConvSearch { kFind, kHeuristic };
 

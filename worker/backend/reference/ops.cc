@@ -5,7 +5,7 @@
 #include <cmath>
 #include <limits>
 
-namespace lmsgd::reference {
+namespace lmsgd::backend::reference {
 
 Tensor::Tensor(std::vector<int> s, double fill) : shape(std::move(s)) { data.assign(static_cast<size_t>(numel()), fill); }
 
@@ -299,4 +299,4 @@ Tensor Add(const Tensor& a, const Tensor& b) {
   return y;
 }
 
-}  // namespace lmsgd::reference
+}  // namespace lmsgd::backend::reference

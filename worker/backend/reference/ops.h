@@ -11,7 +11,7 @@
 #include <cstdint>
 #include <vector>
 
-namespace lmsgd::reference {
+namespace lmsgd::backend::reference {
 
 struct Tensor {
   std::vector<int> shape;
@@ -73,4 +73,4 @@ Tensor FcBackward(const Tensor& dy, const Tensor& x, const Tensor& w, Tensor* dw
 double SoftmaxCrossEntropy(const Tensor& logits, const std::vector<int>& labels, double normalizer, Tensor* dlogits);
 Tensor Add(const Tensor& a, const Tensor& b);
 
-}  // namespace lmsgd::reference
+}  // namespace lmsgd::backend::reference

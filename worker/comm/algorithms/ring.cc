@@ -1,0 +1,58 @@
+#include "worker/comm/algorithms/ring.h"
+
+#include <algorithm>
+
+#include "worker/comm/algorithms/tags.h"
+
+namespace lmsgd::comm {
+
+// Segment size for pipelining the ring's reduce-scatter (elements; at most
+// tags::kRingSegmentsPerStep segments a step).
+constexpr size_t kSegment = 256 * 1024;
+
+absl::Status RingAllreduce::Run(float* data, size_t count, uint64_t seq, absl::Time deadline) {
+  const int k = t_->size(), r = t_->rank();
+  if (k == 1 || count == 0) return absl::OkStatus();
+  const int right = (r + 1) % k, left = (r + k - 1) % k;
+  auto start = [&](int c) { return BlockStart(count, k, ((c % k) + k) % k); };
+  auto chunk_len = [&](int c) {
+    c = ((c % k) + k) % k;
+    return (c + 1 == k ? count : BlockStart(count, k, c + 1)) - BlockStart(count, k, c);
+  };
+  // Reduce-scatter: at step s send chunk r - s to the right, add chunk r - s - 1 from the left.
+  // After k-1 steps rank r holds the full sum of chunk r + 1.
+  for (int s = 0; s < k - 1; ++s) {
+    const int send_c = r - s, recv_c = r - s - 1;
+    const size_t sn = chunk_len(send_c), rn = chunk_len(recv_c);
+    // Pipelined: the incoming chunk arrives in segments, each added (by the transport, straight
+    // out of its receive buffers where it can) while the rest is still in flight.
+    float* dst = data + start(recv_c);
+    std::vector<P2POp> ops;
+    const size_t nseg = std::clamp<size_t>((rn + kSegment - 1) / kSegment, 1, tags::kRingSegmentsPerStep);
+    for (size_t j = 0; j < nseg; ++j) {
+      const size_t a = rn * j / nseg, b = rn * (j + 1) / nseg;
+      ops.push_back({P2POp::kRecvAdd, left, dst + a, (b - a) * sizeof(float),
+                     MakeTag(seq, tags::RingReduceScatter(s, static_cast<int>(j)))});
+    }
+    const size_t send_segs = std::clamp<size_t>((sn + kSegment - 1) / kSegment, 1, tags::kRingSegmentsPerStep);
+    for (size_t j = 0; j < send_segs; ++j) {
+      const size_t a = sn * j / send_segs, b = sn * (j + 1) / send_segs;
+      ops.push_back({P2POp::kSend, right, data + start(send_c) + a, (b - a) * sizeof(float),
+                     MakeTag(seq, tags::RingReduceScatter(s, static_cast<int>(j)))});
+    }
+    if (auto st = t_->Exchange(ops, deadline, "ring allreduce (reduce-scatter)"); !st.ok()) return st;
+  }
+  // Allgather: at step s send chunk r + 1 - s (reduced) to the right, receive chunk r - s.
+  for (int s = 0; s < k - 1; ++s) {
+    const int send_c = r + 1 - s, recv_c = r - s;
+    if (auto st = t_->SendRecv(right, data + start(send_c), chunk_len(send_c) * sizeof(float), left,
+                               data + start(recv_c), chunk_len(recv_c) * sizeof(float),
+                               MakeTag(seq, tags::RingAllgather(k, s)), deadline, "ring allreduce (allgather)");
+        !st.ok()) {
+      return st;
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace lmsgd::comm

@@ -1,0 +1,71 @@
+#include "worker/session/standalone.h"
+
+#include "absl/strings/str_format.h"
+#include "common/job_spec.h"
+#include "common/status_macros.h"
+#include "worker/checkpoint/checkpoint.h"
+#include "worker/train/job_setup.h"
+#include "worker/train/trainer_factory.h"
+
+namespace lmsgd::session {
+
+absl::StatusOr<StandaloneResult> RunStandalone(const v1::JobSpec& job, const StandaloneOptions& opt,
+                                               std::unique_ptr<train::Trainer>* trainer_out) {
+  v1::JobSpec spec = job;
+  ApplyDefaults(&spec);
+  spec.set_world_size(1);
+  RETURN_IF_ERROR(ValidateJobSpec(spec));
+  const v1::Schedule schedule = MakeSchedule(spec, 1);
+  ASSIGN_OR_RETURN(train::TrainerConfig config, train::TrainerConfigFromJob(spec, schedule));
+  RETURN_IF_ERROR(train::CheckDevice(spec, opt.cuda_device));
+  config.cuda_device = opt.cuda_device;
+  train::SetComputeThreads(opt.threads);
+  ASSIGN_OR_RETURN(train::Datasets datasets, train::OpenDatasets(spec));
+  ASSIGN_OR_RETURN(std::unique_ptr<train::Trainer> trainer, train::CreateTrainer(config));
+  auto log = [&](const std::string& line) {
+    if (opt.log) *opt.log << line << std::endl;
+  };
+  log(absl::StrFormat("lmsgd standalone: %s, %d examples, kn=%d (n=%d, m=%d), peak lr %.4g, %d iterations/epoch, %s",
+                      trainer->spec().name, datasets.train->size(), schedule.global_batch(), spec.per_worker_batch(),
+                      spec.virtual_workers_per_worker(), schedule.peak_lr(), schedule.iterations_per_epoch(),
+                      trainer->Describe()));
+
+  uint64_t start_iteration = 0;
+  const std::string& ckpt_dir = spec.checkpoint_dir();
+  if (opt.resume && !ckpt_dir.empty()) {
+    auto latest = checkpoint::LatestCheckpoint(ckpt_dir);
+    if (latest.ok()) {
+      ASSIGN_OR_RETURN(checkpoint::TrainingState state,
+                       checkpoint::LoadCheckpoint(*latest, trainer->spec().name, &trainer->store(), &trainer->sgd()));
+      if (state.global_batch != schedule.global_batch() || state.seed != spec.seed()) {
+        return absl::FailedPreconditionError(absl::StrFormat(
+            "checkpoint '%s' was made with kn=%d seed=%d; this job has kn=%d seed=%d", *latest, state.global_batch,
+            state.seed, schedule.global_batch(), spec.seed()));
+      }
+      start_iteration = state.iteration;
+      RETURN_IF_ERROR(trainer->ImportState());
+      log(absl::StrFormat("resumed from %s at iteration %d", *latest, start_iteration));
+    } else if (latest.status().code() != absl::StatusCode::kNotFound) {
+      return latest.status();
+    }
+  }
+
+  train::LoopOptions lo;
+  lo.data_threads = train::DataThreads(spec, opt.data_threads);
+  lo.evaluate = opt.evaluate;
+  lo.stop_after_iterations = opt.stop_after_iterations;
+  lo.log_every = opt.log_every;
+  lo.log = log;
+  train::LoopResult loop = train::RunTrainingLoop(spec, schedule, *trainer, datasets, start_iteration, lo, {});
+  if (!loop.status.ok()) return loop.status;
+  StandaloneResult result;
+  result.iterations = loop.iterations;
+  result.epochs = std::move(loop.epochs);
+  result.last_checkpoint = std::move(loop.last_checkpoint);
+  result.op_times = trainer->network().times();
+  RETURN_IF_ERROR(trainer->ExportState());
+  if (trainer_out) *trainer_out = std::move(trainer);
+  return result;
+}
+
+}  // namespace lmsgd::session

@@ -1,0 +1,167 @@
+#include "worker/train/training_loop.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/status_macros.h"
+#include "common/stopwatch.h"
+#include "worker/checkpoint/checkpoint.h"
+#include "worker/data/loader.h"
+
+namespace lmsgd::train {
+
+const char* LoopPhaseName(LoopPhase phase) {
+  switch (phase) {
+    case LoopPhase::kNone: return "none";
+    case LoopPhase::kStopRequested: return "stop requested";
+    case LoopPhase::kData: return "data";
+    case LoopPhase::kStep: return "step";
+    case LoopPhase::kEvaluate: return "evaluation";
+    case LoopPhase::kSumEvalCounts: return "evaluation counts over ranks";
+    case LoopPhase::kCheckpoint: return "checkpoint";
+  }
+  return "?";
+}
+
+namespace {
+
+class Loop {
+ public:
+  Loop(const v1::JobSpec& spec, const v1::Schedule& schedule, Trainer& trainer, const Datasets& datasets,
+       const LoopOptions& options, const LoopHooks& hooks)
+      : spec_(spec), schedule_(schedule), trainer_(trainer), datasets_(datasets), o_(options), hooks_(hooks) {}
+
+  LoopResult Run(uint64_t start_iteration);
+
+ private:
+  void Log(const std::string& line) {
+    if (o_.log) o_.log(line);
+  }
+  LoopResult Fail(LoopPhase phase, absl::Status status) {
+    result_.status = std::move(status);
+    result_.failed_in = phase;
+    result_.iterations = iteration_;
+    return std::move(result_);
+  }
+  bool ShouldCheckpoint(uint32_t epochs_done) const {
+    const uint32_t interval = spec_.checkpoint_interval_epochs();
+    return (interval > 0 && epochs_done % interval == 0) || epochs_done == spec_.epochs();
+  }
+  absl::Status Checkpoint(uint32_t epochs_done, double lr);
+
+  const v1::JobSpec& spec_;
+  const v1::Schedule& schedule_;
+  Trainer& trainer_;
+  const Datasets& datasets_;
+  const LoopOptions& o_;
+  const LoopHooks& hooks_;
+  uint64_t iteration_ = 0;
+  LoopResult result_;
+};
+
+absl::Status Loop::Checkpoint(uint32_t epochs_done, double lr) {
+  if (!o_.write_checkpoints || spec_.checkpoint_dir().empty()) return absl::OkStatus();
+  RETURN_IF_ERROR(trainer_.ExportState());
+  const checkpoint::TrainingState state{iteration_,   epochs_done,           trainer_.spec().name,
+                                        spec_.seed(), schedule_.global_batch(), o_.world_size, lr};
+  ASSIGN_OR_RETURN(result_.last_checkpoint,
+                   checkpoint::SaveCheckpoint(spec_.checkpoint_dir(), trainer_.store(), trainer_.sgd(), state));
+  Log(absl::StrCat("checkpoint ", result_.last_checkpoint));
+  if (hooks_.on_checkpoint) hooks_.on_checkpoint(result_.last_checkpoint, epochs_done, iteration_);
+  return absl::OkStatus();
+}
+
+LoopResult Loop::Run(uint64_t start_iteration) {
+  iteration_ = start_iteration;
+  const uint64_t ipe = schedule_.iterations_per_epoch();
+  const uint64_t k = o_.world_size;
+  const uint64_t local_batch = static_cast<uint64_t>(spec_.per_worker_batch()) * spec_.virtual_workers_per_worker();
+  for (uint32_t epoch = static_cast<uint32_t>(iteration_ / ipe); epoch < spec_.epochs(); ++epoch) {
+    const auto epoch_start = SteadyClock::now();
+    auto loader = MakeEpochLoader(spec_, datasets_.train.get(), epoch, o_.rank, o_.world_size,
+                                  iteration_ - static_cast<uint64_t>(epoch) * ipe, o_.data_threads);
+    EpochSummary summary;
+    summary.epoch = epoch + 1;
+    double loss_sum = 0;
+    uint64_t steps = 0;
+    while (iteration_ < static_cast<uint64_t>(epoch + 1) * ipe) {
+      if (hooks_.stop_requested && hooks_.stop_requested()) {
+        return Fail(LoopPhase::kStopRequested, absl::AbortedError("stop requested"));
+      }
+      const auto wait_start = SteadyClock::now();
+      auto batch = loader->Next(absl::Minutes(10));
+      if (!batch.ok()) return Fail(LoopPhase::kData, batch.status());
+      const double data_wait = SecondsSince(wait_start);
+      summary.data_wait_seconds += data_wait;
+      auto stats = trainer_.Step(iteration_, (*batch)->images.data(), (*batch)->labels.data());
+      if (!stats.ok()) return Fail(LoopPhase::kStep, stats.status());
+      ++iteration_;
+      ++steps;
+      loss_sum += stats->loss;
+      summary.lr = stats->lr;
+      const double elapsed = SecondsSince(epoch_start);
+      if (hooks_.on_step) {
+        StepReport r;
+        r.epoch = epoch;
+        r.iteration = iteration_;
+        r.stats = *stats;
+        r.data_wait_s = data_wait;
+        r.worker_images_per_second = steps * local_batch / elapsed;
+        hooks_.on_step(r);
+      }
+      if (o_.log_every > 0 && iteration_ % o_.log_every == 0) {
+        Log(absl::StrFormat("  iter %d  loss %.4f  lr %.4f  %.1f img/s", iteration_, stats->loss * k, stats->lr,
+                            steps * local_batch * k / elapsed));
+      }
+      if (o_.stop_after_iterations > 0 && iteration_ >= o_.stop_after_iterations) {
+        if (auto st = Checkpoint(epoch, summary.lr); !st.ok()) return Fail(LoopPhase::kCheckpoint, st);
+        result_.stopped_early = true;
+        result_.iterations = iteration_;
+        return std::move(result_);
+      }
+    }
+    summary.iteration = iteration_;
+    summary.mean_loss = steps ? loss_sum * k / steps : 0.0;
+    summary.train_seconds = SecondsSince(epoch_start);
+    summary.images_per_second = steps * local_batch * k / summary.train_seconds;
+    summary.corrupt_skipped = loader->skipped();
+    loader.reset();  // its decoder threads stop before evaluation starts its own
+    if (hooks_.on_epoch_trained) hooks_.on_epoch_trained(summary);
+
+    if (o_.evaluate && datasets_.val) {
+      auto counts = trainer_.Evaluate(*datasets_.val, o_.rank, o_.world_size, o_.data_threads);
+      if (!counts.ok()) return Fail(LoopPhase::kEvaluate, counts.status());
+      summary.eval = *counts;
+      if (hooks_.sum_eval_counts) {
+        if (auto st = hooks_.sum_eval_counts(&summary.eval); !st.ok()) return Fail(LoopPhase::kSumEvalCounts, st);
+      }
+      summary.evaluated = true;
+    }
+    summary.seconds = SecondsSince(epoch_start);
+    const double n_eval = std::max<double>(1, summary.eval.examples);
+    Log(absl::StrFormat("epoch %d/%d  iter %d  loss %.4f  lr %.4f  %.1f img/s%s  data wait %.1f s  val top1_err %.4f "
+                        "top5_err %.4f (%d examples)  %.1f s",
+                        summary.epoch, spec_.epochs(), iteration_, summary.mean_loss, summary.lr,
+                        summary.images_per_second, k > 1 ? " (job)" : "", summary.data_wait_seconds,
+                        1 - summary.eval.top1_correct / n_eval, 1 - summary.eval.top5_correct / n_eval,
+                        summary.eval.examples, summary.seconds));
+    if (hooks_.on_epoch_end) hooks_.on_epoch_end(summary);
+    result_.epochs.push_back(summary);
+    if (ShouldCheckpoint(summary.epoch)) {
+      if (auto st = Checkpoint(summary.epoch, summary.lr); !st.ok()) return Fail(LoopPhase::kCheckpoint, st);
+    }
+  }
+  result_.iterations = iteration_;
+  return std::move(result_);
+}
+
+}  // namespace
+
+LoopResult RunTrainingLoop(const v1::JobSpec& spec, const v1::Schedule& schedule, Trainer& trainer,
+                           const Datasets& datasets, uint64_t start_iteration, const LoopOptions& options,
+                           const LoopHooks& hooks) {
+  return Loop(spec, schedule, trainer, datasets, options, hooks).Run(start_iteration);
+}
+
+}  // namespace lmsgd::train
