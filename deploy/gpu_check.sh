@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device-machine check (issue 6's GPU check, and issue 4's NCCL and CPU-allreduce figures), in two halves.
+# The device-machine check (the GPU backend, NCCL at k = 1, and the CPU allreduce on the device machine's cores), in two halves.
 #
 #   deploy/gpu_check.sh --prepare
 #       On the development machine (Debian, CUDA 13 + cuDNN 9 + NCCL, Abseil): builds the GPU
@@ -10,8 +10,8 @@
 #       lacks and uses its CUDA, cuDNN, cuBLAS and NCCL (the toolkit's and PyTorch's pip wheels).
 #
 #   deploy/gpu_check.sh [--quick] [--no-allreduce] [--out DIR]
-#       On the GPU machine, in the repo root with .gpu_bundle/ carried along (--quick took 8
-#       minutes on one H100 with 16 cores, 2026-11-27): the GPU unit tests (cuda_test, the GPU trainer tests of engine_test),
+#       On the GPU machine, in the repo root with .gpu_bundle/ carried along (--quick takes about
+#       8 minutes on one H100 with 16 cores): the GPU unit tests (cuda_test, the GPU trainer tests of engine_test),
 #       a short standalone lmsgd-worker run on the GPU, the same job through a real coordinator
 #       (lmsgdctl submit/watch; NCCL bootstrapped through the coordinator), the agreement table
 #       (GPU vs the float64 reference, fp32 and bf16), ResNet-50 training throughput for lmsgd and for

@@ -6,7 +6,7 @@
 // lmsgd-gpu-check.
 //
 // Which cases can be held to fp32 per-tensor bounds was measured with the fp32 oneDNN backend
-// against the same reference (2026-11-27): ResNet-8 16x16 batch 16 bn_group 8 and ResNet-18
+// against the same reference: ResNet-8 16x16 batch 16 bn_group 8 and ResNet-18
 // 32x32 batch 8 bn_group 4 agree to <= 7e-5 in every tensor. Other batches flip a ReLU mask
 // between fp32 and fp64 (a pre-activation within rounding of 0): ResNet-8 16x16 batch 8
 // bn_group 4 has 4.2e-3 in layer1.0.bn1.bias on the CPU backend and on the GPU alike, and
@@ -44,14 +44,14 @@ struct Agreement {
   double step_rel = 0;        // DeviceStep's parameter update vs the host's from reference grads
 };
 
-// Tolerances of issue 6: fp32 loss 1e-4, gradients 1e-3 (as a whole, each tensor, and the
+// The tolerances: fp32 loss 1e-4, gradients 1e-3 (as a whole, each tensor, and the
 // step); running statistics and logits 1e-4. `relu_flips` cases: gradients as a whole and the
 // step at 5e-2, per tensor only reported.
 //
 // bf16 (tf32): the same case's fp32 row says how much the case amplifies rounding, and bf16's
 // unit roundoff is 2^16 (tf32's 2^13) times fp32's, so the bound on a bf16 quantity is
 // max(base, 4 x 2^16 x the fp32 error) with base 2e-2 for the loss and 5e-2 for the gradients
-// and step; running statistics and logits 2e-2. Measured on an H200 (2026-11-27): ResNet-8's
+// and step; running statistics and logits 2e-2. On an H200 ResNet-8's
 // bf16 gradients were off by 4.04e-2 where 2^16 x fp32 predicts 3.96e-2; ResNet-18 and -50
 // at these sizes amplify fp32 rounding 1e3 to 1e4 times, so their bf16 gradients (0.8, 1.5) are
 // rounding, not a wrong kernel. A bound of 1 or more could not tell either apart: that

@@ -1,4 +1,4 @@
-// lmsgd-gpu-check: the issue-6 GPU check, one binary with no gRPC, UCX or oneDNN (it runs on
+// lmsgd-gpu-check: the device check, one binary with no gRPC, UCX or oneDNN (it runs on
 // a bare GPU machine; deploy/gpu_check.sh drives it and adds PyTorch's numbers).
 //
 //   lmsgd-gpu-check [--mode=all|agree|speed] [--batches=64,128,256] [--precisions=fp32,tf32,bf16]

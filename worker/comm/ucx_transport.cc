@@ -138,17 +138,17 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(int rank, int
   Impl& im = *t->impl_;
   ucp_config_t* config = nullptr;
   if (auto st = UCX_STATUS(ucp_config_read(nullptr, nullptr, &config), "ucp_config_read"); !st.ok()) return st;
-  // Default transports (README, allreduce benchmark): never CMA, which measured 2x slower than
-  // shared-memory copies here; and when every rank is on this host, no TCP either (UCX would
+  // Default transports: never CMA, which measured slower than shared-memory copies
+  // (docs/benchmarks.md); and when every rank is on this host, no TCP either (UCX would
   // stripe large messages over TCP and shared memory, halving the bandwidth). UCX_TLS in the
   // environment wins.
   if (std::getenv("UCX_TLS") == nullptr) {
     (void)ucp_config_modify(config, "TLS", single_host ? "^cma,tcp" : "^cma");
   }
   // On one host without CMA, UCX's rendezvous protocol moves the data through the same
-  // shared-memory FIFO as eager sends, after an extra request/reply handshake: with its automatic
-  // threshold (below 16 KiB here) a 16-64 KiB message paid that round trip, which doubled a
-  // 64 KiB ring allreduce at k = 4 (README). Eager up to 256 KiB; UCX_RNDV_THRESH wins.
+  // shared-memory FIFO as eager sends, after an extra request/reply handshake, which its automatic
+  // threshold makes 16-64 KiB messages pay (docs/benchmarks.md). Eager up to 256 KiB;
+  // UCX_RNDV_THRESH wins.
   if (single_host && std::getenv("UCX_RNDV_THRESH") == nullptr) {
     (void)ucp_config_modify(config, "RNDV_THRESH", "256K");
   }

@@ -6,8 +6,9 @@
 // other hosts get UCX peer error handling (a dead peer surfaces as an endpoint error at once);
 // peers on the same host talk over shared memory, which UCX cannot combine with peer error
 // handling, so a dead local peer is caught by the collective's deadline instead. Never a hang.
-// Waiting does not spin: after draining ucp_worker_progress, the thread sleeps on the worker's
-// event fd (ucp_worker_arm + poll, at most 1 ms), so a communication thread leaves the cores to
+// Waiting spins for up to 50 us (not at all when the host runs more ranks than cores), then
+// yields the core after each poll, and after 2 ms sleeps on the worker's event fd
+// (ucp_worker_arm + poll, at most 1 ms), so a waiting communication thread leaves the cores to
 // the backward pass. One thread at a time may call SendRecv; Abort() may come from any thread.
 //
 // Receive-and-add (P2POp::kRecvAdd) up to 256 KiB uses a UCX generic datatype whose unpack adds

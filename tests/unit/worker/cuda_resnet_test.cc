@@ -46,8 +46,7 @@ TEST(CudaResNetTest, PrecisionNames) {
 }
 
 // The bounds themselves (no GPU needed): bf16's follow the same case's fp32 error x 4 x 2^16,
-// with base bounds, and stop gating where that reaches 1. Figures from the H200 run of
-// 2026-11-27 (tests/gpu/agreement.h).
+// with base bounds, and stop gating where that reaches 1 (the rule: tests/gpu/agreement.h).
 TEST(AgreementToleranceTest, LowerPrecisionBoundsFollowTheCaseFp32Error) {
   AgreementCase c;
   EXPECT_EQ(ToleranceFor(c).grad_all, 1e-3);

@@ -94,7 +94,7 @@ absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t s
   //    and the first allgather step pair the same ranks and move one piece each way each:
   //    merged into one exchange of the two-piece range, which both partners then sum (the same
   //    two values, so the same bits), the vector costs 2 log2(p) - 1 steps, no more bytes, but
-  //    one more piece to add: worth it while latency dominates (kMergeMaxBytes, measured; at
+  //    one more piece to add: worth it while latency dominates (kMergeMaxBytes; at
   //    k = 2 the merged form is recursive doubling, which doubling_max_bytes_ governs).
   const bool merge = nb == 1 && s >= 4 && count * sizeof(float) <= kMergeMaxBytes;
   int lo = 0, hi = P;
