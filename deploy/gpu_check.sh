@@ -11,7 +11,7 @@
 #
 #   deploy/gpu_check.sh [--quick] [--no-allreduce] [--out DIR]
 #       On the GPU machine, in the repo root with .gpu_bundle/ carried along (--quick takes about
-#       8 minutes on one H100 with 16 cores): the GPU unit tests (cuda_test, the GPU trainer tests of engine_test),
+#       8 minutes on one H100 with 16 cores): the GPU unit tests (backend_cuda_test, comm_nccl_test, the GPU trainer tests of train_test),
 #       a short standalone lmsgd-worker run on the GPU, the same job through a real coordinator
 #       (lmsgdctl submit/watch; NCCL bootstrapped through the coordinator), the agreement table
 #       (GPU vs the float64 reference, fp32 and bf16), ResNet-50 training throughput for lmsgd and for
@@ -32,11 +32,12 @@ BUNDLE=.gpu_bundle
 if [[ "${1:-}" == "--prepare" ]]; then
   set -e
   cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DLMSGD_WITH_CUDA=ON >/dev/null
-  cmake --build build-gpu --target lmsgd-gpu-check cuda_test engine_test lmsgd-worker lmsgd-coordinator lmsgdctl \
+  cmake --build build-gpu --target lmsgd-gpu-check backend_cuda_test comm_nccl_test train_test lmsgd-worker lmsgd-coordinator lmsgdctl \
     lmsgd-bench lmsgd-bench-mpi
   rm -rf "$BUNDLE"
   mkdir -p "$BUNDLE/bin" "$BUNDLE/lib"
-  for b in build-gpu/tests/lmsgd-gpu-check build-gpu/tests/cuda_test build-gpu/tests/engine_test \
+  for b in build-gpu/tests/lmsgd-gpu-check build-gpu/tests/backend_cuda_test build-gpu/tests/comm_nccl_test \
+           build-gpu/tests/train_test \
            build-gpu/worker/lmsgd-worker build-gpu/coordinator/lmsgd-coordinator build-gpu/coordinator/ctl/lmsgdctl \
            build-gpu/tests/lmsgd-bench build-gpu/tests/lmsgd-bench-mpi; do
     strip -o "$BUNDLE/bin/$(basename "$b")" "$b"
@@ -53,7 +54,7 @@ if [[ "${1:-}" == "--prepare" ]]; then
         [[ -e "$BUNDLE/lib/$(basename "$lib")" ]] || cp -L "$lib" "$dest/"
       done
   }
-  # Our binaries' libraries except CUDA's own (Abseil, gRPC, UCX, Gloo, and for engine_test's GPU
+  # Our binaries' libraries except CUDA's own (Abseil, gRPC, UCX, Gloo, and for train_test's GPU
   # trainer tests oneDNN, protobuf, libjpeg-turbo, ...).
   copy_deps "$BUNDLE/lib" 'libcud|libnccl' "$BUNDLE"/bin/*
   # UCX's transport modules (found next to libucs, or through UCX_MODULE_DIR).
@@ -149,9 +150,10 @@ else
   PRECS=fp32,tf32,bf16
 fi
 rc=0
-echo; echo "== GPU unit tests (cuda_test) =="
-run timeout 180 "$BUNDLE/bin/cuda_test" --gtest_brief=1 || rc=1
-run timeout 120 "$BUNDLE/bin/engine_test" --gtest_brief=1 --gtest_filter='TrainerTest.Gpu*' || rc=1
+echo; echo "== GPU unit tests (backend_cuda_test, comm_nccl_test, train_test) =="
+run timeout 180 "$BUNDLE/bin/backend_cuda_test" --gtest_brief=1 || rc=1
+run timeout 60 "$BUNDLE/bin/comm_nccl_test" --gtest_brief=1 || rc=1
+run timeout 120 "$BUNDLE/bin/train_test" --gtest_brief=1 --gtest_filter='TrainerTest.Gpu*' || rc=1
 echo; echo "== lmsgd-worker --standalone --device cuda:0 (ResNet-20, synthetic, bf16, 2 short epochs) =="
 run timeout 120 "$BUNDLE/bin/lmsgd-worker" --standalone --device cuda:0 --job_file deploy/jobs/synthetic_resnet20_gpu.textproto \
   --checkpoint_dir /tmp/lmsgd-gpu-check-ckpt --resume=false || rc=1

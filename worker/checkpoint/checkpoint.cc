@@ -10,6 +10,7 @@
 #include "absl/strings/strip.h"
 #include "common/file_util.h"
 #include "worker/checkpoint/safetensors.h"
+#include "common/status_macros.h"
 
 namespace lmsgd::checkpoint {
 namespace {
@@ -31,7 +32,7 @@ Tensor F32(const std::vector<int64_t>& shape, const float* p, int64_t n) {
 
 absl::StatusOr<std::string> SaveCheckpoint(const std::string& dir, const model::ParamStore& store,
                                            const optim::Sgd& sgd, const TrainingState& state, int keep) {
-  if (auto st = MakeDirs(dir); !st.ok()) return st;
+  RETURN_IF_ERROR(MakeDirs(dir));
   const std::string name = absl::StrFormat("ckpt-%010d", state.iteration);
   const std::string model_path = dir + "/" + name + ".safetensors";
   SafetensorsFile m, o;
@@ -60,8 +61,8 @@ absl::StatusOr<std::string> SaveCheckpoint(const std::string& dir, const model::
                 {"lmsgd_global_batch", absl::StrCat(state.global_batch)},
                 {"lmsgd_world_size", absl::StrCat(state.world_size)},
                 {"lmsgd_lr", absl::StrFormat("%.17g", state.lr)}};
-  if (auto st = WriteSafetensors(model_path, m); !st.ok()) return st;
-  if (auto st = WriteSafetensors(OptimPath(model_path), o); !st.ok()) return st;
+  RETURN_IF_ERROR(WriteSafetensors(model_path, m));
+  RETURN_IF_ERROR(WriteSafetensors(OptimPath(model_path), o));
   if (auto st = WriteFileAtomically(dir + "/LATEST", name + "\n"); !st.ok()) return st;  // commit
   // Retention: remove older checkpoints beyond `keep`.
   auto files = ListFiles(dir);
@@ -132,11 +133,11 @@ absl::StatusOr<TrainingState> LoadCheckpoint(const std::string& model_path, cons
     return absl::OkStatus();
   };
   for (const auto& s : store->param_specs()) {
-    if (auto st = check(*m, model_path, s); !st.ok()) return st;
-    if (auto st = check(*o, optim_path, s); !st.ok()) return st;
+    RETURN_IF_ERROR(check(*m, model_path, s));
+    RETURN_IF_ERROR(check(*o, optim_path, s));
   }
   for (const auto& s : store->buffer_specs()) {
-    if (auto st = check(*m, model_path, s); !st.ok()) return st;
+    RETURN_IF_ERROR(check(*m, model_path, s));
   }
   // Strict, like torch's load_state_dict: no tensors the model does not have.
   const size_t bn_count = store->buffer_specs().size() / 2;  // running_mean + running_var per BN
@@ -161,7 +162,7 @@ absl::StatusOr<TrainingState> LoadCheckpoint(const std::string& model_path, cons
   if (sgd != nullptr) {
     std::vector<std::vector<float>> velocity;
     for (const auto& s : store->param_specs()) velocity.push_back(o->tensors.at(s.name).f32);
-    if (auto st = sgd->SetVelocity(velocity); !st.ok()) return st;
+    RETURN_IF_ERROR(sgd->SetVelocity(velocity));
   }
   return state;
 }

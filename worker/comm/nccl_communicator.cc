@@ -45,7 +45,7 @@ absl::StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(int r
   const std::string key = absl::StrCat(prefix, "/nccl_unique_id/0");
   if (rank == 0) {
     NCCL_RETURN_IF_ERROR(nullptr, ncclGetUniqueId(&id));
-    if (auto st = store->Set(key, std::string(id.internal, sizeof(id.internal))); !st.ok()) return st;
+    RETURN_IF_ERROR(store->Set(key, std::string(id.internal, sizeof(id.internal))));
   } else {
     auto v = store->Get(key, deadline);
     if (!v.ok()) return absl::Status(v.status().code(), absl::StrCat("rank ", rank, " waiting for rank 0's NCCL unique id: ",

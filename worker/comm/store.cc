@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/file_util.h"
+#include "common/status_macros.h"
 
 namespace lmsgd::comm {
 
@@ -37,7 +38,7 @@ std::string FileStore::Path(const std::string& key) const {
 }
 
 absl::Status FileStore::Set(const std::string& key, const std::string& value) {
-  if (auto st = MakeDirs(dir_); !st.ok()) return st;
+  RETURN_IF_ERROR(MakeDirs(dir_));
   return WriteRecordFile(Path(key), value);
 }
 

@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "worker/comm/reduce.h"
+#include "common/status_macros.h"
 
 namespace lmsgd::comm {
 namespace {
@@ -137,7 +138,7 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(int rank, int
   t->impl_ = std::make_unique<Impl>();
   Impl& im = *t->impl_;
   ucp_config_t* config = nullptr;
-  if (auto st = UCX_STATUS(ucp_config_read(nullptr, nullptr, &config), "ucp_config_read"); !st.ok()) return st;
+  RETURN_IF_ERROR(UCX_STATUS(ucp_config_read(nullptr, nullptr, &config), "ucp_config_read"));
   // Default transports: never CMA, which measured slower than shared-memory copies
   // (docs/benchmarks.md); and when every rank is on this host, no TCP either (UCX would
   // stripe large messages over TCP and shared memory, halving the bandwidth). UCX_TLS in the
@@ -160,26 +161,20 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(int rank, int
   params.features = UCP_FEATURE_TAG | UCP_FEATURE_WAKEUP;
   ucs_status_t s = ucp_init(&params, config, &im.context);
   ucp_config_release(config);
-  if (auto st = UCX_STATUS(s, "ucp_init"); !st.ok()) return st;
+  RETURN_IF_ERROR(UCX_STATUS(s, "ucp_init"));
   ucp_worker_params_t wp{};
   wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
   wp.thread_mode = UCS_THREAD_MODE_SINGLE;
-  if (auto st = UCX_STATUS(ucp_worker_create(im.context, &wp, &im.worker), "ucp_worker_create"); !st.ok()) return st;
+  RETURN_IF_ERROR(UCX_STATUS(ucp_worker_create(im.context, &wp, &im.worker), "ucp_worker_create"));
   if (ucp_worker_get_efd(im.worker, &im.efd) != UCS_OK) im.efd = -1;  // then: plain polling
   static const ucp_generic_dt_ops_t kAddOps = {&AddOps::StartPack, &AddOps::StartUnpack, &AddOps::PackedSize,
                                                &AddOps::Pack,      &AddOps::Unpack,      &AddOps::Finish};
-  if (auto st = UCX_STATUS(ucp_dt_create_generic(&kAddOps, nullptr, &im.add_dt),
-                           "ucp_dt_create_generic (receive-and-add)");
-      !st.ok()) {
-    return st;
-  }
+  RETURN_IF_ERROR(UCX_STATUS(ucp_dt_create_generic(&kAddOps, nullptr, &im.add_dt), "ucp_dt_create_generic (receive-and-add)"));
   im.have_add_dt = true;
 
   ucp_address_t* addr = nullptr;
   size_t addr_len = 0;
-  if (auto st = UCX_STATUS(ucp_worker_get_address(im.worker, &addr, &addr_len), "ucp_worker_get_address"); !st.ok()) {
-    return st;
-  }
+  RETURN_IF_ERROR(UCX_STATUS(ucp_worker_get_address(im.worker, &addr, &addr_len), "ucp_worker_get_address"));
   // Published value: "<hostname>\n<ucp address bytes>".
   char host[256] = {0};
   gethostname(host, sizeof(host) - 1);
@@ -215,11 +210,7 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(int rank, int
     ep.err_mode = peer_host == my_host ? UCP_ERR_HANDLING_MODE_NONE : UCP_ERR_HANDLING_MODE_PEER;
     ep.err_handler.cb = &Impl::OnEndpointError;
     ep.err_handler.arg = im.err_args.back().get();
-    if (auto st = UCX_STATUS(ucp_ep_create(im.worker, &ep, &im.eps[peer]),
-                             absl::StrCat("ucp_ep_create to rank ", peer, " on ", peer_host));
-        !st.ok()) {
-      return st;
-    }
+    RETURN_IF_ERROR(UCX_STATUS(ucp_ep_create(im.worker, &ep, &im.eps[peer]), absl::StrCat("ucp_ep_create to rank ", peer, " on ", peer_host)));
   }
   return t;
 }

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/file_util.h"
 #include "worker/data/sampler.h"
+#include "common/status_macros.h"
 
 namespace lmsgd::data {
 namespace {
@@ -138,7 +139,7 @@ absl::Status ImageFolderDataset::Get(uint64_t index, bool train, uint64_t aug_se
   int h = 0, w = 0;
   // Evaluation resizes the shorter side to size*256/224; training crops at least 8% of the area.
   const int need = train ? size_ / 4 : size_ * 256 / 224;
-  if (auto st = DecodeJpeg(*bytes, std::max(need, 1), path, &rgb, &h, &w); !st.ok()) return st;
+  RETURN_IF_ERROR(DecodeJpeg(*bytes, std::max(need, 1), path, &rgb, &h, &w));
   if (train) {
     SplitMix64 rng(aug_seed);
     const double area = static_cast<double>(h) * w;

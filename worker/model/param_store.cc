@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
+#include "common/status_macros.h"
 
 namespace lmsgd::model {
 
@@ -66,10 +67,10 @@ absl::Status ParamStore::Load(const std::map<std::string, std::vector<float>>& v
     return absl::OkStatus();
   };
   for (size_t i = 0; i < param_specs_.size(); ++i) {
-    if (auto st = copy(param_specs_[i], param(i)); !st.ok()) return st;
+    RETURN_IF_ERROR(copy(param_specs_[i], param(i)));
   }
   for (size_t i = 0; i < buffer_specs_.size(); ++i) {
-    if (auto st = copy(buffer_specs_[i], buffer(i)); !st.ok()) return st;
+    RETURN_IF_ERROR(copy(buffer_specs_[i], buffer(i)));
   }
   return absl::OkStatus();
 }

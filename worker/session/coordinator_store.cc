@@ -2,6 +2,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 
 namespace lmsgd::session {
 namespace {
@@ -22,7 +23,7 @@ absl::Status SplitKey(const std::string& key, std::string* name, int* rank) {
 absl::Status CoordinatorStore::Set(const std::string& key, const std::string& value) {
   std::string name;
   int rank = -1;
-  if (auto st = SplitKey(key, &name, &rank); !st.ok()) return st;
+  RETURN_IF_ERROR(SplitKey(key, &name, &rank));
   if (rank != rank_) {
     return absl::InvalidArgumentError(absl::StrCat("rank ", rank_, " cannot publish rank ", rank, "'s '", name, "'"));
   }
@@ -32,7 +33,7 @@ absl::Status CoordinatorStore::Set(const std::string& key, const std::string& va
 absl::StatusOr<std::string> CoordinatorStore::Get(const std::string& key, absl::Time deadline) {
   std::string name;
   int rank = -1;
-  if (auto st = SplitKey(key, &name, &rank); !st.ok()) return st;
+  RETURN_IF_ERROR(SplitKey(key, &name, &rank));
   std::lock_guard<std::mutex> lock(mu_);
   auto it = fetched_.find(name);
   if (it == fetched_.end()) {

@@ -187,7 +187,7 @@ absl::StatusOr<End> Generation::Train(std::string* why) {
   const v1::JobSpec& spec = join_.spec();
   const int rank = join_.rank(), k = join_.world_size();
   WorkerMetrics* metrics = options_.metrics;
-  Heartbeater& heart = *heartbeater_;
+  Heartbeater& heartbeater = *heartbeater_;
   uint64_t bytes_seen = trainer_->bytes_reduced();
 
   train::LoopOptions lo;
@@ -197,7 +197,7 @@ absl::StatusOr<End> Generation::Train(std::string* why) {
   lo.write_checkpoints = rank == 0;
   lo.log = [this](const std::string& line) { Log(line); };
   train::LoopHooks hooks;
-  hooks.stop_requested = [&] { return heart.abort() || heart.stop(); };
+  hooks.stop_requested = [&] { return heartbeater.abort() || heartbeater.stop(); };
   hooks.on_step = [&](const train::StepReport& r) {
     v1::Progress p;
     p.set_epoch(r.epoch);
@@ -205,7 +205,7 @@ absl::StatusOr<End> Generation::Train(std::string* why) {
     p.set_lr(r.stats.lr);
     p.set_loss(r.stats.loss * k);  // this rank's share x k: the global loss estimated from one shard
     p.set_images_per_second(r.worker_images_per_second * k);
-    heart.Update(p);
+    heartbeater.Update(p);
     if (metrics) {
       metrics->ObserveStep(r.data_wait_s, r.stats.forward_s, r.stats.backward_s, r.stats.reduce_wait_s,
                            r.stats.optimizer_s, r.stats.loss * k, r.stats.lr, r.iteration,
@@ -226,7 +226,7 @@ absl::StatusOr<End> Generation::Train(std::string* why) {
     p.set_lr(e.lr);
     p.set_loss(e.mean_loss);
     p.set_images_per_second(e.images_per_second);
-    heart.Update(p);
+    heartbeater.Update(p);
   };
   // The counts travel as floats: exact up to 2^24 examples per count.
   hooks.sum_eval_counts = [&](train::EvalCounts* c) -> absl::Status {
@@ -253,7 +253,7 @@ absl::StatusOr<End> Generation::Train(std::string* why) {
     r.set_worker_id(join_.worker_id());
     r.set_generation(join_.generation());
     *r.mutable_evaluation() = ev;
-    heart.Post([this, r] { (void)client_->ReportEvaluation(r); });
+    heartbeater.Post([this, r] { (void)client_->ReportEvaluation(r); });
   };
   hooks.on_checkpoint = [&](const std::string& path, uint32_t epochs_done, uint64_t iteration) {
     v1::ReportCheckpointRequest r;
@@ -264,7 +264,7 @@ absl::StatusOr<End> Generation::Train(std::string* why) {
     ci->set_epoch(epochs_done);
     ci->set_iteration(iteration);
     ci->set_generation(join_.generation());
-    heart.Post([this, r] {
+    heartbeater.Post([this, r] {
       if (auto st = client_->ReportCheckpoint(r); !st.ok()) Log(absl::StrCat("ReportCheckpoint: ", st.ToString()));
     });
   };
@@ -277,7 +277,7 @@ absl::StatusOr<End> Generation::Train(std::string* why) {
     case train::LoopPhase::kStep:
     case train::LoopPhase::kSumEvalCounts: {
       // A peer, the network or the coordinator ended this generation: re-form.
-      if (heart.stop()) return End::kStop;
+      if (heartbeater.stop()) return End::kStop;
       *why = Failed(result.status).why;
       return End::kRejoin;
     }
@@ -291,14 +291,14 @@ absl::StatusOr<End> Generation::Finish(std::string* why) {
   // ended (STOP); rank 0's report ends it. If the job is being re-formed instead (e.g. the
   // coordinator restarted and lost track of a worker), re-join: the new generation resumes
   // from the last checkpoint and finishes.
-  Heartbeater& heart = *heartbeater_;
-  heart.Flush(absl::Minutes(2));
+  Heartbeater& heartbeater = *heartbeater_;
+  heartbeater.Flush(absl::Minutes(2));
   const absl::Time give_up = absl::Now() + absl::Minutes(10);
   while (absl::Now() < give_up) {
-    auto resp = heart.Beat(true);
+    auto resp = heartbeater.Beat(true);
     if (resp.ok() && resp->directive() == v1::DIRECTIVE_STOP) return End::kJobDone;
-    if (heart.abort() || (resp.ok() && resp->directive() == v1::DIRECTIVE_ABORT_AND_REJOIN)) {
-      *why = absl::StrCat("finished, but the coordinator re-forms the job: ", heart.message());
+    if (heartbeater.abort() || (resp.ok() && resp->directive() == v1::DIRECTIVE_ABORT_AND_REJOIN)) {
+      *why = absl::StrCat("finished, but the coordinator re-forms the job: ", heartbeater.message());
       return End::kRejoin;
     }
     if (!resp.ok()) Log(absl::StrCat("final heartbeat: ", resp.status().ToString()));

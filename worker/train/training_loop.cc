@@ -30,13 +30,13 @@ class Loop {
  public:
   Loop(const v1::JobSpec& spec, const v1::Schedule& schedule, Trainer& trainer, const Datasets& datasets,
        const LoopOptions& options, const LoopHooks& hooks)
-      : spec_(spec), schedule_(schedule), trainer_(trainer), datasets_(datasets), o_(options), hooks_(hooks) {}
+      : spec_(spec), schedule_(schedule), trainer_(trainer), datasets_(datasets), options_(options), hooks_(hooks) {}
 
   LoopResult Run(uint64_t start_iteration);
 
  private:
   void Log(const std::string& line) {
-    if (o_.log) o_.log(line);
+    if (options_.log) options_.log(line);
   }
   LoopResult Fail(LoopPhase phase, absl::Status status) {
     result_.status = std::move(status);
@@ -54,17 +54,17 @@ class Loop {
   const v1::Schedule& schedule_;
   Trainer& trainer_;
   const Datasets& datasets_;
-  const LoopOptions& o_;
+  const LoopOptions& options_;
   const LoopHooks& hooks_;
   uint64_t iteration_ = 0;
   LoopResult result_;
 };
 
 absl::Status Loop::Checkpoint(uint32_t epochs_done, double lr) {
-  if (!o_.write_checkpoints || spec_.checkpoint_dir().empty()) return absl::OkStatus();
+  if (!options_.write_checkpoints || spec_.checkpoint_dir().empty()) return absl::OkStatus();
   RETURN_IF_ERROR(trainer_.ExportState());
   const checkpoint::TrainingState state{iteration_,   epochs_done,           trainer_.spec().name,
-                                        spec_.seed(), schedule_.global_batch(), o_.world_size, lr};
+                                        spec_.seed(), schedule_.global_batch(), options_.world_size, lr};
   ASSIGN_OR_RETURN(result_.last_checkpoint,
                    checkpoint::SaveCheckpoint(spec_.checkpoint_dir(), trainer_.store(), trainer_.sgd(), state));
   Log(absl::StrCat("checkpoint ", result_.last_checkpoint));
@@ -74,18 +74,18 @@ absl::Status Loop::Checkpoint(uint32_t epochs_done, double lr) {
 
 LoopResult Loop::Run(uint64_t start_iteration) {
   iteration_ = start_iteration;
-  const uint64_t ipe = schedule_.iterations_per_epoch();
-  const uint64_t k = o_.world_size;
+  const uint64_t iterations_per_epoch = schedule_.iterations_per_epoch();
+  const uint64_t k = options_.world_size;
   const uint64_t local_batch = static_cast<uint64_t>(spec_.per_worker_batch()) * spec_.virtual_workers_per_worker();
-  for (uint32_t epoch = static_cast<uint32_t>(iteration_ / ipe); epoch < spec_.epochs(); ++epoch) {
+  for (uint32_t epoch = static_cast<uint32_t>(iteration_ / iterations_per_epoch); epoch < spec_.epochs(); ++epoch) {
     const auto epoch_start = SteadyClock::now();
-    auto loader = MakeEpochLoader(spec_, datasets_.train.get(), epoch, o_.rank, o_.world_size,
-                                  iteration_ - static_cast<uint64_t>(epoch) * ipe, o_.data_threads);
+    auto loader = MakeEpochLoader(spec_, datasets_.train.get(), epoch, options_.rank, options_.world_size,
+                                  iteration_ - static_cast<uint64_t>(epoch) * iterations_per_epoch, options_.data_threads);
     EpochSummary summary;
     summary.epoch = epoch + 1;
     double loss_sum = 0;
     uint64_t steps = 0;
-    while (iteration_ < static_cast<uint64_t>(epoch + 1) * ipe) {
+    while (iteration_ < static_cast<uint64_t>(epoch + 1) * iterations_per_epoch) {
       if (hooks_.stop_requested && hooks_.stop_requested()) {
         return Fail(LoopPhase::kStopRequested, absl::AbortedError("stop requested"));
       }
@@ -110,11 +110,11 @@ LoopResult Loop::Run(uint64_t start_iteration) {
         r.worker_images_per_second = steps * local_batch / elapsed;
         hooks_.on_step(r);
       }
-      if (o_.log_every > 0 && iteration_ % o_.log_every == 0) {
+      if (options_.log_every > 0 && iteration_ % options_.log_every == 0) {
         Log(absl::StrFormat("  iter %d  loss %.4f  lr %.4f  %.1f img/s", iteration_, stats->loss * k, stats->lr,
                             steps * local_batch * k / elapsed));
       }
-      if (o_.stop_after_iterations > 0 && iteration_ >= o_.stop_after_iterations) {
+      if (options_.stop_after_iterations > 0 && iteration_ >= options_.stop_after_iterations) {
         if (auto st = Checkpoint(epoch, summary.lr); !st.ok()) return Fail(LoopPhase::kCheckpoint, st);
         result_.stopped_early = true;
         result_.iterations = iteration_;
@@ -129,8 +129,8 @@ LoopResult Loop::Run(uint64_t start_iteration) {
     loader.reset();  // its decoder threads stop before evaluation starts its own
     if (hooks_.on_epoch_trained) hooks_.on_epoch_trained(summary);
 
-    if (o_.evaluate && datasets_.val) {
-      auto counts = trainer_.Evaluate(*datasets_.val, o_.rank, o_.world_size, o_.data_threads);
+    if (options_.evaluate && datasets_.val) {
+      auto counts = trainer_.Evaluate(*datasets_.val, options_.rank, options_.world_size, options_.data_threads);
       if (!counts.ok()) return Fail(LoopPhase::kEvaluate, counts.status());
       summary.eval = *counts;
       if (hooks_.sum_eval_counts) {

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "worker/backend/bn_running_stats.h"
 #include "worker/backend/cuda/cuda_check.h"
+#include "common/status_macros.h"
 
 namespace lmsgd::backend::cuda {
 namespace {
@@ -502,17 +503,17 @@ absl::Status BnForwardTrain(DType t, const BnShape& s, const void* x, const floa
                             float* running_mean, float* running_var, double eps, double momentum, int vw_index,
                             int vw_count, double* scratch, cudaStream_t stream) {
   const int C = s.channels;
-  if (auto st = CudaStatus(cudaMemsetAsync(scratch, 0, BnScratchDoubles(s) * sizeof(double), stream), "cudaMemsetAsync (BN statistics)", __FILE__, __LINE__); !st.ok()) return st;
+  RETURN_IF_ERROR(CudaStatus(cudaMemsetAsync(scratch, 0, BnScratchDoubles(s) * sizeof(double), stream), "cudaMemsetAsync (BN statistics)", __FILE__, __LINE__));
   const int chunks = BnChunks(s);
   const int64_t chunk_rows = (s.rows_per_group + chunks - 1) / chunks;
   const dim3 grid((C + 31) / 32, chunks, s.groups), block(32, kBnRowsPerBlock);
   LMSGD_DISPATCH(t, BnStatsKernel<T><<<grid, block, 0, stream>>>(static_cast<const T*>(x), s.rows_per_group, C,
                                                                   chunk_rows, scratch));
-  if (auto st = LMSGD_LAUNCHED("BnStatsKernel"); !st.ok()) return st;
+  RETURN_IF_ERROR(LMSGD_LAUNCHED("BnStatsKernel"));
   BnFinalizeForwardKernel<<<(C + 127) / 128, 128, 0, stream>>>(scratch, s.groups, C, s.rows_per_group, gamma, beta,
                                                                save_mean, save_invstd, running_mean, running_var, eps,
                                                                momentum, vw_index, vw_count);
-  if (auto st = LMSGD_LAUNCHED("BnFinalizeForwardKernel"); !st.ok()) return st;
+  RETURN_IF_ERROR(LMSGD_LAUNCHED("BnFinalizeForwardKernel"));
   const size_t total = static_cast<size_t>(s.rows_per_group) * s.groups * C;
   LMSGD_DISPATCH(t, BnApplyKernel<T><<<Blocks(total, 256), 256, 0, stream>>>(
                         static_cast<const T*>(x), reinterpret_cast<const float*>(scratch), 4,
@@ -525,7 +526,7 @@ absl::Status BnForwardInference(DType t, int64_t rows, int channels, const void*
                                 const void* residual, bool relu, void* y, float* scale_shift, cudaStream_t stream) {
   BnInferenceScaleKernel<<<(channels + 127) / 128, 128, 0, stream>>>(channels, gamma, beta, running_mean,
                                                                      running_var, eps, scale_shift);
-  if (auto st = LMSGD_LAUNCHED("BnInferenceScaleKernel"); !st.ok()) return st;
+  RETURN_IF_ERROR(LMSGD_LAUNCHED("BnInferenceScaleKernel"));
   const size_t total = static_cast<size_t>(rows) * channels;
   // One "group" spanning every row: scale/shift per channel with stride 2.
   LMSGD_DISPATCH(t, BnApplyKernel<T><<<Blocks(total, 256), 256, 0, stream>>>(
@@ -538,19 +539,17 @@ absl::Status BnBackward(DType t, const BnShape& s, const void* dy, const void* r
                         const float* gamma, const float* save_mean, const float* save_invstd, void* dx,
                         float* dgamma, float* dbeta, bool accumulate, double* scratch, cudaStream_t stream) {
   const int C = s.channels;
-  if (auto st = CudaStatus(cudaMemsetAsync(scratch, 0, BnScratchDoubles(s) * sizeof(double), stream), "cudaMemsetAsync (BN gradient sums)", __FILE__, __LINE__); !st.ok()) {
-    return st;
-  }
+  RETURN_IF_ERROR(CudaStatus(cudaMemsetAsync(scratch, 0, BnScratchDoubles(s) * sizeof(double), stream), "cudaMemsetAsync (BN gradient sums)", __FILE__, __LINE__));
   const int chunks = BnChunks(s);
   const int64_t chunk_rows = (s.rows_per_group + chunks - 1) / chunks;
   const dim3 grid((C + 31) / 32, chunks, s.groups), block(32, kBnRowsPerBlock);
   LMSGD_DISPATCH(t, BnBackwardReduceKernel<T><<<grid, block, 0, stream>>>(
                         static_cast<const T*>(dy), static_cast<const T*>(relu_y), static_cast<const T*>(x), save_mean,
                         save_invstd, s.rows_per_group, C, chunk_rows, scratch));
-  if (auto st = LMSGD_LAUNCHED("BnBackwardReduceKernel"); !st.ok()) return st;
+  RETURN_IF_ERROR(LMSGD_LAUNCHED("BnBackwardReduceKernel"));
   BnFinalizeBackwardKernel<<<(C + 127) / 128, 128, 0, stream>>>(scratch, s.groups, C, s.rows_per_group, gamma,
                                                                 save_invstd, dgamma, dbeta, accumulate);
-  if (auto st = LMSGD_LAUNCHED("BnFinalizeBackwardKernel"); !st.ok()) return st;
+  RETURN_IF_ERROR(LMSGD_LAUNCHED("BnFinalizeBackwardKernel"));
   const size_t total = static_cast<size_t>(s.rows_per_group) * s.groups * C;
   LMSGD_DISPATCH(t, BnBackwardDataKernel<T><<<Blocks(total, 256), 256, 0, stream>>>(
                         static_cast<const T*>(dy), static_cast<const T*>(relu_y), static_cast<const T*>(x), save_mean,
@@ -596,7 +595,7 @@ absl::Status GlobalAvgPoolBackward(DType t, int n, int hw, int c, const float* d
 absl::Status SoftmaxCrossEntropy(int n, int k, const float* logits, const int32_t* labels, double normalizer,
                                  float* dlogits, double* row_loss, double* loss, cudaStream_t stream) {
   SoftmaxCeKernel<<<n, 256, 0, stream>>>(k, logits, labels, normalizer, dlogits, row_loss);
-  if (auto st = LMSGD_LAUNCHED("SoftmaxCeKernel"); !st.ok()) return st;
+  RETURN_IF_ERROR(LMSGD_LAUNCHED("SoftmaxCeKernel"));
   SumLossKernel<<<1, 1, 0, stream>>>(n, row_loss, normalizer, loss);
   return LMSGD_LAUNCHED("SumLossKernel");
 }

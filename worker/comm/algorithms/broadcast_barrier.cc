@@ -3,6 +3,7 @@
 #include "absl/strings/str_cat.h"
 #include "worker/comm/algorithms/halving_doubling.h"
 #include "worker/comm/algorithms/tags.h"
+#include "common/status_macros.h"
 
 namespace lmsgd::comm {
 
@@ -13,17 +14,9 @@ absl::Status Broadcast(Transport* t, float* data, size_t count, int root, uint64
   // Binomial tree: in round with bit m, ranks v < m send to v + m.
   for (int m = 1; m < k; m *= 2) {
     if (v < m && v + m < k) {
-      if (auto st = t->SendRecv((v + m + root) % k, data, count * sizeof(float), -1, nullptr, 0,
-                                MakeTag(seq, tags::BroadcastRound(m)), deadline, "broadcast");
-          !st.ok()) {
-        return st;
-      }
+      RETURN_IF_ERROR(t->SendRecv((v + m + root) % k, data, count * sizeof(float), -1, nullptr, 0, MakeTag(seq, tags::BroadcastRound(m)), deadline, "broadcast"));
     } else if (v >= m && v < 2 * m) {
-      if (auto st = t->SendRecv(-1, nullptr, 0, (v - m + root) % k, data, count * sizeof(float),
-                                MakeTag(seq, tags::BroadcastRound(m)), deadline, "broadcast");
-          !st.ok()) {
-        return st;
-      }
+      RETURN_IF_ERROR(t->SendRecv(-1, nullptr, 0, (v - m + root) % k, data, count * sizeof(float), MakeTag(seq, tags::BroadcastRound(m)), deadline, "broadcast"));
     }
   }
   return absl::OkStatus();

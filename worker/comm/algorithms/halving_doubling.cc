@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "worker/comm/algorithms/tags.h"
 #include "worker/comm/reduce.h"
+#include "common/status_macros.h"
 
 namespace lmsgd::comm {
 
@@ -23,11 +24,7 @@ absl::Status HalvingDoublingAllreduce::RunDoubling(float* data, size_t count, ui
   const size_t bytes = count * sizeof(float);
   if (scratch_.size() < count) scratch_.resize(count);
   if (r < 2 * rem && r % 2 == 0) {
-    if (auto st = t_->SendRecv(r + 1, data, bytes, -1, nullptr, 0, MakeTag(seq, tags::kDoublingFold), deadline,
-                               "halving/doubling allreduce (recursive doubling: fold)");
-        !st.ok()) {
-      return st;
-    }
+    RETURN_IF_ERROR(t_->SendRecv(r + 1, data, bytes, -1, nullptr, 0, MakeTag(seq, tags::kDoublingFold), deadline, "halving/doubling allreduce (recursive doubling: fold)"));
     return t_->SendRecv(-1, nullptr, 0, r + 1, data, bytes, MakeTag(seq, tags::kDoublingHandBack), deadline,
                         "halving/doubling allreduce (recursive doubling: unfold)");
   }
@@ -44,11 +41,7 @@ absl::Status HalvingDoublingAllreduce::RunDoubling(float* data, size_t count, ui
   uint32_t step = 0;
   for (int mask = 1; mask < p; mask *= 2, ++step) {
     const int partner = real(v ^ mask);
-    if (auto st = t_->SendRecv(partner, data, bytes, partner, scratch_.data(), bytes, MakeTag(seq, tags::kDoublingStep + step),
-                               deadline, "halving/doubling allreduce (recursive doubling)");
-        !st.ok()) {
-      return st;
-    }
+    RETURN_IF_ERROR(t_->SendRecv(partner, data, bytes, partner, scratch_.data(), bytes, MakeTag(seq, tags::kDoublingStep + step), deadline, "halving/doubling allreduce (recursive doubling)"));
     AddFloats(data, scratch_.data(), count);
   }
   if (r < 2 * rem) {
@@ -112,10 +105,7 @@ absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t s
         {P2POp::kRecvAdd, partner, data + off(keep_lo), rn * sizeof(float), MakeTag(seq, tags::kHalvingStep + t)},
         {P2POp::kSend, partner, data + off(send_lo), (off(send_hi) - off(send_lo)) * sizeof(float),
          MakeTag(seq, tags::kHalvingStep + t)}};
-    if (auto st = t_->Exchange(ops, deadline, "halving/doubling allreduce (binary blocks: reduce-scatter)");
-        !st.ok()) {
-      return st;
-    }
+    RETURN_IF_ERROR(t_->Exchange(ops, deadline, "halving/doubling allreduce (binary blocks: reduce-scatter)"));
     lo = keep_lo;
     hi = keep_hi;
   }
@@ -124,12 +114,7 @@ absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t s
     const int partner = start_of[b] + (i ^ 1);
     const size_t rn = off(hi) - off(lo);
     if (scratch_.size() < rn) scratch_.resize(rn);
-    if (auto st = t_->SendRecv(partner, data + off(lo), rn * sizeof(float), partner, scratch_.data(),
-                               rn * sizeof(float), MakeTag(seq, tags::kMergedMiddle), deadline,
-                               "halving/doubling allreduce (middle exchange)");
-        !st.ok()) {
-      return st;
-    }
+    RETURN_IF_ERROR(t_->SendRecv(partner, data + off(lo), rn * sizeof(float), partner, scratch_.data(), rn * sizeof(float), MakeTag(seq, tags::kMergedMiddle), deadline, "halving/doubling allreduce (middle exchange)"));
     AddFloats(data + off(lo), scratch_.data(), rn);
   }
   // 2. Hand partial sums up, smallest block first.
@@ -143,18 +128,12 @@ absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t s
         ops.push_back({P2POp::kSend, start_of[c - 1] + i * ratio + j, data + off(plo),
                        (off(phi) - off(plo)) * sizeof(float), MakeTag(seq, tags::kHandUp + static_cast<uint32_t>(c))});
       }
-      if (auto st = t_->Exchange(ops, deadline, "halving/doubling allreduce (binary blocks: hand up)");
-          !st.ok()) {
-        return st;
-      }
+      RETURN_IF_ERROR(t_->Exchange(ops, deadline, "halving/doubling allreduce (binary blocks: hand up)"));
     } else if (b == c - 1) {  // receive my region's partial sums from block c
       const size_t rn = off(hi) - off(lo);
       const std::vector<P2POp> ops = {{P2POp::kRecvAdd, start_of[c] + i / ratio, data + off(lo), rn * sizeof(float),
                                        MakeTag(seq, tags::kHandUp + static_cast<uint32_t>(c))}};
-      if (auto st = t_->Exchange(ops, deadline, "halving/doubling allreduce (binary blocks: hand up)");
-          !st.ok()) {
-        return st;
-      }
+      RETURN_IF_ERROR(t_->Exchange(ops, deadline, "halving/doubling allreduce (binary blocks: hand up)"));
     }
   }
   // 3./4. Block 0 allgathers; every smaller block first receives its regions from the block
@@ -167,20 +146,14 @@ absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t s
       const int width = ghi - glo;
       const bool low = (i & mask) == 0;
       const int other_lo = low ? ghi : glo - width, other_hi = low ? ghi + width : glo;
-      if (auto st = t_->SendRecv(partner, data + off(glo), (off(ghi) - off(glo)) * sizeof(float), partner,
-                                 data + off(other_lo), (off(other_hi) - off(other_lo)) * sizeof(float),
-                                 MakeTag(seq, tag_base + u), deadline,
-                                 "halving/doubling allreduce (binary blocks: allgather)");
-          !st.ok()) {
-        return st;
-      }
+      RETURN_IF_ERROR(t_->SendRecv(partner, data + off(glo), (off(ghi) - off(glo)) * sizeof(float), partner, data + off(other_lo), (off(other_hi) - off(other_lo)) * sizeof(float), MakeTag(seq, tag_base + u), deadline, "halving/doubling allreduce (binary blocks: allgather)"));
       glo = std::min(glo, other_lo);
       ghi = std::max(ghi, other_hi);
     }
     return absl::OkStatus();
   };
   if (b == 0) {
-    if (auto st = allgather(tags::kBlockZeroAllgather); !st.ok()) return st;
+    RETURN_IF_ERROR(allgather(tags::kBlockZeroAllgather));
   }
   for (int c = 1; c < nb; ++c) {
     const int ratio = size_of[c - 1] / size_of[c];
@@ -189,12 +162,7 @@ absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t s
       // block c-1's allgather every rank there has everything, so each sends the piece it owned.
       int plo, phi;
       region(size_of[c - 1], i, &plo, &phi);
-      if (auto st = t_->SendRecv(start_of[c] + i / ratio, data + off(plo), (off(phi) - off(plo)) * sizeof(float), -1,
-                                 nullptr, 0, MakeTag(seq, tags::kHandDown + static_cast<uint32_t>(c)), deadline,
-                                 "halving/doubling allreduce (binary blocks: hand down)");
-          !st.ok()) {
-        return st;
-      }
+      RETURN_IF_ERROR(t_->SendRecv(start_of[c] + i / ratio, data + off(plo), (off(phi) - off(plo)) * sizeof(float), -1, nullptr, 0, MakeTag(seq, tags::kHandDown + static_cast<uint32_t>(c)), deadline, "halving/doubling allreduce (binary blocks: hand down)"));
     } else if (b == c) {
       std::vector<P2POp> ops;
       for (int j = 0; j < ratio; ++j) {
@@ -203,11 +171,8 @@ absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t s
         ops.push_back({P2POp::kRecv, start_of[c - 1] + i * ratio + j, data + off(plo),
                        (off(phi) - off(plo)) * sizeof(float), MakeTag(seq, tags::kHandDown + static_cast<uint32_t>(c))});
       }
-      if (auto st = t_->Exchange(ops, deadline, "halving/doubling allreduce (binary blocks: hand down)");
-          !st.ok()) {
-        return st;
-      }
-      if (auto st = allgather(tags::kBlockAllgather); !st.ok()) return st;
+      RETURN_IF_ERROR(t_->Exchange(ops, deadline, "halving/doubling allreduce (binary blocks: hand down)"));
+      RETURN_IF_ERROR(allgather(tags::kBlockAllgather));
     }
   }
   return absl::OkStatus();

@@ -105,11 +105,7 @@ absl::Status HierarchicalAllreduce::Run(float* data, size_t count, uint64_t seq,
   }
   // Phase 1: reduce inside the host to the leader, in local-rank order.
   if (me != leader_) {
-    if (auto st = t_->SendRecv(leader_, data, bytes, -1, nullptr, 0, MakeTag(seq, tags::kToLeader), deadline,
-                               "hierarchical allreduce (intra-host reduce)");
-        !st.ok()) {
-      return st;
-    }
+    RETURN_IF_ERROR(t_->SendRecv(leader_, data, bytes, -1, nullptr, 0, MakeTag(seq, tags::kToLeader), deadline, "hierarchical allreduce (intra-host reduce)"));
   } else {
     for (int l = 1; l < local_size_; ++l) {  // one at a time: the sum in rank order
       if (auto st = t_->Exchange({{P2POp::kRecvAdd, leader_ + l, data, bytes, MakeTag(seq, tags::kToLeader)}}, deadline,
@@ -119,23 +115,15 @@ absl::Status HierarchicalAllreduce::Run(float* data, size_t count, uint64_t seq,
       }
     }
     // Phase 2: allreduce among the host leaders.
-    if (auto st = RunAmongLeaders(data, count, seq, deadline); !st.ok()) return st;
+    RETURN_IF_ERROR(RunAmongLeaders(data, count, seq, deadline));
   }
   // Phase 3: broadcast inside the host.
   if (me == leader_) {
     for (int l = 1; l < local_size_; ++l) {
-      if (auto st = t_->SendRecv(leader_ + l, data, bytes, -1, nullptr, 0, MakeTag(seq, tags::kFromLeader), deadline,
-                                 "hierarchical allreduce (intra-host broadcast)");
-          !st.ok()) {
-        return st;
-      }
+      RETURN_IF_ERROR(t_->SendRecv(leader_ + l, data, bytes, -1, nullptr, 0, MakeTag(seq, tags::kFromLeader), deadline, "hierarchical allreduce (intra-host broadcast)"));
     }
   } else {
-    if (auto st = t_->SendRecv(-1, nullptr, 0, leader_, data, bytes, MakeTag(seq, tags::kFromLeader), deadline,
-                               "hierarchical allreduce (intra-host broadcast)");
-        !st.ok()) {
-      return st;
-    }
+    RETURN_IF_ERROR(t_->SendRecv(-1, nullptr, 0, leader_, data, bytes, MakeTag(seq, tags::kFromLeader), deadline, "hierarchical allreduce (intra-host broadcast)"));
   }
   return absl::OkStatus();
 }

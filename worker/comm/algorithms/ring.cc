@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "worker/comm/algorithms/tags.h"
+#include "common/status_macros.h"
 
 namespace lmsgd::comm {
 
@@ -40,17 +41,12 @@ absl::Status RingAllreduce::Run(float* data, size_t count, uint64_t seq, absl::T
       ops.push_back({P2POp::kSend, right, data + start(send_c) + a, (b - a) * sizeof(float),
                      MakeTag(seq, tags::RingReduceScatter(s, static_cast<int>(j)))});
     }
-    if (auto st = t_->Exchange(ops, deadline, "ring allreduce (reduce-scatter)"); !st.ok()) return st;
+    RETURN_IF_ERROR(t_->Exchange(ops, deadline, "ring allreduce (reduce-scatter)"));
   }
   // Allgather: at step s send chunk r + 1 - s (reduced) to the right, receive chunk r - s.
   for (int s = 0; s < k - 1; ++s) {
     const int send_c = r + 1 - s, recv_c = r - s;
-    if (auto st = t_->SendRecv(right, data + start(send_c), chunk_len(send_c) * sizeof(float), left,
-                               data + start(recv_c), chunk_len(recv_c) * sizeof(float),
-                               MakeTag(seq, tags::RingAllgather(k, s)), deadline, "ring allreduce (allgather)");
-        !st.ok()) {
-      return st;
-    }
+    RETURN_IF_ERROR(t_->SendRecv(right, data + start(send_c), chunk_len(send_c) * sizeof(float), left, data + start(recv_c), chunk_len(recv_c) * sizeof(float), MakeTag(seq, tags::RingAllgather(k, s)), deadline, "ring allreduce (allgather)"));
   }
   return absl::OkStatus();
 }

@@ -132,11 +132,7 @@ absl::StatusOr<std::unique_ptr<SharedMemoryAllreduce>> SharedMemoryAllreduce::Cr
       return st;
     }
   } else {
-    if (auto st = t->SendRecv(-1, nullptr, 0, 0, name, sizeof(name), MakeTag(tag_sequence, tags::kShmSegmentName), deadline,
-                              "shared-memory allreduce setup (segment name)");
-        !st.ok()) {
-      return st;
-    }
+    RETURN_IF_ERROR(t->SendRecv(-1, nullptr, 0, 0, name, sizeof(name), MakeTag(tag_sequence, tags::kShmSegmentName), deadline, "shared-memory allreduce setup (segment name)"));
     name[sizeof(name) - 1] = 0;
     if (name[0] == 0) {
       error = "rank 0 could not create the shared-memory segment";

@@ -1,0 +1,193 @@
+#include "coordinator/job_manager.h"
+
+#include "common/lr_schedule.h"
+
+#include <algorithm>
+#include <set>
+#include <tuple>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/job_spec.h"
+#include "common/logging.h"
+#include "common/status_macros.h"
+#include "coordinator/job_manager_internal.h"
+
+namespace lmsgd::coordinator {
+
+using internal::DescribeMember;
+using internal::StateName;
+using internal::UnixMillis;
+
+absl::Status JobManager::PublishBootstrap(const v1::PublishBootstrapRequest& req) {
+  if (req.key().empty() || req.key().size() > 128) return absl::InvalidArgumentError("key: must be 1..128 characters");
+  if (req.value().size() > options_.max_bootstrap_bytes) {
+    return absl::InvalidArgumentError(absl::StrCat("value: ", req.value().size(), " bytes exceeds the ",
+                                                   options_.max_bootstrap_bytes, "-byte limit"));
+  }
+  absl::MutexLock lock(&mu_);
+  Job* job = FindJob(req.job_id());
+  if (job == nullptr) return absl::NotFoundError(absl::StrCat("no job '", req.job_id(), "'"));
+  RETURN_IF_ERROR(CheckGeneration(*job, req.generation()));
+  if (req.rank() < 0 || req.rank() >= static_cast<int>(job->status.world_size())) {
+    return absl::InvalidArgumentError(absl::StrCat("rank: ", req.rank(), " is outside [0, ",
+                                                   job->status.world_size(), ")"));
+  }
+  auto& slot = job->bootstrap[req.key()];
+  auto it = slot.find(req.rank());
+  if (it != slot.end()) {
+    if (it->second == req.value()) return absl::OkStatus();
+    return absl::AlreadyExistsError(absl::StrCat("rank ", req.rank(), " already published a different '",
+                                                 req.key(), "' for generation ", req.generation()));
+  }
+  slot[req.rank()] = req.value();
+  changed_.SignalAll();
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::GetBootstrapResponse> JobManager::GetBootstrap(const v1::GetBootstrapRequest& req,
+                                                                  absl::Time deadline) {
+  const absl::Time start = absl::Now();
+  if (req.timeout_s() > 0) deadline = std::min(deadline, start + absl::Seconds(req.timeout_s()));
+  deadline = std::min(deadline, start + options_.max_bootstrap_wait);
+  absl::MutexLock lock(&mu_);
+  while (true) {
+    if (shutting_down_) return absl::UnavailableError("coordinator is shutting down");
+    Job* job = FindJob(req.job_id());
+    if (job == nullptr) return absl::NotFoundError(absl::StrCat("no job '", req.job_id(), "'"));
+    RETURN_IF_ERROR(CheckGeneration(*job, req.generation()));
+    std::vector<int> ranks(req.ranks().begin(), req.ranks().end());
+    if (ranks.empty()) {
+      for (uint32_t r = 0; r < job->status.world_size(); ++r) ranks.push_back(static_cast<int>(r));
+    }
+    std::sort(ranks.begin(), ranks.end());
+    ranks.erase(std::unique(ranks.begin(), ranks.end()), ranks.end());
+    const auto& slot = job->bootstrap[req.key()];
+    std::vector<int> missing;
+    v1::GetBootstrapResponse resp;
+    for (int r : ranks) {
+      if (r < 0 || r >= static_cast<int>(job->status.world_size())) {
+        return absl::InvalidArgumentError(absl::StrCat("ranks: ", r, " is outside [0, ",
+                                                       job->status.world_size(), ")"));
+      }
+      auto it = slot.find(r);
+      if (it == slot.end()) {
+        missing.push_back(r);
+      } else {
+        auto* e = resp.add_entries();
+        e->set_rank(r);
+        e->set_value(it->second);
+      }
+    }
+    if (missing.empty()) return resp;
+    if (absl::Now() >= deadline) {
+      return absl::DeadlineExceededError(absl::StrCat(
+          "bootstrap key '", req.key(), "' of job ", req.job_id(), " generation ", req.generation(),
+          ": rank(s) ", absl::StrJoin(missing, ","), " did not publish within ",
+          absl::FormatDuration(absl::Now() - start)));
+    }
+    changed_.WaitWithDeadline(&mu_, deadline);
+  }
+}
+
+absl::StatusOr<v1::HeartbeatResponse> JobManager::Heartbeat(const v1::HeartbeatRequest& req) {
+  absl::MutexLock lock(&mu_);
+  Job* job = FindJob(req.job_id());
+  if (job == nullptr) return absl::NotFoundError(absl::StrCat("no job '", req.job_id(), "'"));
+  v1::HeartbeatResponse resp;
+  resp.set_generation(job->status.generation());
+  auto it = job->members.find(req.worker_id());
+  if (IsFinal(job->status.state())) {
+    resp.set_directive(v1::DIRECTIVE_STOP);
+    resp.set_message(absl::StrCat("job ", req.job_id(), " ended: ", StateName(job->status.state())));
+    if (it != job->members.end()) it->second.last_seen = options_.now();
+    return resp;
+  }
+  if (it == job->members.end()) {
+    resp.set_directive(v1::DIRECTIVE_ABORT_AND_REJOIN);
+    resp.set_message(absl::StrCat("worker ", req.worker_id(), " is not a member of job ", req.job_id(),
+                                  " (declared dead or replaced); re-join"));
+    return resp;
+  }
+  Member& m = it->second;
+  m.last_seen = options_.now();
+  if (req.generation() != job->status.generation() || m.generation != job->status.generation() ||
+      job->status.state() != v1::JOB_STATE_RUNNING) {
+    resp.set_directive(v1::DIRECTIVE_ABORT_AND_REJOIN);
+    resp.set_message(absl::StrCat("generation ", req.generation(), " is over (job ",
+                                  StateName(job->status.state()), ", generation ",
+                                  job->status.generation(), ")",
+                                  job->status.message().empty() ? "" : ": ", job->status.message()));
+    return resp;
+  }
+  resp.set_directive(v1::DIRECTIVE_CONTINUE);
+  if (m.info.rank() == 0) {
+    const uint64_t total = job->status.progress().total_iterations();
+    *job->status.mutable_progress() = req.progress();
+    job->status.mutable_progress()->set_total_iterations(total);
+    if (req.completed()) {
+      v1::JobStatus next = Snapshot(*job);
+      next.set_state(v1::JOB_STATE_SUCCEEDED);
+      next.set_message(absl::StrCat("finished ", next.spec().epochs(), " epochs"));
+      RETURN_IF_ERROR(Persist(*job, std::move(next)));
+      resp.set_directive(v1::DIRECTIVE_STOP);
+      resp.set_message("job succeeded");
+      return resp;
+    }
+    Changed(*job);
+  }
+  return resp;
+}
+
+absl::Status JobManager::ReportCheckpoint(const v1::ReportCheckpointRequest& req) {
+  absl::MutexLock lock(&mu_);
+  Job* job = FindJob(req.job_id());
+  if (job == nullptr) return absl::NotFoundError(absl::StrCat("no job '", req.job_id(), "'"));
+  RETURN_IF_ERROR(CheckGeneration(*job, req.checkpoint().generation()));
+  if (req.checkpoint().path().empty()) return absl::InvalidArgumentError("checkpoint.path: required");
+  if (job->members.find(req.worker_id()) == job->members.end()) {
+    return absl::NotFoundError(absl::StrCat("worker ", req.worker_id(), " is not a member of job ", req.job_id()));
+  }
+  v1::JobStatus next = Snapshot(*job);
+  *next.mutable_last_checkpoint() = req.checkpoint();
+  if (next.last_checkpoint().time_unix_ms() == 0) {
+    next.mutable_last_checkpoint()->set_time_unix_ms(UnixMillis(absl::Now()));
+  }
+  return Persist(*job, std::move(next));
+}
+
+absl::Status JobManager::ReportEvaluation(const v1::ReportEvaluationRequest& req) {
+  absl::MutexLock lock(&mu_);
+  Job* job = FindJob(req.job_id());
+  if (job == nullptr) return absl::NotFoundError(absl::StrCat("no job '", req.job_id(), "'"));
+  RETURN_IF_ERROR(CheckGeneration(*job, req.generation()));
+  const auto& e = req.evaluation();
+  if (!(e.top1_error() >= 0 && e.top1_error() <= 1 && e.top5_error() >= 0 && e.top5_error() <= 1)) {
+    return absl::InvalidArgumentError("evaluation: errors must be fractions in [0, 1]");
+  }
+  v1::JobStatus next = Snapshot(*job);
+  *next.mutable_last_evaluation() = e;
+  return Persist(*job, std::move(next));
+}
+
+absl::Status JobManager::ReportFailure(const v1::ReportFailureRequest& req) {
+  absl::MutexLock lock(&mu_);
+  Job* job = FindJob(req.job_id());
+  if (job == nullptr) return absl::NotFoundError(absl::StrCat("no job '", req.job_id(), "'"));
+  if (IsFinal(job->status.state())) return absl::OkStatus();
+  const std::string msg = absl::StrCat("worker ", req.worker_id(), ": ", req.message().substr(0, 4096));
+  LOG(WARNING) << "job " << req.job_id() << ": failure reported" << (req.fatal() ? " (fatal)" : "")
+               << " by " << msg;
+  if (req.fatal()) {
+    v1::JobStatus next = Snapshot(*job);
+    next.set_state(v1::JOB_STATE_FAILED);
+    next.set_message(msg);
+    return Persist(*job, std::move(next));
+  }
+  if (req.generation() == job->status.generation() && job->status.state() == v1::JOB_STATE_RUNNING) {
+    return BreakGeneration(*job, msg, true);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace lmsgd::coordinator
