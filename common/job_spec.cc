@@ -161,8 +161,9 @@ std::vector<std::string> JobSpecErrors(const v1::JobSpec& s) {
   if (!v1::Device_IsValid(s.device())) bad("device", "unknown device");
   if (!v1::Precision_IsValid(s.precision())) {
     bad("precision", "unknown precision");
-  } else if (s.device() == v1::DEVICE_CPU && s.precision() != v1::PRECISION_FP32) {
-    bad("precision", "the CPU device trains in FP32 only");
+  } else if (s.device() == v1::DEVICE_CPU && s.precision() != v1::PRECISION_FP32 &&
+             s.precision() != v1::PRECISION_BF16) {
+    bad("precision", "the CPU device trains in FP32 or BF16");
   }
   if (s.min_workers() < 1 || s.min_workers() > s.world_size()) {
     bad("min_workers", absl::StrCat("must be in [1, world_size=", s.world_size(), "]"));

@@ -1,12 +1,14 @@
 // lmsgd-bench: throughput benchmarks that print a ratio against a baseline measured in the same run.
 //
-//   lmsgd-bench train --model=resnet50 --batch=32 --device=cpu --compare=pytorch
+//   lmsgd-bench train --model=resnet50 --batch=32 --device=cpu --compare=pytorch [--precisions=fp32,bf16]
 //
 // Times lmsgd's full training step (forward, backward, SGD with momentum correction) on a fixed
-// synthetic batch: `--warmup` untimed steps, then the median of `--iterations` timed steps;
-// prints the per-op breakdown, then runs the PyTorch baseline (torchvision model, same batch, same
-// thread count; Debian's /usr/bin/python3 with python3-torch) and prints, last:
-//   lmsgd_img_s=<x> pytorch_img_s=<y> ratio=<x/y>
+// synthetic batch in each precision: warm-up until three consecutive steps agree within 10%
+// (at most --max_warmup), then the median of `--iterations` timed steps, with every step's loss
+// and the per-op breakdown; then the PyTorch baseline at its best (torchvision model,
+// channels_last, autocast(bfloat16) for bf16, the same batch, threads, constant lr and warm-up
+// rule; Debian's /usr/bin/python3 with python3-torch), and prints, last:
+//   lmsgd_img_s=<fp32> pytorch_img_s=<fp32> ratio=<..> lmsgd_bf16_img_s=<x> pytorch_bf16_img_s=<y> bf16_ratio=<x/y>
 #include <stdlib.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -33,6 +35,7 @@
 #include "absl/strings/str_split.h"
 #include "tests/bench/allreduce_bench.h"
 #include "worker/backend/onednn/resnet.h"
+#include "worker/backend/precision.h"
 #include "worker/train/trainer_factory.h"
 
 ABSL_FLAG(std::string, model, "resnet50", "resnet50 | resnet18 | resnet34 | resnet20");
@@ -41,7 +44,9 @@ ABSL_FLAG(int32_t, image_size, 224, "Input height and width");
 ABSL_FLAG(std::string, device, "cpu", "cpu (cuda: see the GPU check script)");
 ABSL_FLAG(std::string, compare, "", "pytorch: also run the PyTorch baseline and print the ratio");
 ABSL_FLAG(int32_t, threads, 0, "Compute threads for both (0 = all cores)");
-ABSL_FLAG(int32_t, warmup, 2, "Untimed steps");
+ABSL_FLAG(int32_t, max_warmup, 10,
+          "train: untimed steps at most (warm-up ends when three consecutive steps agree within 10%)");
+ABSL_FLAG(std::string, precisions, "fp32,bf16", "train: the precisions to time (fp32, bf16), each against PyTorch's");
 ABSL_FLAG(int32_t, iterations, 5, "Timed steps (median reported)");
 ABSL_FLAG(std::string, python, "/usr/bin/python3", "Python with torch + torchvision (Debian's)");
 ABSL_FLAG(int32_t, ranks, 2, "allreduce: number of processes K");
@@ -89,6 +94,99 @@ std::string BaselineScript(const char* argv0) {
   return "";
 }
 
+// Warm-up ends once three consecutive steps agree within 10% (oneDNN's JIT, first touch of the
+// activations and the allocator settle), or after `max_warmup` steps.
+bool Settled(const std::vector<double>& t) {
+  if (t.size() < 3) return false;
+  const double a = t[t.size() - 3], b = t[t.size() - 2], c = t[t.size() - 1];
+  const double lo = std::min({a, b, c}), hi = std::max({a, b, c});
+  return hi <= 1.1 * lo;
+}
+
+struct LmsgdRun {
+  double img_s = 0;
+  std::string error;
+};
+
+// lmsgd's step in `precision`: warm-up until settled, then the median of `iters` steps, with the
+// per-op split and every step's loss printed.
+LmsgdRun RunLmsgd(lmsgd::train::TrainerConfig c, lmsgd::backend::Precision precision, int max_warmup, int iters) {
+  c.precision = precision;
+  const char* pname = lmsgd::backend::PrecisionName(precision);
+  auto trainer = lmsgd::train::CreateTrainer(c);
+  if (!trainer.ok()) return {0, trainer.status().ToString()};
+  const int batch = c.per_worker_batch, size = c.height;
+  std::vector<float> images(static_cast<size_t>(batch) * 3 * size * size);
+  std::vector<int32_t> labels(batch);
+  uint64_t s = 88172645463325252ull;
+  for (auto& v : images) {
+    s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+    v = static_cast<float>(static_cast<int64_t>(s % 2000001) - 1000000) / 1e6f;
+  }
+  for (int i = 0; i < batch; ++i) labels[i] = (i * 37) % c.num_classes;
+  std::cout << absl::StrFormat("lmsgd %s: %s\n", pname, (*trainer)->Describe());
+  std::vector<double> warm, times;
+  double optimizer_s = 0;
+  uint64_t it = 0;
+  for (;; ++it) {
+    const bool timing = Settled(warm) || static_cast<int>(warm.size()) >= max_warmup;
+    if (timing && times.empty()) (*trainer)->network().ResetTimes();
+    if (timing && static_cast<int>(times.size()) == iters) break;
+    const auto t0 = std::chrono::steady_clock::now();
+    auto st = (*trainer)->Step(it, images.data(), labels.data());
+    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (!st.ok()) return {0, st.status().ToString()};
+    (timing ? times : warm).push_back(dt);
+    if (timing) optimizer_s += st->optimizer_s;
+    std::cout << absl::StrFormat("lmsgd %s iter %d %s%.3f s loss %.4f lr %.4f\n", pname, it,
+                                 timing ? "" : "warmup ", dt, st->loss, st->lr);
+  }
+  std::sort(times.begin(), times.end());
+  const double median = times[times.size() / 2];
+  const auto& t = (*trainer)->network().times();
+  const double n = iters;
+  std::cout << absl::StrFormat("lmsgd %s per-op time per step (ms, mean over timed steps):\n", pname);
+  auto row = [&](const char* name, double v) {
+    std::cout << absl::StrFormat("  %-26s %9.1f  %5.1f%%\n", name, 1e3 * v / n, 100 * v / (median * n));
+  };
+  row("conv_forward", t.conv_forward);
+  row("conv_backward_data", t.conv_backward_data);
+  row("conv_backward_weights", t.conv_backward_weights);
+  row("batch_norm_forward", t.batch_norm_forward);
+  row("batch_norm_backward", t.batch_norm_backward);
+  row("add_relu_forward", t.add_relu_forward);
+  row("add_relu_backward", t.add_relu_backward);
+  row("max_pool", t.max_pool);
+  row("global_avg_pool", t.global_avg_pool);
+  row("fc", t.fc);
+  row("softmax_cross_entropy", t.softmax_cross_entropy);
+  row("weight_reorder", t.weight_reorder);
+  row("sgd_update", optimizer_s);
+  std::cout << absl::StrFormat("lmsgd %s median step %.3f s = %.2f img/s (%d warm-up steps)\n", pname, median,
+                               batch / median, warm.size());
+  return {batch / median, ""};
+}
+
+// The PyTorch baseline in `precision` (channels_last; autocast(bfloat16) for bf16): its img/s.
+double RunPytorch(const std::string& script, const std::string& model, int batch, int size, int threads, double lr,
+                  int max_warmup, int iters, const char* precision) {
+  const std::string cmd =
+      absl::StrFormat("%s %s --model=%s --batch=%d --image_size=%d --threads=%d --lr=%g --max_warmup=%d "
+                      "--iterations=%d --precision=%s --channels_last 2>&1",
+                      absl::GetFlag(FLAGS_python), script, model, batch, size, threads, lr, max_warmup, iters,
+                      precision);
+  FILE* pipe = popen(cmd.c_str(), "r");
+  if (pipe == nullptr) return 0;
+  double img_s = 0;
+  char line[4096];
+  while (fgets(line, sizeof(line), pipe) != nullptr) {
+    std::string l(line);
+    std::cout << l;
+    if (absl::StartsWith(l, "pytorch_img_s=")) (void)absl::SimpleAtod(absl::StripAsciiWhitespace(l.substr(14)), &img_s);
+  }
+  return pclose(pipe) == 0 ? img_s : 0;
+}
+
 int Train(const char* argv0) {
   using lmsgd::model::Arch;
   const std::string m = absl::GetFlag(FLAGS_model);
@@ -106,8 +204,21 @@ int Train(const char* argv0) {
               << " is not supported here (cpu only; the GPU numbers come from deploy/gpu_check.sh)\n";
     return 2;
   }
-  const int threads = lmsgd::backend::onednn::SetNumThreads(absl::GetFlag(FLAGS_threads));
+  std::vector<lmsgd::backend::Precision> precisions;
+  for (absl::string_view p : absl::StrSplit(absl::GetFlag(FLAGS_precisions), ',', absl::SkipEmpty())) {
+    auto parsed = lmsgd::backend::ParsePrecision(p);
+    if (!parsed.ok()) {
+      std::cerr << "lmsgd-bench: --precisions: " << parsed.status().message() << "\n";
+      return 2;
+    }
+    precisions.push_back(*parsed);
+  }
+  const int threads = lmsgd::train::SetComputeThreads(absl::GetFlag(FLAGS_threads));
   const int batch = absl::GetFlag(FLAGS_batch), size = absl::GetFlag(FLAGS_image_size);
+  const int max_warmup = absl::GetFlag(FLAGS_max_warmup), iters = absl::GetFlag(FLAGS_iterations);
+  // The paper's rule for this batch (0.1 per 256), constant: neither side diverges, and both run
+  // the same update (momentum 0.9, weight decay 1e-4, BN over the whole batch).
+  const double lr = 0.1 * batch / 256.0;
   lmsgd::train::TrainerConfig c;
   c.arch = arch;
   c.in_channels = 3;
@@ -117,100 +228,58 @@ int Train(const char* argv0) {
   c.bn_group = batch;
   c.schedule.global_batch = batch;
   c.schedule.reference_batch = 256;
-  auto trainer = lmsgd::train::CreateTrainer(c);
-  if (!trainer.ok()) {
-    std::cerr << "lmsgd-bench: " << trainer.status() << "\n";
-    return 1;
-  }
-  std::vector<float> images(static_cast<size_t>(batch) * 3 * size * size);
-  std::vector<int32_t> labels(batch);
-  uint64_t s = 88172645463325252ull;
-  for (auto& v : images) {
-    s ^= s << 13, s ^= s >> 7, s ^= s << 17;
-    v = static_cast<float>(static_cast<int64_t>(s % 2000001) - 1000000) / 1e6f;
-  }
-  for (int i = 0; i < batch; ++i) labels[i] = (i * 37) % c.num_classes;
-  std::cout << absl::StrFormat("lmsgd %s batch %d %dx%d: %s\n", m, batch, size, size, (*trainer)->Describe());
-  std::vector<double> times;
-  lmsgd::train::StepStats sum;
-  const int warmup = absl::GetFlag(FLAGS_warmup), iters = absl::GetFlag(FLAGS_iterations);
-  for (int i = 0; i < warmup + iters; ++i) {
-    if (i == warmup) (*trainer)->network().ResetTimes();
-    const auto t0 = std::chrono::steady_clock::now();
-    auto st = (*trainer)->Step(static_cast<uint64_t>(i), images.data(), labels.data());
-    const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (!st.ok()) {
-      std::cerr << "lmsgd-bench: " << st.status() << "\n";
+  c.schedule.warmup = lmsgd::Warmup::kNone;
+  c.schedule.decay_epochs.clear();
+  std::cout << absl::StrFormat("lmsgd-bench train: %s, batch %d, %dx%d, %d threads, lr %g constant\n", m, batch, size,
+                               size, threads, lr);
+  std::map<lmsgd::backend::Precision, double> lmsgd_img_s, torch_img_s;
+  for (auto p : precisions) {
+    LmsgdRun r = RunLmsgd(c, p, max_warmup, iters);
+    if (!r.error.empty()) {
+      std::cerr << "lmsgd-bench: lmsgd " << lmsgd::backend::PrecisionName(p) << ": " << r.error << "\n";
       return 1;
     }
-    if (i >= warmup) {
-      times.push_back(dt);
-      sum.optimizer_s += st->optimizer_s;
-    }
-    std::cout << absl::StrFormat("lmsgd iter %d %s%.3f s loss %.4f\n", i, i < warmup ? "warmup " : "", dt, st->loss);
+    lmsgd_img_s[p] = r.img_s;
   }
-  std::sort(times.begin(), times.end());
-  const double median = times[times.size() / 2];
-  const double lmsgd_img_s = batch / median;
-  const auto& t = (*trainer)->network().times();
-  const double n = iters;
-  std::cout << "per-op time per step (ms, mean over timed steps):\n";
-  auto row = [&](const char* name, double v) {
-    std::cout << absl::StrFormat("  %-26s %9.1f  %5.1f%%\n", name, 1e3 * v / n, 100 * v / (median * n));
-  };
-  row("conv_forward", t.conv_forward);
-  row("conv_backward_data", t.conv_backward_data);
-  row("conv_backward_weights", t.conv_backward_weights);
-  row("batch_norm_forward", t.batch_norm_forward);
-  row("batch_norm_backward", t.batch_norm_backward);
-  row("add_relu_forward", t.add_relu_forward);
-  row("add_relu_backward", t.add_relu_backward);
-  row("max_pool", t.max_pool);
-  row("global_avg_pool", t.global_avg_pool);
-  row("fc", t.fc);
-  row("softmax_cross_entropy", t.softmax_cross_entropy);
-  row("weight_reorder", t.weight_reorder);
-  row("sgd_update", sum.optimizer_s);
-  std::cout << absl::StrFormat("lmsgd median step %.3f s = %.2f img/s\n", median, lmsgd_img_s);
   if (absl::GetFlag(FLAGS_compare).empty()) {
-    std::cout << absl::StrFormat("lmsgd_img_s=%.3f\n", lmsgd_img_s);
+    for (auto p : precisions) std::cout << absl::StrFormat("lmsgd_%s_img_s=%.3f ", lmsgd::backend::PrecisionName(p), lmsgd_img_s[p]);
+    std::cout << "\n";
     return 0;
   }
   if (absl::GetFlag(FLAGS_compare) != "pytorch") {
     std::cerr << "lmsgd-bench: unknown --compare=" << absl::GetFlag(FLAGS_compare) << "\n";
     return 2;
   }
-  trainer->reset();  // free lmsgd's memory before the baseline runs
   const std::string script = BaselineScript(argv0);
   if (script.empty()) {
     std::cerr << "lmsgd-bench: pytorch_resnet_train.py not found next to the binary or in the source tree\n";
     return 1;
   }
-  const std::string cmd = absl::StrFormat("%s %s --model=%s --batch=%d --image_size=%d --threads=%d --warmup=%d "
-                                          "--iterations=%d 2>&1",
-                                          absl::GetFlag(FLAGS_python), script, m, batch, size, threads, warmup, iters);
-  FILE* pipe = popen(cmd.c_str(), "r");
-  if (pipe == nullptr) {
-    std::cerr << "lmsgd-bench: could not run: " << cmd << "\n";
-    return 1;
-  }
-  double torch_img_s = 0;
-  char line[4096];
-  while (fgets(line, sizeof(line), pipe) != nullptr) {
-    std::string l(line);
-    std::cout << l;
-    if (absl::StartsWith(l, "pytorch_img_s=")) {
-      (void)absl::SimpleAtod(absl::StripAsciiWhitespace(l.substr(14)), &torch_img_s);
+  for (auto p : precisions) {
+    torch_img_s[p] = RunPytorch(script, m, batch, size, threads, lr, max_warmup, iters, lmsgd::backend::PrecisionName(p));
+    if (torch_img_s[p] <= 0) {
+      std::cerr << "lmsgd-bench: the PyTorch baseline failed: install it with deploy/setup.sh --with-baselines "
+                << "(Debian python3-torch, python3-torchvision)\n";
+      return 1;
     }
   }
-  const int rc = pclose(pipe);
-  if (rc != 0 || torch_img_s <= 0) {
-    std::cerr << "lmsgd-bench: the PyTorch baseline failed (exit " << rc << "): install it with "
-              << "deploy/setup.sh --with-baselines (Debian python3-torch, python3-torchvision)\n";
-    return 1;
+  std::cout << "\n| precision | lmsgd img/s | PyTorch img/s (channels_last" << ", autocast for bf16) | ratio |\n";
+  for (auto p : precisions) {
+    std::cout << absl::StrFormat("| %s | %.2f | %.2f | %.2f |\n", lmsgd::backend::PrecisionName(p), lmsgd_img_s[p],
+                                 torch_img_s[p], lmsgd_img_s[p] / torch_img_s[p]);
   }
-  std::cout << absl::StrFormat("lmsgd_img_s=%.3f pytorch_img_s=%.3f ratio=%.3f\n", lmsgd_img_s, torch_img_s,
-                               lmsgd_img_s / torch_img_s);
+  using lmsgd::backend::Precision;
+  std::string last;
+  if (lmsgd_img_s.count(Precision::kFp32)) {
+    last += absl::StrFormat("lmsgd_img_s=%.3f pytorch_img_s=%.3f ratio=%.3f", lmsgd_img_s[Precision::kFp32],
+                            torch_img_s[Precision::kFp32], lmsgd_img_s[Precision::kFp32] / torch_img_s[Precision::kFp32]);
+  }
+  if (lmsgd_img_s.count(Precision::kBf16)) {
+    last += absl::StrFormat("%slmsgd_bf16_img_s=%.3f pytorch_bf16_img_s=%.3f bf16_ratio=%.3f", last.empty() ? "" : " ",
+                            lmsgd_img_s[Precision::kBf16], torch_img_s[Precision::kBf16],
+                            lmsgd_img_s[Precision::kBf16] / torch_img_s[Precision::kBf16]);
+  }
+  std::cout << last << "\n";
   return 0;
 }
 

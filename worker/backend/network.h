@@ -24,6 +24,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "worker/backend/precision.h"
 
 namespace lmsgd::backend {
 
@@ -35,6 +36,9 @@ struct NetworkOptions {
   bool training = true;   // false: inference only (Predict), BN with running statistics
   double bn_momentum = 0.9;
   double bn_eps = 1e-5;
+  // Activations and the per-step weight copy in bf16 (kBf16), or fp32; master weights,
+  // gradients, BN statistics and the loss stay fp32 either way (precision.h).
+  Precision precision = Precision::kFp32;
 };
 
 // Seconds spent per op since the last Reset, summed over layers.

@@ -10,10 +10,7 @@
 namespace lmsgd::train {
 
 absl::StatusOr<std::unique_ptr<CpuTrainer>> CpuTrainer::Create(const TrainerConfig& c) {
-  if (c.precision != backend::Precision::kFp32) {
-    return absl::UnimplementedError(absl::StrCat("precision ", backend::PrecisionName(c.precision),
-                                                 " is not implemented on the CPU backend; use fp32"));
-  }
+  RETURN_IF_ERROR(backend::onednn::CheckPrecision(c.precision));
   auto t = std::unique_ptr<CpuTrainer>(new CpuTrainer());
   RETURN_IF_ERROR(t->InitCommon(c));
   backend::NetworkOptions o;
@@ -21,6 +18,7 @@ absl::StatusOr<std::unique_ptr<CpuTrainer>> CpuTrainer::Create(const TrainerConf
   o.height = c.height;
   o.width = c.width;
   o.bn_group = c.bn_group;
+  o.precision = c.precision;
   ASSIGN_OR_RETURN(t->net_, backend::onednn::CreateResNet(t->spec_, t->store_.get(), o));
   if (c.virtual_workers > 1) t->accum_.assign(t->store_->grads().size(), 0.0f);
   return t;
@@ -97,6 +95,7 @@ absl::StatusOr<EvalCounts> CpuTrainer::Evaluate(const data::Dataset& ds, uint32_
     o.height = ds.height();
     o.width = ds.width();
     o.training = false;
+    o.precision = config_.precision;
     ASSIGN_OR_RETURN(eval_net_, backend::onednn::CreateResNet(spec_, store_.get(), o));
   }
   return CountCorrect(ds, rank, world, threads, batch,

@@ -93,13 +93,18 @@ TEST(JobSpecTest, TooFewExamplesForOneBatch) {
   EXPECT_TRUE(absl::StrContains(st.message(), "dataset.train_examples")) << st;
 }
 
-TEST(JobSpecTest, CpuIsFp32Only) {
+TEST(JobSpecTest, CpuTrainsInFp32OrBf16) {
   v1::JobSpec s = Synthetic();
-  s.set_precision(v1::PRECISION_BF16);
+  s.set_precision(v1::PRECISION_TF32);
   ApplyDefaults(&s);
   EXPECT_TRUE(absl::StrContains(ValidateJobSpec(s).message(), "precision")) << ValidateJobSpec(s);
   s.set_device(v1::DEVICE_CUDA);
   EXPECT_TRUE(ValidateJobSpec(s).ok());
+  s.set_device(v1::DEVICE_CPU);
+  s.set_precision(v1::PRECISION_BF16);
+  EXPECT_TRUE(ValidateJobSpec(s).ok()) << ValidateJobSpec(s);
+  s.set_precision(v1::PRECISION_FP16);
+  EXPECT_TRUE(absl::StrContains(ValidateJobSpec(s).message(), "precision")) << ValidateJobSpec(s);
 }
 
 TEST(JobSpecTest, ParsesTextAndJson) {

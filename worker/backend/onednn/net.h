@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <deque>
 #include <functional>
 #include <optional>
@@ -49,17 +50,33 @@ inline std::string TagName(Tag t) {
   }
 }
 
-// The activation layout oneDNN's convolution picks on this CPU for a typical ResNet layer.
-inline Tag PreferredActivationTag(const dnnl::engine& eng) {
+// The activation layout oneDNN's convolution picks on this CPU for a typical ResNet layer in
+// data type `dt`.
+inline Tag PreferredActivationTag(const dnnl::engine& eng, Dt dt) {
   const memory::dims src = {32, 64, 56, 56}, w = {64, 64, 3, 3};
   dnnl::convolution_forward::desc d(dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-                                    memory::desc(src, Dt::f32, Tag::any), memory::desc(w, Dt::f32, Tag::any),
-                                    memory::desc(src, Dt::f32, Tag::any), {1, 1}, {1, 1}, {1, 1});
+                                    memory::desc(src, dt, Tag::any), memory::desc(w, dt, Tag::any),
+                                    memory::desc(src, dt, Tag::any), {1, 1}, {1, 1}, {1, 1});
   dnnl::convolution_forward::primitive_desc pd(d, eng);
   for (Tag t : {Tag::nChw16c, Tag::nChw8c, Tag::nhwc, Tag::nchw}) {
-    if (pd.dst_desc() == memory::desc(src, Dt::f32, t)) return t;
+    if (pd.dst_desc() == memory::desc(src, dt, t)) return t;
   }
   return Tag::nchw;
+}
+
+// bf16 is the upper half of an IEEE float; conversion rounds to nearest even (NaN stays NaN).
+inline float Bf16ToFloat(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+inline uint16_t FloatToBf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
 }
 
 // Offset of element (n, c, hw) in an activation of the given layout.
@@ -140,12 +157,14 @@ class Net final : public Network {
   void ResetTimes() override { times_ = OpTimes{}; }
   std::string Describe() const override {
     return absl::StrCat("oneDNN ", dnnl::version()->major, ".", dnnl::version()->minor, ".", dnnl::version()->patch,
-                        " cpu, activations ", TagName(act_tag_), ", ", omp_get_max_threads(), " threads, batch ",
+                        " cpu, ", PrecisionName(opt_.precision), " activations ", TagName(act_tag_), ", ",
+                        omp_get_max_threads(), " threads, batch ",
                         opt_.batch, ", bn_group ", opt_.bn_group, opt_.training ? ", training" : ", inference");
   }
 
  private:
-  memory::desc ActDesc(int n, int c, int h, int w) const { return memory::desc({n, c, h, w}, Dt::f32, act_tag_); }
+  memory::desc ActDesc(int n, int c, int h, int w) const { return memory::desc({n, c, h, w}, act_dt_, act_tag_); }
+  bool bf16() const { return act_dt_ == Dt::bf16; }
   memory NewMem(const memory::desc& md) { return memory(md, eng_); }
   absl::Status BuildConvBn(ConvBn* u, memory* in, const memory::desc& in_md, int h, int w);
   absl::Status BuildBlock(Block* b, const model::BlockSpec& spec, memory* in, memory* diff_in, int c, int h, int w,
@@ -164,10 +183,13 @@ class Net final : public Network {
   dnnl::engine eng_;
   dnnl::stream stream_;
   Tag act_tag_ = Tag::nchw;
+  Dt act_dt_ = Dt::f32;  // activations and the convolutions' weight copies
   OpTimes times_;
   std::string where_;  // the layer being run (named in errors)
 
-  memory input_;  // plain NCHW images
+  memory input_;  // plain NCHW images (fp32)
+  memory input_lp_;            // the images in bf16 (kBf16: what the stem reads)
+  dnnl::reorder input_to_lp_;
   ConvBn stem_;
   dnnl::pooling_forward pool_fwd_;
   dnnl::pooling_backward pool_bwd_;

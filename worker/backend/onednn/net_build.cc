@@ -17,7 +17,11 @@ absl::Status Net::BuildConvBn(ConvBn* u, memory* in, const memory::desc& in_md, 
   const memory::dims strides = {c.stride, c.stride}, pad = {c.padding, c.padding};
   const memory::dims w_dims = {c.out_channels, c.in_channels, c.kernel, c.kernel};
   const memory::desc out_md = ActDesc(u->n, c.out_channels, u->out_h, u->out_w);
-  const memory::desc w_any(w_dims, Dt::f32, Tag::any);
+  // The convolutions read weights in the activations' type (a bf16 copy made from the fp32
+  // master each step); their weight gradients stay fp32 (oneDNN accumulates bf16 products in
+  // fp32).
+  const memory::desc w_any(w_dims, act_dt_, Tag::any);
+  const memory::desc dw_any(w_dims, Dt::f32, Tag::any);
   const memory::desc w_plain(w_dims, Dt::f32, Tag::oihw);
 
   auto idx = store_->ParamIndex(c.name + ".weight");
@@ -51,7 +55,7 @@ absl::Status Net::BuildConvBn(ConvBn* u, memory* in, const memory::desc& in_md, 
       }
     }
     convolution_backward_weights::primitive_desc bw_pd(
-        convolution_backward_weights::desc(algorithm::convolution_direct, in_md, w_any, out_md, strides, pad, pad),
+        convolution_backward_weights::desc(algorithm::convolution_direct, in_md, dw_any, out_md, strides, pad, pad),
         eng_, fwd_pd);
     u->conv_bwd_weights = convolution_backward_weights(bw_pd);
     u->reorder_dw = bw_pd.diff_weights_desc() != w_plain;
@@ -181,15 +185,24 @@ absl::Status Net::Build() {
   return Guard(
       [&] {
         using namespace dnnl;
-        act_tag_ = PreferredActivationTag(eng_);
+        act_dt_ = opt_.precision == Precision::kBf16 ? Dt::bf16 : Dt::f32;
+        act_tag_ = PreferredActivationTag(eng_, act_dt_);
         const int N = opt_.batch;
-        const memory::desc in_md({N, spec_.in_channels, opt_.height, opt_.width}, Dt::f32, Tag::nchw);
-        input_ = memory(in_md, eng_, static_cast<void*>(nullptr));
+        const memory::desc images_md({N, spec_.in_channels, opt_.height, opt_.width}, Dt::f32, Tag::nchw);
+        input_ = memory(images_md, eng_, static_cast<void*>(nullptr));
+        memory::desc in_md = images_md;
+        memory* stem_in = &input_;
+        if (bf16()) {
+          in_md = memory::desc(images_md.dims(), Dt::bf16, Tag::nchw);
+          input_lp_ = NewMem(in_md);
+          input_to_lp_ = reorder(input_, input_lp_);
+          stem_in = &input_lp_;
+        }
         stem_.conv = spec_.stem_conv;
         stem_.bn = spec_.stem_bn;
         stem_.relu = true;
         stem_.needs_diff_src = false;
-        auto st = BuildConvBn(&stem_, &input_, in_md, opt_.height, opt_.width);
+        auto st = BuildConvBn(&stem_, stem_in, in_md, opt_.height, opt_.width);
         if (!st.ok()) throw dnnl::error(dnnl_invalid_arguments, std::string(st.message()).c_str());
         memory* cur = &stem_.out;
         memory* cur_diff = opt_.training ? &stem_.diff_out : nullptr;

@@ -97,6 +97,10 @@ void Net::BackwardUnit(ConvBn* u, const memory& diff_out, memory* diff_in, const
 
 void Net::ForwardAll(const float* images) {
   input_.set_data_handle(const_cast<float*>(images));
+  if (bf16()) {
+    ScopedTimer t(&times_.conv_forward);
+    input_to_lp_.execute(stream_, input_, input_lp_);
+  }
   ForwardUnit(&stem_);
   if (spec_.stem_maxpool) {
     where_ = "maxpool";
@@ -117,14 +121,18 @@ void Net::ForwardAll(const float* images) {
   where_ = "global_avg_pool";
   {
     ScopedTimer t(&times_.global_avg_pool);
-    const float* f = static_cast<const float*>(features_->get_data_handle());
+    const void* f = features_->get_data_handle();
     const LayoutIndex li{act_tag_, feat_c_, feat_hw_};
     const int N = opt_.batch, C = feat_c_, HW = feat_hw_;
+    const bool lp = bf16();
 #pragma omp parallel for collapse(2)
     for (int n = 0; n < N; ++n) {
       for (int c = 0; c < C; ++c) {
         double s = 0;
-        for (int hw = 0; hw < HW; ++hw) s += f[li(n, c, hw)];
+        for (int hw = 0; hw < HW; ++hw) {
+          const int64_t i = li(n, c, hw);
+          s += lp ? Bf16ToFloat(static_cast<const uint16_t*>(f)[i]) : static_cast<const float*>(f)[i];
+        }
         pooled_[static_cast<size_t>(n) * C + c] = static_cast<float>(s / HW);
       }
     }
@@ -195,15 +203,21 @@ absl::Status Net::Backward(const GradReadyFn& on_ready) {
         where_ = "global_avg_pool";
         {
           ScopedTimer t(&times_.global_avg_pool);
-          float* d = static_cast<float*>(features_diff_->get_data_handle());
+          void* d = features_diff_->get_data_handle();
           const LayoutIndex li{act_tag_, feat_c_, feat_hw_};
           const int N = opt_.batch, C = feat_c_, HW = feat_hw_;
           const float inv = 1.0f / static_cast<float>(HW);
+          const bool lp = bf16();
 #pragma omp parallel for collapse(2)
           for (int n = 0; n < N; ++n) {
             for (int c = 0; c < C; ++c) {
               const float g = d_pooled_[static_cast<size_t>(n) * C + c] * inv;
-              for (int hw = 0; hw < HW; ++hw) d[li(n, c, hw)] = g;
+              if (lp) {
+                const uint16_t h = FloatToBf16(g);
+                for (int hw = 0; hw < HW; ++hw) static_cast<uint16_t*>(d)[li(n, c, hw)] = h;
+              } else {
+                for (int hw = 0; hw < HW; ++hw) static_cast<float*>(d)[li(n, c, hw)] = g;
+              }
             }
           }
         }

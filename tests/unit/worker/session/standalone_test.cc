@@ -101,6 +101,32 @@ TEST_F(StandaloneTest, ResumeFromACheckpointEqualsTheUninterruptedRunBitwise) {
   EXPECT_EQ(mixed.status().code(), absl::StatusCode::kFailedPrecondition);
 }
 
+TEST_F(StandaloneTest, ResumeInBf16EqualsTheUninterruptedRunBitwise) {
+  if (auto st = backend::onednn::CheckPrecision(backend::Precision::kBf16); !st.ok()) GTEST_SKIP() << st.message();
+  spec_.set_precision(v1::PRECISION_BF16);
+  spec_.set_epochs(2);
+  spec_.clear_lr_decay_epochs();
+  StandaloneOptions o;
+  std::unique_ptr<Trainer> full, resumed, fp32;
+  spec_.set_checkpoint_dir(testing::MakeTempDir("bf16_full"));
+  auto whole = RunStandalone(spec_, o, &full);
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  EXPECT_NE(full->Describe().find("bf16"), std::string::npos) << full->Describe();
+  spec_.set_checkpoint_dir(testing::MakeTempDir("bf16_part"));
+  o.stop_after_iterations = 17;
+  ASSERT_TRUE(RunStandalone(spec_, o).ok());
+  o.stop_after_iterations = 0;
+  ASSERT_TRUE(RunStandalone(spec_, o, &resumed).ok());
+  EXPECT_EQ(resumed->store().params(), full->store().params());
+  EXPECT_EQ(resumed->store().buffers(), full->store().buffers());
+  EXPECT_EQ(resumed->sgd().velocity(), full->sgd().velocity());
+  // And it is not the fp32 run.
+  spec_.set_precision(v1::PRECISION_FP32);
+  spec_.set_checkpoint_dir("");
+  ASSERT_TRUE(RunStandalone(spec_, {}, &fp32).ok());
+  EXPECT_NE(fp32->store().params(), full->store().params());
+}
+
 TEST_F(StandaloneTest, BadDatasetsAreClearErrors) {
   spec_.mutable_dataset()->set_train_examples(100);
   auto r = RunStandalone(spec_, {});

@@ -76,6 +76,33 @@ TEST(TrainerTest, VirtualWorkersEqualOneBigBatchWithTheSameBnGroups) {
   EXPECT_LT(MaxRelDiff((*virt)->store().buffers(), (*big)->store().buffers()), 1e-5);
 }
 
+// bf16: the same comparison. Virtual workers and the big batch round the same per-group
+// activations to bf16, so they may only differ where fp32 summation order differs before a
+// rounding: the bound is the fp32 comparison's difference x 4 x 2^16 (bf16's roundoff over
+// fp32's), at least 1e-2.
+TEST(TrainerTest, VirtualWorkersEqualOneBigBatchInBf16WithinBf16Bounds) {
+  if (auto st = backend::onednn::CheckPrecision(backend::Precision::kBf16); !st.ok()) GTEST_SKIP() << st.message();
+  backend::onednn::SetNumThreads(2);
+  double diff[2] = {0, 0};
+  for (int p = 0; p < 2; ++p) {
+    TrainerConfig cv = SmallConfig(4, 2, 4), cb = SmallConfig(8, 1, 4);
+    cv.precision = cb.precision = p == 0 ? backend::Precision::kFp32 : backend::Precision::kBf16;
+    auto virt = CreateTrainer(cv);
+    auto big = CreateTrainer(cb);
+    ASSERT_TRUE(virt.ok() && big.ok()) << virt.status() << big.status();
+    for (uint64_t t = 0; t < 3; ++t) {
+      std::vector<float> x;
+      std::vector<int32_t> y;
+      RandomBatch(8, &x, &y, 100 + static_cast<uint32_t>(t));
+      ASSERT_TRUE((*virt)->Step(t, x.data(), y.data()).ok());
+      ASSERT_TRUE((*big)->Step(t, x.data(), y.data()).ok());
+    }
+    diff[p] = std::max(MaxRelDiff((*virt)->store().params(), (*big)->store().params()),
+                       MaxRelDiff((*virt)->store().buffers(), (*big)->store().buffers()));
+  }
+  EXPECT_LE(diff[1], std::max(1e-2, 4 * 65536.0 * diff[0])) << "fp32 difference " << diff[0];
+}
+
 bool HaveGpu() { return CheckDeviceAvailable(0).ok(); }
 
 // --device cuda:0 on a machine without a GPU: a clear FAILED_PRECONDITION, never a crash.

@@ -9,6 +9,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <iostream>
 #include <random>
 #include <set>
 
@@ -114,6 +115,93 @@ INSTANTIATE_TEST_SUITE_P(Nets, OnednnVsReference,
                                            Case{Arch::kResNet8, 3, 10, 12, 6, 3},
                                            Case{Arch::kResNet18, 3, 7, 64, 4, 4}),
                          [](const auto& info) { return "case" + std::to_string(info.index); });
+
+// bf16 against the same reference, with bounds derived like the GPU's (tests/gpu/agreement.h):
+// bf16's unit roundoff is 2^16 times fp32's, so the case's fp32 error x 4 x 2^16 bounds the
+// bf16 error (at least the base bounds: loss 2e-2, gradients as a whole 5e-2). The bf16 error
+// must also exceed the fp32 one: the bf16 path really ran.
+struct Errors {
+  double loss = 0, grads = 0;  // |loss - ref| / |ref|; ||grads - ref|| / ||ref|| over all parameters
+};
+
+// The case's error in fp32 and in bf16 against one float64 reference computation.
+void AgainstReference(const Case& c, Errors* fp32, Errors* bf16, std::string* bf16_describe) {
+  auto spec = model::MakeResNet(c.arch, c.channels, c.classes);
+  ASSERT_TRUE(spec.ok());
+  const auto init = TestParams(*spec, 5);
+  std::vector<float> images;
+  std::vector<int32_t> labels;
+  ::lmsgd::testing::TestBatch(c.batch, c.channels, c.hw, c.classes, &images, &labels);
+  const double kn = 2.0 * c.batch;
+  backend::reference::ReferenceResNet ref(*spec, init);
+  backend::reference::Tensor x({c.batch, c.channels, c.hw, c.hw});
+  for (size_t i = 0; i < images.size(); ++i) x.data[i] = images[i];
+  const double ref_loss = ref.Forward(x, std::vector<int>(labels.begin(), labels.end()), c.bn_group, kn);
+  const auto ref_grads = ref.Backward();
+  for (Precision precision : {Precision::kFp32, Precision::kBf16}) {
+    model::ParamStore store(*spec);
+    ASSERT_TRUE(store.Load(init).ok());
+    NetworkOptions o;
+    o.batch = c.batch;
+    o.height = o.width = c.hw;
+    o.bn_group = c.bn_group;
+    o.precision = precision;
+    auto net = CreateResNet(*spec, &store, o);
+    ASSERT_TRUE(net.ok()) << net.status();
+    if (precision == Precision::kBf16) *bf16_describe = (*net)->Describe();
+    auto loss = (*net)->ForwardTrain(images.data(), labels.data(), kn);
+    ASSERT_TRUE(loss.ok()) << loss.status();
+    ASSERT_TRUE((*net)->Backward(nullptr).ok());
+    Errors& e = precision == Precision::kFp32 ? *fp32 : *bf16;
+    e.loss = std::abs(*loss - ref_loss) / std::abs(ref_loss);
+    double diff2 = 0, ref2 = 0;
+    for (size_t i = 0; i < store.num_params(); ++i) {
+      const std::vector<double>& g = ref_grads.at(store.param_specs()[i].name);
+      const float* got = store.grad(i);
+      for (size_t j = 0; j < g.size(); ++j) {
+        diff2 += (got[j] - g[j]) * (got[j] - g[j]);
+        ref2 += g[j] * g[j];
+      }
+    }
+    e.grads = std::sqrt(diff2 / ref2);
+  }
+}
+
+class OnednnBf16VsReference : public ::testing::TestWithParam<Case> {};
+
+TEST_P(OnednnBf16VsReference, ErrorWithinTheFp32ErrorTimesBf16sRoundoff) {
+  if (auto st = CheckPrecision(Precision::kBf16); !st.ok()) GTEST_SKIP() << st.message();
+  SetNumThreads(2);
+  const Case c = GetParam();
+  std::string d16;
+  Errors e32, e16;
+  AgainstReference(c, &e32, &e16, &d16);
+  EXPECT_NE(d16.find("bf16"), std::string::npos) << d16;
+  const double ratio = 4.0 * 65536.0;
+  EXPECT_LE(e16.loss, std::max(2e-2, ratio * e32.loss)) << "fp32 loss error " << e32.loss;
+  EXPECT_LE(e16.grads, std::max(5e-2, ratio * e32.grads)) << "fp32 gradient error " << e32.grads;
+  EXPECT_GT(e16.grads, e32.grads) << "bf16 as exact as fp32: the bf16 path did not run";
+  std::cout << "fp32 vs reference: loss " << e32.loss << ", gradients " << e32.grads << "; bf16: loss " << e16.loss
+            << ", gradients " << e16.grads << "\n";
+}
+
+INSTANTIATE_TEST_SUITE_P(Nets, OnednnBf16VsReference,
+                         ::testing::Values(Case{Arch::kResNet8, 3, 10, 12, 6, 3},
+                                           Case{Arch::kResNet18, 3, 7, 64, 4, 4}),
+                         [](const auto& info) { return "case" + std::to_string(info.index); });
+
+TEST(OnednnResNetTest, Tf32IsRefusedOnTheCpu) {
+  auto spec = model::MakeResNet(Arch::kResNet8, 1, 10);
+  model::ParamStore store(*spec);
+  NetworkOptions o;
+  o.batch = 4;
+  o.height = o.width = 8;
+  o.bn_group = 2;
+  o.precision = Precision::kTf32;
+  auto net = CreateResNet(*spec, &store, o);
+  ASSERT_FALSE(net.ok());
+  EXPECT_NE(net.status().message().find("tf32"), std::string::npos) << net.status();
+}
 
 TEST(OnednnResNetTest, ResNet50BuildsAtImageNetShape) {
   SetNumThreads(2);
