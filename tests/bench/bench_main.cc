@@ -3,8 +3,8 @@
 //   lmsgd-bench train --model=resnet50 --batch=32 --device=cpu --compare=pytorch [--precisions=fp32,bf16]
 //
 // Times lmsgd's full training step (forward, backward, SGD with momentum correction) on a fixed
-// synthetic batch in each precision: warm-up until three consecutive steps agree within 10%
-// (at most --max_warmup), then the median of `--iterations` timed steps, with every step's loss
+// synthetic batch in each precision: steps until the last `--iterations` all lie within 10% of
+// their median (at most --max_steps), whose median is reported, with every step's loss
 // and the per-op breakdown; then the PyTorch baseline at its best (torchvision model,
 // channels_last, autocast(bfloat16) for bf16, the same batch, threads, constant lr and warm-up
 // rule; Debian's /usr/bin/python3 with python3-torch), and prints, last:
@@ -44,8 +44,9 @@ ABSL_FLAG(int32_t, image_size, 224, "Input height and width");
 ABSL_FLAG(std::string, device, "cpu", "cpu (cuda: see the GPU check script)");
 ABSL_FLAG(std::string, compare, "", "pytorch: also run the PyTorch baseline and print the ratio");
 ABSL_FLAG(int32_t, threads, 0, "Compute threads for both (0 = all cores)");
-ABSL_FLAG(int32_t, max_warmup, 10,
-          "train: untimed steps at most (warm-up ends when three consecutive steps agree within 10%)");
+ABSL_FLAG(int32_t, max_steps, 30,
+          "train: steps at most per run; the timed window is the last --iterations steps once they all lie within 10% "
+          "of their median");
 ABSL_FLAG(std::string, precisions, "fp32,bf16", "train: the precisions to time (fp32, bf16), each against PyTorch's");
 ABSL_FLAG(int32_t, iterations, 5, "Timed steps (median reported)");
 ABSL_FLAG(std::string, python, "/usr/bin/python3", "Python with torch + torchvision (Debian's)");
@@ -94,13 +95,15 @@ std::string BaselineScript(const char* argv0) {
   return "";
 }
 
-// Warm-up ends once three consecutive steps agree within 10% (oneDNN's JIT, first touch of the
-// activations and the allocator settle), or after `max_warmup` steps.
-bool Settled(const std::vector<double>& t) {
-  if (t.size() < 3) return false;
-  const double a = t[t.size() - 3], b = t[t.size() - 2], c = t[t.size() - 1];
-  const double lo = std::min({a, b, c}), hi = std::max({a, b, c});
-  return hi <= 1.1 * lo;
+// Step times settle slowly (oneDNN's JIT, first touch of the activations, the allocator; PyTorch's
+// caches): the timed window is the last `iters` steps, taken once at least three steps have run
+// and every step of the window lies within 10% of the window's median, or after `max_steps`.
+bool Stable(const std::vector<double>& t, int iters) {
+  if (static_cast<int>(t.size()) < std::max(iters, 3)) return false;
+  std::vector<double> w(t.end() - iters, t.end());
+  std::sort(w.begin(), w.end());
+  const double median = w[w.size() / 2];
+  return w.front() >= 0.9 * median && w.back() <= 1.1 * median;
 }
 
 struct LmsgdRun {
@@ -110,7 +113,7 @@ struct LmsgdRun {
 
 // lmsgd's step in `precision`: warm-up until settled, then the median of `iters` steps, with the
 // per-op split and every step's loss printed.
-LmsgdRun RunLmsgd(lmsgd::train::TrainerConfig c, lmsgd::backend::Precision precision, int max_warmup, int iters) {
+LmsgdRun RunLmsgd(lmsgd::train::TrainerConfig c, lmsgd::backend::Precision precision, int max_steps, int iters) {
   c.precision = precision;
   const char* pname = lmsgd::backend::PrecisionName(precision);
   auto trainer = lmsgd::train::CreateTrainer(c);
@@ -125,26 +128,46 @@ LmsgdRun RunLmsgd(lmsgd::train::TrainerConfig c, lmsgd::backend::Precision preci
   }
   for (int i = 0; i < batch; ++i) labels[i] = (i * 37) % c.num_classes;
   std::cout << absl::StrFormat("lmsgd %s: %s\n", pname, (*trainer)->Describe());
-  std::vector<double> warm, times;
-  double optimizer_s = 0;
-  uint64_t it = 0;
-  for (;; ++it) {
-    const bool timing = Settled(warm) || static_cast<int>(warm.size()) >= max_warmup;
-    if (timing && times.empty()) (*trainer)->network().ResetTimes();
-    if (timing && static_cast<int>(times.size()) == iters) break;
+  // Per-op times and the optimizer's are summed over each step and kept per step, so that the
+  // split can be reported over the timed window.
+  std::vector<double> times, optimizer;
+  std::vector<lmsgd::backend::OpTimes> ops;
+  for (uint64_t it = 0; !Stable(times, iters) && static_cast<int>(times.size()) < max_steps; ++it) {
+    (*trainer)->network().ResetTimes();
     const auto t0 = std::chrono::steady_clock::now();
     auto st = (*trainer)->Step(it, images.data(), labels.data());
     const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (!st.ok()) return {0, st.status().ToString()};
-    (timing ? times : warm).push_back(dt);
-    if (timing) optimizer_s += st->optimizer_s;
-    std::cout << absl::StrFormat("lmsgd %s iter %d %s%.3f s loss %.4f lr %.4f\n", pname, it,
-                                 timing ? "" : "warmup ", dt, st->loss, st->lr);
+    times.push_back(dt);
+    optimizer.push_back(st->optimizer_s);
+    ops.push_back((*trainer)->network().times());
+    std::cout << absl::StrFormat("lmsgd %s iter %d %.3f s loss %.4f lr %.4f\n", pname, it, dt, st->loss, st->lr);
   }
+  const size_t first = times.size() - std::min<size_t>(times.size(), iters);
+  lmsgd::backend::OpTimes t;
+  double optimizer_s = 0;
+  for (size_t i = first; i < times.size(); ++i) {
+    const auto& o = ops[i];
+    t.conv_forward += o.conv_forward;
+    t.conv_backward_data += o.conv_backward_data;
+    t.conv_backward_weights += o.conv_backward_weights;
+    t.batch_norm_forward += o.batch_norm_forward;
+    t.batch_norm_backward += o.batch_norm_backward;
+    t.add_relu_forward += o.add_relu_forward;
+    t.add_relu_backward += o.add_relu_backward;
+    t.max_pool += o.max_pool;
+    t.global_avg_pool += o.global_avg_pool;
+    t.fc += o.fc;
+    t.softmax_cross_entropy += o.softmax_cross_entropy;
+    t.weight_reorder += o.weight_reorder;
+    optimizer_s += optimizer[i];
+  }
+  const size_t warm = first;
+  std::vector<double> window(times.begin() + first, times.end());
+  times = window;
   std::sort(times.begin(), times.end());
   const double median = times[times.size() / 2];
-  const auto& t = (*trainer)->network().times();
-  const double n = iters;
+  const double n = static_cast<double>(times.size());
   std::cout << absl::StrFormat("lmsgd %s per-op time per step (ms, mean over timed steps):\n", pname);
   auto row = [&](const char* name, double v) {
     std::cout << absl::StrFormat("  %-26s %9.1f  %5.1f%%\n", name, 1e3 * v / n, 100 * v / (median * n));
@@ -162,18 +185,18 @@ LmsgdRun RunLmsgd(lmsgd::train::TrainerConfig c, lmsgd::backend::Precision preci
   row("softmax_cross_entropy", t.softmax_cross_entropy);
   row("weight_reorder", t.weight_reorder);
   row("sgd_update", optimizer_s);
-  std::cout << absl::StrFormat("lmsgd %s median step %.3f s = %.2f img/s (%d warm-up steps)\n", pname, median,
-                               batch / median, warm.size());
+  std::cout << absl::StrFormat("lmsgd %s median step %.3f s = %.2f img/s (%d warm-up steps%s)\n", pname, median,
+                               batch / median, warm, Stable(window, iters) ? "" : "; not stable by --max_steps");
   return {batch / median, ""};
 }
 
 // The PyTorch baseline in `precision` (channels_last; autocast(bfloat16) for bf16): its img/s.
 double RunPytorch(const std::string& script, const std::string& model, int batch, int size, int threads, double lr,
-                  int max_warmup, int iters, const char* precision) {
+                  int max_steps, int iters, const char* precision) {
   const std::string cmd =
-      absl::StrFormat("%s %s --model=%s --batch=%d --image_size=%d --threads=%d --lr=%g --max_warmup=%d "
+      absl::StrFormat("%s %s --model=%s --batch=%d --image_size=%d --threads=%d --lr=%g --max_steps=%d "
                       "--iterations=%d --precision=%s --channels_last 2>&1",
-                      absl::GetFlag(FLAGS_python), script, model, batch, size, threads, lr, max_warmup, iters,
+                      absl::GetFlag(FLAGS_python), script, model, batch, size, threads, lr, max_steps, iters,
                       precision);
   FILE* pipe = popen(cmd.c_str(), "r");
   if (pipe == nullptr) return 0;
@@ -215,7 +238,7 @@ int Train(const char* argv0) {
   }
   const int threads = lmsgd::train::SetComputeThreads(absl::GetFlag(FLAGS_threads));
   const int batch = absl::GetFlag(FLAGS_batch), size = absl::GetFlag(FLAGS_image_size);
-  const int max_warmup = absl::GetFlag(FLAGS_max_warmup), iters = absl::GetFlag(FLAGS_iterations);
+  const int max_steps = absl::GetFlag(FLAGS_max_steps), iters = absl::GetFlag(FLAGS_iterations);
   // The paper's rule for this batch (0.1 per 256), constant: neither side diverges, and both run
   // the same update (momentum 0.9, weight decay 1e-4, BN over the whole batch).
   const double lr = 0.1 * batch / 256.0;
@@ -234,7 +257,7 @@ int Train(const char* argv0) {
                                size, threads, lr);
   std::map<lmsgd::backend::Precision, double> lmsgd_img_s, torch_img_s;
   for (auto p : precisions) {
-    LmsgdRun r = RunLmsgd(c, p, max_warmup, iters);
+    LmsgdRun r = RunLmsgd(c, p, max_steps, iters);
     if (!r.error.empty()) {
       std::cerr << "lmsgd-bench: lmsgd " << lmsgd::backend::PrecisionName(p) << ": " << r.error << "\n";
       return 1;
@@ -256,7 +279,7 @@ int Train(const char* argv0) {
     return 1;
   }
   for (auto p : precisions) {
-    torch_img_s[p] = RunPytorch(script, m, batch, size, threads, lr, max_warmup, iters, lmsgd::backend::PrecisionName(p));
+    torch_img_s[p] = RunPytorch(script, m, batch, size, threads, lr, max_steps, iters, lmsgd::backend::PrecisionName(p));
     if (torch_img_s[p] <= 0) {
       std::cerr << "lmsgd-bench: the PyTorch baseline failed: install it with deploy/setup.sh --with-baselines "
                 << "(Debian python3-torch, python3-torchvision)\n";

@@ -4,8 +4,8 @@
 Same work as lmsgd's step: forward, cross-entropy, backward, SGD (momentum 0.9, weight
 decay 1e-4, the constant lr lmsgd-bench gives both sides) on a fixed random batch. Its best
 configuration on CPU: --channels_last, and torch.autocast("cpu", dtype=torch.bfloat16) for
---precision=bf16. Warm-up runs until three consecutive steps agree within 10% (at most
---max_warmup), then --iterations steps are timed. Prints every step's time and loss and, last,
+--precision=bf16. It steps until the last --iterations steps all lie within 10% of their
+median (at most --max_steps) and reports that window's median. Prints every step's time and loss and, last,
 "pytorch_img_s=<median images/s>". Run with Debian's /usr/bin/python3 (python3-torch).
 """
 import argparse
@@ -15,8 +15,13 @@ import sys
 import time
 
 
-def settled(t):
-    return len(t) >= 3 and max(t[-3:]) <= 1.1 * min(t[-3:])
+def stable(t, n):
+    """The last n steps all lie within 10% of their median (lmsgd-bench's rule)."""
+    if len(t) < max(n, 3):
+        return False
+    w = t[-n:]
+    m = statistics.median(w)
+    return min(w) >= 0.9 * m and max(w) <= 1.1 * m
 
 
 def main():
@@ -26,7 +31,7 @@ def main():
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--lr", type=float, default=0.0125)
-    p.add_argument("--max_warmup", type=int, default=10)
+    p.add_argument("--max_steps", type=int, default=30)
     p.add_argument("--iterations", type=int, default=5)
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--channels_last", action="store_true")
@@ -49,12 +54,8 @@ def main():
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if a.precision == "bf16"
                 else contextlib.nullcontext())
     name = f"pytorch {a.precision}{' channels_last' if a.channels_last else ''}"
-    warm, times = [], []
-    i = 0
-    while True:
-        timing = settled(warm) or len(warm) >= a.max_warmup
-        if timing and len(times) == a.iterations:
-            break
+    times = []
+    while not stable(times, a.iterations) and len(times) < a.max_steps:
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         with autocast:
@@ -62,11 +63,13 @@ def main():
         loss.backward()
         opt.step()
         dt = time.perf_counter() - t0
-        (times if timing else warm).append(dt)
-        print(f"{name} iter {i} {'' if timing else 'warmup '}{dt:.3f} s loss {loss.item():.4f}", flush=True)
-        i += 1
-    print(f"torch {torch.__version__} threads {torch.get_num_threads()}; {len(warm)} warm-up steps", flush=True)
-    print(f"pytorch_img_s={a.batch / statistics.median(times):.3f}", flush=True)
+        times.append(dt)
+        print(f"{name} iter {len(times) - 1} {dt:.3f} s loss {loss.item():.4f}", flush=True)
+    window = times[-a.iterations:]
+    note = "" if stable(times, a.iterations) else "; not stable by --max_steps"
+    print(f"torch {torch.__version__} threads {torch.get_num_threads()}; "
+          f"{len(times) - len(window)} warm-up steps{note}", flush=True)
+    print(f"pytorch_img_s={a.batch / statistics.median(window):.3f}", flush=True)
 
 
 if __name__ == "__main__":
