@@ -147,19 +147,7 @@ LmsgdRun RunLmsgd(lmsgd::train::TrainerConfig c, lmsgd::backend::Precision preci
   lmsgd::backend::OpTimes t;
   double optimizer_s = 0;
   for (size_t i = first; i < times.size(); ++i) {
-    const auto& o = ops[i];
-    t.conv_forward += o.conv_forward;
-    t.conv_backward_data += o.conv_backward_data;
-    t.conv_backward_weights += o.conv_backward_weights;
-    t.batch_norm_forward += o.batch_norm_forward;
-    t.batch_norm_backward += o.batch_norm_backward;
-    t.add_relu_forward += o.add_relu_forward;
-    t.add_relu_backward += o.add_relu_backward;
-    t.max_pool += o.max_pool;
-    t.global_avg_pool += o.global_avg_pool;
-    t.fc += o.fc;
-    t.softmax_cross_entropy += o.softmax_cross_entropy;
-    t.weight_reorder += o.weight_reorder;
+    t += ops[i];
     optimizer_s += optimizer[i];
   }
   const size_t warm = first;

@@ -48,6 +48,15 @@ struct OpTimes {
   double add_relu_forward = 0, add_relu_backward = 0;  // residual Add + ReLU and their gradients
   double max_pool = 0, global_avg_pool = 0, fc = 0, softmax_cross_entropy = 0;
   double weight_reorder = 0;  // plain <-> backend layouts of weights and weight gradients
+  OpTimes& operator+=(const OpTimes& o) {
+    conv_forward += o.conv_forward, conv_backward_data += o.conv_backward_data;
+    conv_backward_weights += o.conv_backward_weights;
+    batch_norm_forward += o.batch_norm_forward, batch_norm_backward += o.batch_norm_backward;
+    add_relu_forward += o.add_relu_forward, add_relu_backward += o.add_relu_backward;
+    max_pool += o.max_pool, global_avg_pool += o.global_avg_pool, fc += o.fc;
+    softmax_cross_entropy += o.softmax_cross_entropy, weight_reorder += o.weight_reorder;
+    return *this;
+  }
   double Total() const {
     return conv_forward + conv_backward_data + conv_backward_weights + batch_norm_forward + batch_norm_backward +
            add_relu_forward + add_relu_backward + max_pool + global_avg_pool + fc + softmax_cross_entropy +
