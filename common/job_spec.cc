@@ -60,6 +60,7 @@ void ApplyDefaults(v1::JobSpec* s) {
   if (!s->has_base_lr()) s->set_base_lr(0.1);
   if (s->reference_batch() == 0) s->set_reference_batch(256);
   if (s->warmup() == v1::WARMUP_UNSPECIFIED) s->set_warmup(v1::WARMUP_GRADUAL);
+  if (s->lr_scaling() == v1::LR_SCALING_UNSPECIFIED) s->set_lr_scaling(v1::LR_SCALING_LINEAR);
   if (!s->has_warmup_epochs()) s->set_warmup_epochs(s->warmup() == v1::WARMUP_NONE ? 0 : 5);
   if (s->lr_decay_epochs().empty()) {
     // The paper's 30/60/80, keeping those inside the run (a 10-epoch job has no decay).
@@ -131,6 +132,7 @@ std::vector<std::string> JobSpecErrors(const v1::JobSpec& s) {
   if (!Finite(s.base_lr()) || s.base_lr() <= 0) bad("base_lr", "must be a positive number");
   if (s.reference_batch() < 1) bad("reference_batch", "must be >= 1");
   if (!v1::WarmupKind_IsValid(s.warmup())) bad("warmup", "unknown warmup kind");
+  if (!v1::LrScaling_IsValid(s.lr_scaling())) bad("lr_scaling", "unknown LR scaling rule");
   if (!Finite(s.warmup_epochs()) || s.warmup_epochs() < 0 || s.warmup_epochs() > s.epochs()) {
     bad("warmup_epochs", absl::StrCat("must be in [0, epochs=", s.epochs(), "]"));
   }
@@ -243,7 +245,7 @@ v1::Schedule MakeSchedule(const v1::JobSpec& spec, uint32_t world_size) {
   s.set_base_lr(spec.base_lr());
   s.set_reference_batch(spec.reference_batch());
   s.set_global_batch(kn);
-  s.set_peak_lr(spec.base_lr() * static_cast<double>(kn) / static_cast<double>(spec.reference_batch()));
+  s.set_lr_scaling(spec.lr_scaling() == v1::LR_SCALING_UNSPECIFIED ? v1::LR_SCALING_LINEAR : spec.lr_scaling());
   s.set_warmup(spec.warmup());
   s.set_warmup_epochs(spec.warmup() == v1::WARMUP_NONE ? 0 : spec.warmup_epochs());
   for (uint32_t e : spec.lr_decay_epochs()) s.add_decay_epochs(e);
@@ -256,6 +258,7 @@ v1::Schedule MakeSchedule(const v1::JobSpec& spec, uint32_t world_size) {
   s.set_nesterov(spec.nesterov());
   s.set_weight_decay(spec.weight_decay());
   s.set_weight_decay_on_bn(spec.weight_decay_on_bn());
+  s.set_peak_lr(PeakLearningRate(ScheduleParams(s)));
   return s;
 }
 
@@ -264,6 +267,11 @@ LrScheduleParams ScheduleParams(const v1::Schedule& s) {
   p.base_lr = s.base_lr();
   p.reference_batch = s.reference_batch();
   p.global_batch = s.global_batch();
+  switch (s.lr_scaling()) {
+    case v1::LR_SCALING_NONE: p.scaling = LrScaling::kNone; break;
+    case v1::LR_SCALING_SQRT: p.scaling = LrScaling::kSqrt; break;
+    default: p.scaling = LrScaling::kLinear; break;
+  }
   switch (s.warmup()) {
     case v1::WARMUP_NONE: p.warmup = Warmup::kNone; break;
     case v1::WARMUP_CONSTANT: p.warmup = Warmup::kConstant; break;

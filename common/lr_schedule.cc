@@ -5,7 +5,13 @@
 namespace lmsgd {
 
 double PeakLearningRate(const LrScheduleParams& p) {
-  return p.base_lr * static_cast<double>(p.global_batch) / static_cast<double>(p.reference_batch);
+  const double ratio = static_cast<double>(p.global_batch) / static_cast<double>(p.reference_batch);
+  switch (p.scaling) {
+    case LrScaling::kNone: return p.base_lr;
+    case LrScaling::kSqrt: return p.base_lr * std::sqrt(ratio);
+    case LrScaling::kLinear: break;
+  }
+  return p.base_lr * ratio;
 }
 
 uint64_t WarmupIterations(const LrScheduleParams& p) {

@@ -1,7 +1,9 @@
 // The learning-rate schedule of Goyal et al. (2017), as a pure function of its parameters
 // and the iteration. No protobuf, gRPC or I/O here: the GPU training core uses it as is.
 //
-//   peak    = base_lr * global_batch / reference_batch          (linear scaling rule)
+//   peak    = base_lr * global_batch / reference_batch          (linear scaling rule, the default)
+//             base_lr                                           (scaling kNone)
+//             base_lr * sqrt(global_batch / reference_batch)   (scaling kSqrt)
 //   warmup  = round(warmup_epochs * iterations_per_epoch) iterations
 //   GRADUAL : lr(t) = base_lr + (peak - base_lr) * t / warmup    for t < warmup
 //             (a constant increment every iteration; reaches peak at t = warmup)
@@ -26,11 +28,13 @@
 namespace lmsgd {
 
 enum class Warmup { kNone, kConstant, kGradual };
+enum class LrScaling { kLinear, kNone, kSqrt };
 
 struct LrScheduleParams {
   double base_lr = 0.1;
   uint64_t reference_batch = 256;
   uint64_t global_batch = 256;
+  LrScaling scaling = LrScaling::kLinear;
   Warmup warmup = Warmup::kGradual;
   double warmup_epochs = 5;
   std::vector<uint32_t> decay_epochs = {30, 60, 80};
@@ -43,7 +47,7 @@ struct LrScheduleParams {
   double rewarm_from = 0;
 };
 
-// base_lr * global_batch / reference_batch.
+// base_lr scaled to global_batch by `scaling` (see the top of this file).
 double PeakLearningRate(const LrScheduleParams& p);
 // Number of warmup iterations: round(warmup_epochs * iterations_per_epoch).
 uint64_t WarmupIterations(const LrScheduleParams& p);

@@ -153,6 +153,25 @@ TEST(JobSpecTest, ScheduleForPaperRecipe) {
   EXPECT_EQ(MakeSchedule(s, 256).global_batch(), 16384u);
 }
 
+TEST(JobSpecTest, LrScalingRuleReachesTheSchedule) {
+  v1::JobSpec s = Synthetic();
+  s.set_world_size(256);
+  ApplyDefaults(&s);
+  EXPECT_EQ(s.lr_scaling(), v1::LR_SCALING_LINEAR);
+  s.set_lr_scaling(v1::LR_SCALING_NONE);
+  ASSERT_TRUE(ValidateJobSpec(s).ok()) << ValidateJobSpec(s);
+  v1::Schedule none = MakeSchedule(s, 256);
+  EXPECT_NEAR(none.peak_lr(), 0.1, 1e-12);
+  EXPECT_NEAR(LearningRate(ScheduleParams(none), 5 * 156), 0.1, 1e-12);
+  s.set_lr_scaling(v1::LR_SCALING_SQRT);
+  v1::Schedule sqrt_rule = MakeSchedule(s, 256);
+  EXPECT_NEAR(sqrt_rule.peak_lr(), 0.565685424949238, 1e-12);
+  EXPECT_NEAR(LearningRate(ScheduleParams(sqrt_rule), 0), 0.1, 1e-12);
+  EXPECT_NEAR(LearningRate(ScheduleParams(sqrt_rule), 5 * 156), 0.565685424949238, 1e-12);
+  s.set_lr_scaling(static_cast<v1::LrScaling>(99));
+  EXPECT_TRUE(absl::StrContains(ValidateJobSpec(s).message(), "lr_scaling")) << ValidateJobSpec(s);
+}
+
 TEST(JobSpecTest, ShippedJobFilesAreValid) {
   for (const char* name : {"fashion_mnist_resnet20.textproto", "fashion_mnist_resnet20_standalone.textproto",
                            "imagenet_resnet50_8k.textproto", "synthetic_resnet20_gpu.textproto"}) {

@@ -20,6 +20,23 @@ LrScheduleParams Paper8k(Warmup warmup = Warmup::kGradual) {
   return p;
 }
 
+// The paper's Table 2 ablations at kn = 8192: the linear rule 3.2, no scaling 0.1, the square-root
+// rule 0.1 x sqrt(32) = 0.566. Warmup starts from base_lr whatever the rule.
+TEST(LrScheduleTest, ScalingRulesAt8k) {
+  LrScheduleParams p = Paper8k();
+  EXPECT_NEAR(PeakLearningRate(p), 3.2, 1e-12);
+  p.scaling = LrScaling::kNone;
+  EXPECT_NEAR(PeakLearningRate(p), 0.1, 1e-12);
+  EXPECT_NEAR(LearningRate(p, 0), 0.1, 1e-12);
+  EXPECT_NEAR(LearningRate(p, 30 * 156), 0.01, 1e-12);
+  p.scaling = LrScaling::kSqrt;
+  EXPECT_NEAR(PeakLearningRate(p), 0.565685424949238, 1e-12);
+  EXPECT_NEAR(LearningRate(p, 0), 0.1, 1e-12);
+  EXPECT_NEAR(LearningRate(p, 5 * 156), 0.565685424949238, 1e-12);
+  const uint64_t half = 5 * 156 / 2;
+  EXPECT_NEAR(LearningRate(p, half), 0.1 + (0.565685424949238 - 0.1) * half / (5.0 * 156), 1e-12);
+}
+
 TEST(LrScheduleTest, LinearScalingRule) {
   EXPECT_NEAR(PeakLearningRate(Paper8k()), 3.2, 1e-12);
   LrScheduleParams p = Paper8k();
