@@ -111,7 +111,7 @@ struct LmsgdRun {
   std::string error;
 };
 
-// lmsgd's step in `precision`: warm-up until settled, then the median of `iters` steps, with the
+// lmsgd's step in `precision`: steps until Stable, then the median of the last `iters`, with the
 // per-op split and every step's loss printed.
 LmsgdRun RunLmsgd(lmsgd::train::TrainerConfig c, lmsgd::backend::Precision precision, int max_steps, int iters) {
   c.precision = precision;
@@ -150,31 +150,19 @@ LmsgdRun RunLmsgd(lmsgd::train::TrainerConfig c, lmsgd::backend::Precision preci
     t += ops[i];
     optimizer_s += optimizer[i];
   }
-  const size_t warm = first;
-  std::vector<double> window(times.begin() + first, times.end());
-  times = window;
-  std::sort(times.begin(), times.end());
-  const double median = times[times.size() / 2];
-  const double n = static_cast<double>(times.size());
+  const std::vector<double> window(times.begin() + first, times.end());
+  std::vector<double> sorted = window;
+  std::sort(sorted.begin(), sorted.end());
+  const double median = sorted[sorted.size() / 2];
+  const double n = static_cast<double>(window.size());
   std::cout << absl::StrFormat("lmsgd %s per-op time per step (ms, mean over timed steps):\n", pname);
   auto row = [&](const char* name, double v) {
     std::cout << absl::StrFormat("  %-26s %9.1f  %5.1f%%\n", name, 1e3 * v / n, 100 * v / (median * n));
   };
-  row("conv_forward", t.conv_forward);
-  row("conv_backward_data", t.conv_backward_data);
-  row("conv_backward_weights", t.conv_backward_weights);
-  row("batch_norm_forward", t.batch_norm_forward);
-  row("batch_norm_backward", t.batch_norm_backward);
-  row("add_relu_forward", t.add_relu_forward);
-  row("add_relu_backward", t.add_relu_backward);
-  row("max_pool", t.max_pool);
-  row("global_avg_pool", t.global_avg_pool);
-  row("fc", t.fc);
-  row("softmax_cross_entropy", t.softmax_cross_entropy);
-  row("weight_reorder", t.weight_reorder);
+  for (const auto& [name, field] : lmsgd::backend::kOpTimeFields) row(name, t.*field);
   row("sgd_update", optimizer_s);
   std::cout << absl::StrFormat("lmsgd %s median step %.3f s = %.2f img/s (%d warm-up steps%s)\n", pname, median,
-                               batch / median, warm, Stable(window, iters) ? "" : "; not stable by --max_steps");
+                               batch / median, first, Stable(window, iters) ? "" : "; not stable by --max_steps");
   return {batch / median, ""};
 }
 

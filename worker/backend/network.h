@@ -18,9 +18,11 @@
 //     parameter i's gradient is final, in reverse layer order (for overlapped allreduce).
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <utility>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -48,21 +50,37 @@ struct OpTimes {
   double add_relu_forward = 0, add_relu_backward = 0;  // residual Add + ReLU and their gradients
   double max_pool = 0, global_avg_pool = 0, fc = 0, softmax_cross_entropy = 0;
   double weight_reorder = 0;  // plain <-> backend layouts of weights and weight gradients
-  OpTimes& operator+=(const OpTimes& o) {
-    conv_forward += o.conv_forward, conv_backward_data += o.conv_backward_data;
-    conv_backward_weights += o.conv_backward_weights;
-    batch_norm_forward += o.batch_norm_forward, batch_norm_backward += o.batch_norm_backward;
-    add_relu_forward += o.add_relu_forward, add_relu_backward += o.add_relu_backward;
-    max_pool += o.max_pool, global_avg_pool += o.global_avg_pool, fc += o.fc;
-    softmax_cross_entropy += o.softmax_cross_entropy, weight_reorder += o.weight_reorder;
-    return *this;
-  }
-  double Total() const {
-    return conv_forward + conv_backward_data + conv_backward_weights + batch_norm_forward + batch_norm_backward +
-           add_relu_forward + add_relu_backward + max_pool + global_avg_pool + fc + softmax_cross_entropy +
-           weight_reorder;
-  }
+  OpTimes& operator+=(const OpTimes& o);
+  double Total() const;
 };
+
+// Every OpTimes field with its name, in the order reports list them: the one list that sums,
+// totals and per-op tables go through.
+inline constexpr std::array<std::pair<const char*, double OpTimes::*>, 12> kOpTimeFields = {{
+    {"conv_forward", &OpTimes::conv_forward},
+    {"conv_backward_data", &OpTimes::conv_backward_data},
+    {"conv_backward_weights", &OpTimes::conv_backward_weights},
+    {"batch_norm_forward", &OpTimes::batch_norm_forward},
+    {"batch_norm_backward", &OpTimes::batch_norm_backward},
+    {"add_relu_forward", &OpTimes::add_relu_forward},
+    {"add_relu_backward", &OpTimes::add_relu_backward},
+    {"max_pool", &OpTimes::max_pool},
+    {"global_avg_pool", &OpTimes::global_avg_pool},
+    {"fc", &OpTimes::fc},
+    {"softmax_cross_entropy", &OpTimes::softmax_cross_entropy},
+    {"weight_reorder", &OpTimes::weight_reorder},
+}};
+
+inline OpTimes& OpTimes::operator+=(const OpTimes& o) {
+  for (const auto& f : kOpTimeFields) this->*(f.second) += o.*(f.second);
+  return *this;
+}
+
+inline double OpTimes::Total() const {
+  double total = 0;
+  for (const auto& f : kOpTimeFields) total += this->*(f.second);
+  return total;
+}
 
 using GradReadyFn = std::function<void(size_t param_index)>;
 

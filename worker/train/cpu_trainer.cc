@@ -49,10 +49,11 @@ absl::StatusOr<StepStats> CpuTrainer::Step(uint64_t iteration, const float* imag
   const double kn = static_cast<double>(global_batch());
   auto& grads = store_->grads();
   for (int j = 0; j < m; ++j) {
-    const std::string where = absl::StrCat("step ", iteration, ", virtual worker ", j);
+    // Built only on an error: the step's hot path allocates nothing for it.
+    auto where = [&] { return absl::StrCat("step ", iteration, ", virtual worker ", j); };
     auto t0 = SteadyClock::now();
     auto loss = net_->ForwardTrain(images + per * n * j, labels + static_cast<size_t>(n) * j, kn, j, m);
-    if (!loss.ok()) return Annotate(loss.status(), where);
+    if (!loss.ok()) return Annotate(loss.status(), where());
     s.loss += *loss;
     s.forward_s += SecondsSince(t0);
     t0 = SteadyClock::now();
@@ -75,10 +76,14 @@ absl::StatusOr<StepStats> CpuTrainer::Step(uint64_t iteration, const float* imag
       });
     }
     s.backward_s += SecondsSince(t0);
-    RETURN_IF_ERROR(Annotate(st, where));
+    if (!st.ok()) return Annotate(st, where());
   }
   auto t0 = SteadyClock::now();
-  if (exchange_) RETURN_IF_ERROR(Annotate(exchange_->Finish(), absl::StrCat("step ", iteration, ": gradient allreduce")));
+  if (exchange_) {
+    if (auto st = exchange_->Finish(); !st.ok()) {
+      return Annotate(st, absl::StrCat("step ", iteration, ": gradient allreduce"));
+    }
+  }
   s.reduce_wait_s = SecondsSince(t0);
   t0 = SteadyClock::now();
   s.lr = LearningRate(config_.schedule, iteration);

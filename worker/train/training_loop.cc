@@ -116,7 +116,6 @@ LoopResult Loop::Run(uint64_t start_iteration) {
       }
       if (options_.stop_after_iterations > 0 && iteration_ >= options_.stop_after_iterations) {
         if (auto st = Checkpoint(epoch, summary.lr); !st.ok()) return Fail(LoopPhase::kCheckpoint, st);
-        result_.stopped_early = true;
         result_.iterations = iteration_;
         return std::move(result_);
       }

@@ -76,7 +76,6 @@ const char* LoopPhaseName(LoopPhase phase);
 struct LoopResult {
   absl::Status status;                   // OK: finished, or stopped at stop_after_iterations
   LoopPhase failed_in = LoopPhase::kNone;
-  bool stopped_early = false;            // stop_after_iterations reached
   uint64_t iterations = 0;               // steps completed, including those before a resume
   std::vector<EpochSummary> epochs;      // the epochs this call completed
   std::string last_checkpoint;
