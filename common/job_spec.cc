@@ -197,7 +197,8 @@ absl::Status ValidateJobSpec(const v1::JobSpec& spec) {
                    "): ", absl::StrJoin(errors, "; ")));
 }
 
-absl::StatusOr<v1::JobSpec> ParseJobSpec(const std::string& path, const std::string& contents) {
+absl::Status ParseProtoText(const std::string& path, const std::string& contents, google::protobuf::Message* message) {
+  const std::string type = message->GetDescriptor()->name();
   bool json;
   if (absl::EndsWith(path, ".json")) {
     json = true;
@@ -208,25 +209,30 @@ absl::StatusOr<v1::JobSpec> ParseJobSpec(const std::string& path, const std::str
     auto stripped = absl::StripLeadingAsciiWhitespace(contents);
     json = !stripped.empty() && stripped[0] == '{';
   }
-  v1::JobSpec spec;
   if (json) {
     google::protobuf::util::JsonParseOptions opts;
     opts.ignore_unknown_fields = false;
-    auto st = google::protobuf::util::JsonStringToMessage(contents, &spec, opts);
+    auto st = google::protobuf::util::JsonStringToMessage(contents, message, opts);
     if (!st.ok()) {
       return absl::InvalidArgumentError(
-          absl::StrCat("job file '", path, "' is not a valid JSON JobSpec: ", st.message().ToString()));
+          absl::StrCat("'", path, "' is not a valid JSON ", type, ": ", st.message().ToString()));
     }
-    return spec;
+    return absl::OkStatus();
   }
   google::protobuf::TextFormat::Parser parser;
   CollectErrors errors;
   parser.RecordErrorsTo(&errors);
-  if (!parser.ParseFromString(contents, &spec)) {
-    return absl::InvalidArgumentError(absl::StrCat("job file '", path,
-                                                   "' is not a valid text-format JobSpec: ",
+  if (!parser.ParseFromString(contents, message)) {
+    return absl::InvalidArgumentError(absl::StrCat("'", path, "' is not a valid text-format ", type, ": ",
                                                    absl::StrJoin(errors.errors, "; ")));
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::JobSpec> ParseJobSpec(const std::string& path, const std::string& contents) {
+  v1::JobSpec spec;
+  auto st = ParseProtoText(path, contents, &spec);
+  if (!st.ok()) return absl::InvalidArgumentError(absl::StrCat("job file ", st.message()));
   return spec;
 }
 

@@ -9,6 +9,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "common/lr_schedule.h"
+#include "google/protobuf/message.h"
 #include "lmsgd/v1/job.pb.h"
 
 namespace lmsgd {
@@ -29,6 +30,8 @@ uint64_t GlobalBatch(const v1::JobSpec& spec, uint32_t world_size);
 // .textproto/.txtpb/.pbtxt; for other names JSON if the text starts with '{', else text.
 // Errors name the path (and line:column for text format).
 absl::StatusOr<v1::JobSpec> ParseJobSpec(const std::string& path, const std::string& contents);
+// The same for any message (experiment files): errors name the path and the message type.
+absl::Status ParseProtoText(const std::string& path, const std::string& contents, google::protobuf::Message* message);
 absl::StatusOr<v1::JobSpec> ReadJobFile(const std::string& path);
 
 // The schedule for a generation of `world_size` workers.

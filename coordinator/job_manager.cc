@@ -190,6 +190,7 @@ std::vector<v1::JobStatus> JobManager::List(bool include_finished) {
   for (const auto& [id, job] : jobs_) {
     if (!include_finished && IsFinal(job->status.state())) continue;
     out.push_back(Snapshot(*job));
+    out.back().clear_history();  // GetJob has it; a list of many jobs stays small
   }
   return out;
 }

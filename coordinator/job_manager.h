@@ -83,6 +83,7 @@ class JobManager {
   absl::StatusOr<v1::HeartbeatResponse> Heartbeat(const v1::HeartbeatRequest& request);
   absl::Status ReportCheckpoint(const v1::ReportCheckpointRequest& request);
   absl::Status ReportEvaluation(const v1::ReportEvaluationRequest& request);
+  absl::Status ReportEpoch(const v1::ReportEpochRequest& request);
   absl::Status ReportFailure(const v1::ReportFailureRequest& request);
 
   // Declares silent workers dead, retries pending durable writes, refreshes gauges.
@@ -91,6 +92,9 @@ class JobManager {
   void Shutdown();
 
  private:
+  // Merges into job->history (common/history.h) and recomputes final_error.
+  static void AddToHistory(const v1::EpochRecord& record, v1::JobStatus* job);
+
   struct Member {
     v1::WorkerInfo info;
     absl::Time last_seen;

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/history.h"
 #include "common/job_spec.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
@@ -167,7 +168,47 @@ absl::Status JobManager::ReportEvaluation(const v1::ReportEvaluationRequest& req
   }
   v1::JobStatus next = Snapshot(*job);
   *next.mutable_last_evaluation() = e;
+  v1::EpochRecord r;  // evaluation only: the epoch's training fields, if any, stay
+  r.set_epoch(e.epoch());
+  *r.mutable_evaluation() = e;
+  AddToHistory(r, &next);
   return Persist(*job, std::move(next));
+}
+
+absl::Status JobManager::ReportEpoch(const v1::ReportEpochRequest& req) {
+  absl::MutexLock lock(&mu_);
+  Job* job = FindJob(req.job_id());
+  if (job == nullptr) return absl::NotFoundError(absl::StrCat("no job '", req.job_id(), "'"));
+  RETURN_IF_ERROR(CheckGeneration(*job, req.generation()));
+  const auto& r = req.record();
+  if (r.epoch() == 0) return absl::InvalidArgumentError("record.epoch: must be >= 1 (epochs are 1-based)");
+  if (r.has_evaluation()) {
+    const auto& e = r.evaluation();
+    if (!(e.top1_error() >= 0 && e.top1_error() <= 1 && e.top5_error() >= 0 && e.top5_error() <= 1)) {
+      return absl::InvalidArgumentError("record.evaluation: errors must be fractions in [0, 1]");
+    }
+  }
+  v1::JobStatus next = Snapshot(*job);
+  v1::EpochRecord rec = r;
+  rec.set_generation(req.generation());
+  if (rec.time_unix_ms() == 0) rec.set_time_unix_ms(UnixMillis(absl::Now()));
+  if (rec.has_evaluation()) {
+    rec.mutable_evaluation()->set_epoch(rec.epoch());
+    *next.mutable_last_evaluation() = rec.evaluation();
+  }
+  AddToHistory(rec, &next);
+  return Persist(*job, std::move(next));
+}
+
+void JobManager::AddToHistory(const v1::EpochRecord& record, v1::JobStatus* job) {
+  uint32_t dropped = job->history_dropped();
+  MergeEpochRecord(record, job->mutable_history(), &dropped);
+  job->set_history_dropped(dropped);
+  if (auto e = FinalErrorOf(job->history()); e.has_value()) {
+    *job->mutable_final_error() = *e;
+  } else {
+    job->clear_final_error();
+  }
 }
 
 absl::Status JobManager::ReportFailure(const v1::ReportFailureRequest& req) {

@@ -157,6 +157,12 @@ grpc::Status CoordinatorService::ReportEvaluation(grpc::ServerContext*, const v1
   return Finish("ReportEvaluation", start, jobs_->ReportEvaluation(*req));
 }
 
+grpc::Status CoordinatorService::ReportEpoch(grpc::ServerContext*, const v1::ReportEpochRequest* req,
+                                             v1::ReportEpochResponse*) {
+  const absl::Time start = absl::Now();
+  return Finish("ReportEpoch", start, jobs_->ReportEpoch(*req));
+}
+
 grpc::Status CoordinatorService::ReportFailure(grpc::ServerContext*, const v1::ReportFailureRequest* req,
                                                v1::ReportFailureResponse*) {
   const absl::Time start = absl::Now();

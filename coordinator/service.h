@@ -41,6 +41,8 @@ class CoordinatorService final : public v1::Coordinator::Service {
                                 v1::ReportCheckpointResponse* resp) override;
   grpc::Status ReportEvaluation(grpc::ServerContext* ctx, const v1::ReportEvaluationRequest* req,
                                 v1::ReportEvaluationResponse* resp) override;
+  grpc::Status ReportEpoch(grpc::ServerContext* ctx, const v1::ReportEpochRequest* req,
+                           v1::ReportEpochResponse* resp) override;
   grpc::Status ReportFailure(grpc::ServerContext* ctx, const v1::ReportFailureRequest* req,
                              v1::ReportFailureResponse* resp) override;
 

@@ -25,6 +25,7 @@ packages=(
   libgtest-dev libgmock-dev googletest libbenchmark-dev
   dataset-fashion-mnist
   curl openssl iproute2 procps python3 python3-yaml
+  gnuplot-nox
 )
 if [ "$with_baselines" = 1 ]; then
   packages+=(python3-torch python3-torchvision libopenmpi-dev openmpi-bin libgloo-dev)

@@ -3,6 +3,7 @@
 //   lmsgd-worker --coordinator HOST:PORT [--job JOB_ID] [--threads N] [--local_device I]
 //       joins a job of the coordinator (or the next one that needs workers) and trains its
 //       rank's shard with the others (worker/session/distributed.h); re-joins after failures.
+//       With --serve it then takes the next job that needs workers, and so on.
 //   lmsgd-worker --standalone --job_file JOB.textproto [--threads N]
 //       trains the job in this process (k = 1; virtual workers allowed), no coordinator.
 #include <iostream>
@@ -38,6 +39,11 @@ ABSL_FLAG(std::string, tls_key, "", "Client private key for mutual TLS");
 ABSL_FLAG(int32_t, join_timeout_s, 86400, "How long to wait for a job to join");
 ABSL_FLAG(std::string, metrics_listen, "", "Serve Prometheus /metrics here (host:port; empty: off)");
 ABSL_FLAG(std::string, device, "cpu", "cpu, or cuda:N (the GPU backend)");
+ABSL_FLAG(std::string, history_file, "",
+          "--standalone: write the per-epoch history here after every epoch (JSON lines; CSV for *.csv)");
+ABSL_FLAG(bool, serve, false,
+          "Distributed mode: after a job ends, join the next one that needs workers (a worker pool); "
+          "a failed job is logged and the worker goes on");
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("lmsgd-worker --standalone --job_file FILE [--threads N]");
@@ -92,13 +98,18 @@ int main(int argc, char** argv) {
                 << (ports.empty() ? 0 : ports[0]) << "/metrics" << std::endl;
       wo.metrics = &metrics;
     }
-    const absl::Status st = lmsgd::session::RunWorker(wo);
-    if (!st.ok()) {
-      std::cerr << "lmsgd-worker: " << st.ToString() << "\n";
-      return 1;
+    const bool serve = absl::GetFlag(FLAGS_serve);
+    while (true) {
+      const absl::Status st = lmsgd::session::RunWorker(wo);
+      if (!st.ok()) {
+        std::cerr << "lmsgd-worker: " << st.ToString() << "\n";
+        // Only a worker that cannot reach the coordinator at all stops serving.
+        if (!serve || st.code() == absl::StatusCode::kUnavailable) return 1;
+        continue;
+      }
+      std::cout << "lmsgd-worker: job finished" << std::endl;
+      if (!serve) return 0;
     }
-    std::cout << "lmsgd-worker: job finished" << std::endl;
-    return 0;
   }
   if (absl::GetFlag(FLAGS_job_file).empty()) {
     std::cerr << "lmsgd-worker: --standalone needs --job_file\n";
@@ -118,6 +129,7 @@ int main(int argc, char** argv) {
   opt.log_every = absl::GetFlag(FLAGS_log_every);
   opt.cuda_device = cuda_device;
   opt.log = &std::cout;
+  opt.history_file = absl::GetFlag(FLAGS_history_file);
   auto result = lmsgd::session::RunStandalone(*spec, opt);
   if (!result.ok()) {
     std::cerr << "lmsgd-worker: " << result.status().ToString() << "\n";

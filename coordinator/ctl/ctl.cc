@@ -16,7 +16,12 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "common/grpc_util.h"
+#include "common/history.h"
 #include "common/job_spec.h"
+#include "common/status_macros.h"
+#include "coordinator/ctl/experiment.h"
+#include "coordinator/ctl/experiment_runner.h"
+#include "coordinator/ctl/report.h"
 #include "google/protobuf/util/json_util.h"
 #include "grpcpp/grpcpp.h"
 #include "lmsgd/v1/coordinator.grpc.pb.h"
@@ -25,14 +30,20 @@ namespace lmsgd::ctl {
 namespace {
 
 constexpr char kUsage[] =
-    "usage: lmsgdctl [--coordinator ADDR] [--output table|json] [--token_file F] [--tls_ca F]\n"
+    "usage: lmsgdctl [--coordinator ADDR] [--output table|json|csv] [--token_file F] [--tls_ca F]\n"
     "                [--tls_cert F --tls_key F] [--timeout SECONDS] COMMAND\n"
     "commands:\n"
     "  submit JOBFILE            submit a job (.textproto/.txtpb text format or .json)\n"
     "  status JOB                show a job\n"
     "  list [--all]              list live jobs (--all: ended ones too)\n"
     "  watch JOB                 follow a job's progress until it ends\n"
-    "  cancel JOB [--reason R]   cancel a job\n";
+    "  cancel JOB [--reason R]   cancel a job\n"
+    "  history JOB               the job's per-epoch history (--output table|json|csv)\n"
+    "  experiment run FILE [--out DIR] [--standalone [--threads N]] [--run_timeout SECONDS]\n"
+    "                            run every arm x seed (through the coordinator, or in this process),\n"
+    "                            resuming a sweep that was interrupted, then write the report to DIR\n"
+    "                            (default: experiments/<name>)\n"
+    "  experiment report DIR     render DIR's table and plots again from its CSVs\n";
 
 struct Options {
   std::string coordinator = "127.0.0.1:7070";
@@ -42,7 +53,11 @@ struct Options {
   TlsFiles tls;
   double timeout_s = 10;
   bool all = false;
+  bool standalone = false;
+  int threads = 0;
+  double run_timeout_s = 86400;
   std::string reason;
+  std::string out;
   std::vector<std::string> positional;
 };
 
@@ -114,7 +129,7 @@ bool ParseArgs(const std::vector<std::string>& args, Options* o, std::string* er
   if (const char* env = std::getenv("LMSGD_TOKEN_FILE"); env != nullptr && *env) o->token_file = env;
   static const std::map<std::string, std::string Options::*> kStringFlags = {
       {"coordinator", &Options::coordinator}, {"output", &Options::output},
-      {"token_file", &Options::token_file}, {"reason", &Options::reason}};
+      {"token_file", &Options::token_file}, {"reason", &Options::reason}, {"out", &Options::out}};
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
     if (a.size() < 2 || a[0] != '-' || a[1] != '-') {
@@ -130,6 +145,10 @@ bool ParseArgs(const std::vector<std::string>& args, Options* o, std::string* er
     }
     if (name == "all") {
       o->all = true;
+      continue;
+    }
+    if (name == "standalone") {
+      o->standalone = true;
       continue;
     }
     if (name == "help") {
@@ -151,6 +170,16 @@ bool ParseArgs(const std::vector<std::string>& args, Options* o, std::string* er
       o->tls.cert = value;
     } else if (name == "tls_key") {
       o->tls.key = value;
+    } else if (name == "threads") {
+      if (!absl::SimpleAtoi(value, &o->threads) || o->threads < 0) {
+        *error = absl::StrCat("--threads: '", value, "' is not a number of threads");
+        return false;
+      }
+    } else if (name == "run_timeout") {
+      if (!absl::SimpleAtod(value, &o->run_timeout_s) || o->run_timeout_s <= 0) {
+        *error = absl::StrCat("--run_timeout: '", value, "' is not a positive number of seconds");
+        return false;
+      }
     } else if (name == "timeout") {
       if (!absl::SimpleAtod(value, &o->timeout_s) || o->timeout_s <= 0) {
         *error = absl::StrCat("--timeout: '", value, "' is not a positive number of seconds");
@@ -161,11 +190,94 @@ bool ParseArgs(const std::vector<std::string>& args, Options* o, std::string* er
       return false;
     }
   }
-  if (o->output != "table" && o->output != "json") {
-    *error = absl::StrCat("--output must be 'table' or 'json', not '", o->output, "'");
+  if (o->output != "table" && o->output != "json" && o->output != "csv") {
+    *error = absl::StrCat("--output must be 'table', 'json' or 'csv', not '", o->output, "'");
     return false;
   }
   return true;
+}
+
+// The coordinator for the experiment runner, over lmsgdctl's channel.
+class CoordinatorJobs final : public JobService {
+ public:
+  explicit CoordinatorJobs(Client& c) : c_(c) {}
+  absl::StatusOr<std::string> Submit(const v1::JobSpec& spec) override {
+    v1::SubmitJobRequest req;
+    *req.mutable_spec() = spec;
+    v1::SubmitJobResponse resp;
+    auto ctx = c_.Context();
+    grpc::Status st = c_.stub().SubmitJob(ctx.get(), req, &resp);
+    if (!st.ok()) return absl::Status(static_cast<absl::StatusCode>(st.error_code()), c_.Explain(st, "submit"));
+    return resp.job_id();
+  }
+  absl::StatusOr<v1::JobStatus> Get(const std::string& job_id) override {
+    v1::GetJobRequest req;
+    req.set_job_id(job_id);
+    v1::JobStatus resp;
+    auto ctx = c_.Context();
+    grpc::Status st = c_.stub().GetJob(ctx.get(), req, &resp);
+    if (!st.ok()) return absl::Status(static_cast<absl::StatusCode>(st.error_code()), c_.Explain(st, "status"));
+    return resp;
+  }
+
+ private:
+  Client& c_;
+};
+
+int RunExperimentCommand(const Options& o, std::shared_ptr<grpc::ChannelCredentials> creds, std::ostream& out,
+                         std::ostream& err) {
+  const std::string sub = o.positional.size() > 1 ? o.positional[1] : "";
+  if (sub == "report" && o.positional.size() == 3) {
+    std::string table;
+    auto st = RenderReport(o.positional[2], &table);
+    out << table;
+    if (!st.ok()) {
+      err << "lmsgdctl: experiment report: " << st.message() << "\n";
+      return 1;
+    }
+    out << "report: " << o.positional[2] << "/table.md, error_vs_kn.png, curves_*.png (and .svg)\n";
+    return 0;
+  }
+  if (sub != "run" || o.positional.size() != 3) {
+    err << "lmsgdctl experiment: expected 'run FILE' or 'report DIR'\n" << kUsage;
+    return 2;
+  }
+  auto x = ReadExperimentFile(o.positional[2]);
+  if (!x.ok()) {
+    err << "lmsgdctl: " << x.status().message() << "\n";
+    return 1;
+  }
+  auto plan = PlanExperiment(*x, o.standalone);
+  if (!plan.ok()) {
+    err << "lmsgdctl: " << o.positional[2] << ": " << plan.status().message() << "\n";
+    return 1;
+  }
+  ExperimentOptions eo;
+  eo.dir = o.out.empty() ? absl::StrCat("experiments/", x->name()) : o.out;
+  eo.threads = o.threads;
+  eo.run_timeout = absl::Seconds(o.run_timeout_s);
+  eo.log = &out;
+  Client c(o, creds);
+  CoordinatorJobs jobs(c);
+  if (!o.standalone) eo.coordinator = &jobs;
+  out << "experiment " << x->name() << ": " << plan->size() << " runs "
+      << (o.standalone ? "in this process" : absl::StrCat("through ", o.coordinator)) << ", report in " << eo.dir
+      << std::endl;
+  auto runs = RunExperiment(*x, *plan, eo);
+  if (!runs.ok()) {
+    err << "lmsgdctl: experiment " << x->name() << ": " << runs.status().message()
+        << " (run the same command again to resume)\n";
+    return 1;
+  }
+  std::string table;
+  auto st = RenderReport(eo.dir, &table);
+  out << table;
+  if (!st.ok()) {
+    err << "lmsgdctl: experiment report: " << st.message() << "\n";
+    return 1;
+  }
+  out << "report: " << eo.dir << "/table.md, error_vs_kn.png, curves_*.png (and .svg)\n";
+  return 0;
 }
 
 }  // namespace
@@ -198,6 +310,7 @@ std::string FormatStatusTable(const v1::JobStatus& j) {
     row("evaluation", absl::StrFormat("epoch %u: top-1 error %.2f%%, top-5 error %.2f%% (%d images)", e.epoch(),
                                       100 * e.top1_error(), 100 * e.top5_error(), e.examples()));
   }
+  if (j.has_final_error()) row("error", DescribeFinalError(j.final_error()));
   if (!j.last_checkpoint().path().empty()) {
     const auto& c = j.last_checkpoint();
     row("checkpoint", absl::StrFormat("%s (epoch %u, iteration %d, %s)", c.path(), c.epoch(), c.iteration(),
@@ -321,6 +434,29 @@ int RunCtl(const std::vector<std::string>& args, std::ostream& out, std::ostream
       return 1;
     }
     out << (json ? ToJson(resp, true) + "\n" : FormatStatusTable(resp));
+    return 0;
+  }
+  if (cmd == "experiment") return RunExperimentCommand(o, *creds, out, err);
+  if (cmd == "history") {
+    if (!need_args(1, "a job id")) return 2;
+    Client c(o, *creds);
+    v1::GetJobRequest req;
+    req.set_job_id(o.positional[1]);
+    v1::JobStatus resp;
+    auto ctx = c.Context();
+    grpc::Status st = c.stub().GetJob(ctx.get(), req, &resp);
+    if (!st.ok()) {
+      err << "lmsgdctl: " << c.Explain(st, "history") << "\n";
+      return 1;
+    }
+    if (o.output == "csv") {
+      out << HistoryCsv(resp.history());
+    } else if (json) {
+      out << HistoryJsonLines(resp.history());
+    } else {
+      if (resp.history_dropped() > 0) out << "(" << resp.history_dropped() << " oldest epochs dropped)\n";
+      out << HistoryTable(resp.history());
+    }
     return 0;
   }
   if (cmd == "list") {

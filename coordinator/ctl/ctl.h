@@ -6,7 +6,9 @@
 //     list [--all]       live jobs (--all: ended ones too)
 //     watch JOB          live progress until the job ends
 //     cancel JOB [--reason TEXT]
-// Options: --coordinator (env LMSGD_COORDINATOR, default 127.0.0.1:7070), --output,
+//     history JOB        per-epoch history: table, JSON lines (--output json) or CSV
+// Options: --coordinator (env LMSGD_COORDINATOR, default 127.0.0.1:7070), --output (csv:
+//   history only; elsewhere it reads as table),
 //   --token_file (env LMSGD_TOKEN_FILE) or env LMSGD_TOKEN, --tls_ca, --tls_cert, --tls_key,
 //   --timeout SECONDS (per RPC, default 10).
 // Exit codes: 0 ok; 1 error; 2 usage; 3 `watch` saw the job fail or get cancelled.

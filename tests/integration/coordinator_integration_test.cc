@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "common/file_util.h"
+#include "common/history.h"
 #include "google/protobuf/util/json_util.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
@@ -289,6 +290,20 @@ TEST(CoordinatorIntegrationTest, KillNineAndRestartKeepsEveryJob) {
   ck.mutable_checkpoint()->set_epoch(1);
   ck.mutable_checkpoint()->set_generation(1);
   ASSERT_TRUE(c->ReportCheckpoint(ck).ok());
+  for (uint32_t e = 1; e <= 2; ++e) {  // the history: two epochs, the second evaluated
+    v1::ReportEpochRequest ep;
+    ep.set_job_id(running);
+    ep.set_worker_id(w[0].worker_id());
+    ep.set_generation(1);
+    ep.mutable_record()->set_epoch(e);
+    ep.mutable_record()->set_iteration(25 * e);
+    ep.mutable_record()->set_mean_loss(2.0 / e);
+    if (e == 2) {
+      ep.mutable_record()->mutable_evaluation()->set_examples(500);
+      ep.mutable_record()->mutable_evaluation()->set_top1_error(0.375);
+    }
+    ASSERT_TRUE(c->ReportEpoch(ep).ok());
+  }
 
   coord.Kill9();
   ASSERT_TRUE(coord.Start().ok()) << coord.Log();
@@ -299,6 +314,26 @@ TEST(CoordinatorIntegrationTest, KillNineAndRestartKeepsEveryJob) {
   EXPECT_EQ(status.state(), v1::JOB_STATE_RUNNING);
   EXPECT_EQ(status.generation(), 1u);
   EXPECT_EQ(status.last_checkpoint().path(), "/ckpt/epoch-1");
+  ASSERT_EQ(status.history_size(), 2);
+  EXPECT_DOUBLE_EQ(status.history(0).mean_loss(), 2.0);
+  EXPECT_FALSE(status.history(0).has_evaluation());
+  EXPECT_DOUBLE_EQ(status.history(1).evaluation().top1_error(), 0.375);
+  EXPECT_DOUBLE_EQ(status.final_error().top1_error(), 0.375);
+  EXPECT_EQ(status.final_error().epochs(), 1u);
+  {  // lmsgdctl history prints it, as CSV that parses back
+    auto r = RunCommand({LMSGD_CTL_BIN, "--coordinator=" + addr, "--output=csv", "history", running});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    auto back = ParseHistoryCsv(r.out, "lmsgdctl history");
+    ASSERT_TRUE(back.ok()) << back.status() << "\n" << r.out;
+    ASSERT_EQ(back->size(), 2u);
+    EXPECT_DOUBLE_EQ((*back)[1].evaluation().top1_error(), 0.375);
+    auto table = RunCommand({LMSGD_CTL_BIN, "--coordinator=" + addr, "history", running});
+    ASSERT_EQ(table.exit_code, 0) << table.err;
+    EXPECT_TRUE(absl::StrContains(table.out, "37.50%")) << table.out;
+    auto st = RunCommand({LMSGD_CTL_BIN, "--coordinator=" + addr, "status", running});
+    EXPECT_TRUE(absl::StrContains(st.out, "37.50% top-1")) << st.out;
+    EXPECT_TRUE(absl::StrContains(st.out, "median of the final 1 evaluated epoch")) << st.out;
+  }
   // The workers reach the restarted coordinator and carry on in their generation.
   auto c2 = Client(addr);
   for (const auto& r : w) {

@@ -20,9 +20,12 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/csv.h"
 #include "common/file_util.h"
+#include "common/history.h"
 #include "common/job_spec.h"
 #include "google/protobuf/text_format.h"
+#include "lmsgd/v1/experiment.pb.h"
 #include "tests/integration/test_util.h"
 #include "tests/unit/worker/test_data.h"
 #include "worker/backend/onednn/resnet.h"
@@ -100,12 +103,12 @@ std::string JobState(const std::string& addr, const std::string& job) {
   return p == std::string::npos ? "" : json.substr(p + 10, json.find('"', p + 10) - p - 10);
 }
 
-std::vector<float> Params(const std::string& ckpt_path) {
+std::vector<float> Params(const std::string& ckpt_path, bool buffers = false) {
   auto spec = *model::MakeResNet(model::Arch::kResNet8, 1, 4);
   model::ParamStore store(spec);
   auto st = checkpoint::LoadCheckpoint(ckpt_path, "resnet8", &store, nullptr);
   EXPECT_TRUE(st.ok()) << st.status();
-  return store.params();
+  return buffers ? store.buffers() : store.params();
 }
 
 double MaxRelDiff(const std::vector<float>& a, const std::vector<float>& b) {
@@ -171,6 +174,23 @@ TEST_F(WorkerIntegrationTest, TwoWorkersTrainToSuccessAndMatchOneProcessWithTwoV
   const std::string status = Ctl(coord_->grpc_address(), {"--output=json", "status", job});
   EXPECT_NE(status.find("\"last_evaluation\""), std::string::npos) << status;
   EXPECT_NE(status.find("ckpt-0000000144"), std::string::npos) << status;  // 3 epochs x 48 iterations
+  // The job's history: one record per epoch from rank 0, each evaluated, with its step split.
+  auto history = ParseHistoryCsv(Ctl(coord_->grpc_address(), {"--output=csv", "history", job}), "history");
+  ASSERT_TRUE(history.ok()) << history.status();
+  ASSERT_EQ(history->size(), 3u);
+  for (uint32_t e = 0; e < 3; ++e) {
+    const auto& r = (*history)[e];
+    EXPECT_EQ(r.epoch(), e + 1);
+    EXPECT_EQ(r.iteration(), 48u * (e + 1));
+    EXPECT_EQ(r.world_size(), 2u);
+    EXPECT_EQ(r.global_batch(), 16u);
+    EXPECT_GT(r.mean_loss(), 0);
+    EXPECT_GT(r.step_time().forward_s(), 0);
+    EXPECT_GT(r.step_time().backward_s(), 0);
+    ASSERT_TRUE(r.has_evaluation());
+    EXPECT_EQ(r.evaluation().examples(), 64u);
+  }
+  EXPECT_NE(status.find("\"final_error\""), std::string::npos) << status;
   // The same recipe in one process with 2 virtual workers of 8 (1 thread, like the workers).
   backend::onednn::SetNumThreads(1);
   v1::JobSpec one = spec;
@@ -179,10 +199,25 @@ TEST_F(WorkerIntegrationTest, TwoWorkersTrainToSuccessAndMatchOneProcessWithTwoV
   one.set_checkpoint_dir(dir_ + "/ckpt_one");
   session::StandaloneOptions so;
   so.threads = 1;  // the workers' thread count: oneDNN's summation order depends on it
+  so.history_file = dir_ + "/one_history.csv";
   auto r = session::RunStandalone(one, so);
   ASSERT_TRUE(r.ok()) << r.status();
   const double diff = MaxRelDiff(Params(dir_ + "/ckpt/ckpt-0000000144.safetensors"), Params(r->last_checkpoint));
   EXPECT_LT(diff, 1e-5) << "2 workers vs 1 worker x 2 virtual workers";
+  // The BN running statistics too: the ranks' are averaged at each epoch's end.
+  const double buffer_diff = MaxRelDiff(Params(dir_ + "/ckpt/ckpt-0000000144.safetensors", true),
+                                        Params(r->last_checkpoint, true));
+  EXPECT_LT(buffer_diff, 1e-5) << "BN running statistics: 2 workers vs 1 worker x 2 virtual workers";
+  // The standalone history file holds the same epochs; the same weights give the same
+  // validation errors (up to one of the 64 images flipping on a 1e-5 difference).
+  auto one_history = ReadHistoryFile(so.history_file);
+  ASSERT_TRUE(one_history.ok()) << one_history.status();
+  ASSERT_EQ(one_history->size(), 3u);
+  for (size_t e = 0; e < 3; ++e) {
+    EXPECT_EQ((*one_history)[e].global_batch(), 16u);
+    EXPECT_NEAR((*one_history)[e].evaluation().top1_error(), (*history)[e].evaluation().top1_error(), 1.0 / 64 + 1e-9)
+        << "epoch " << e + 1;
+  }
 }
 
 TEST_F(WorkerIntegrationTest, WorkerMetricsAreScrapedWhileTraining) {
@@ -369,6 +404,98 @@ TEST_F(WorkerIntegrationTest, KilledWorkerIsReplacedAndTrainingResumesFromTheChe
                                         48 * epochs, ".safetensors");
   EXPECT_EQ(MaxRelDiff(Params(dir_ + "/ckpt" + last), Params(dir_ + "/ckpt_ref" + last)), 0.0)
       << "resumed run differs from the uninterrupted one";
+}
+
+
+// `lmsgdctl experiment run`: a two-arm sweep (kn 8 and 16 through virtual workers) in the
+// ctl's own process, resumed without redoing an arm, re-rendered from its CSVs; then the same
+// sweep through the coordinator with one `lmsgd-worker --serve` taking the jobs in turn.
+TEST_F(WorkerIntegrationTest, ExperimentRunsStandaloneAndThroughTheCoordinator) {
+  v1::Experiment x;
+  x.set_name("it");
+  *x.mutable_base() = BarsJob(data_, "", 768, 2);
+  x.mutable_base()->set_world_size(1);
+  x.mutable_sweep()->add_kn(8);
+  x.mutable_sweep()->add_kn(16);
+  x.set_reference("kn8");
+  std::string text;
+  google::protobuf::TextFormat::PrintToString(x, &text);
+  const std::string file = dir_ + "/experiment.textproto";
+  ASSERT_TRUE(WriteFileAtomically(file, text).ok());
+
+  auto check_report = [](const std::string& out) -> std::vector<double> {
+    auto runs = CsvTable::Parse(ReadFileToString(out + "/runs.csv").value_or(""), "runs.csv");
+    EXPECT_TRUE(runs.ok()) << runs.status();
+    if (!runs.ok()) return {};
+    EXPECT_EQ(runs->rows(), 2u);
+    std::vector<double> errors;
+    for (size_t i = 0; i < runs->rows(); ++i) {
+      EXPECT_EQ(runs->Get(i, "state"), "succeeded");
+      EXPECT_EQ(runs->Get(i, "kn"), i == 0 ? "8" : "16");
+      EXPECT_EQ(runs->Get(i, "peak_lr"), i == 0 ? "0.05" : "0.1");  // 0.1 per 16, linear
+      auto e = runs->GetDouble(i, "top1_error");
+      EXPECT_TRUE(e.ok()) << e.status();
+      errors.push_back(e.value_or(-1));
+      EXPECT_GE(errors.back(), 0);
+      EXPECT_LE(errors.back(), 1);
+      EXPECT_EQ(runs->Get(i, "final_epochs"), "2");
+    }
+    auto history = CsvTable::Parse(ReadFileToString(out + "/history.csv").value_or(""), "history.csv");
+    EXPECT_TRUE(history.ok()) << history.status();
+    if (history.ok()) EXPECT_EQ(history->rows(), 4u);  // 2 runs x 2 epochs
+    const std::string table = ReadFileToString(out + "/table.md").value_or("");
+    EXPECT_TRUE(absl::StrContains(table, "| kn8 | 8 | 0.05 |")) << table;
+    EXPECT_TRUE(absl::StrContains(table, "| reference |")) << table;
+    EXPECT_TRUE(absl::StrContains(table, "| kn16 | 16 | 0.1 |")) << table;
+    for (const char* plot : {"/error_vs_kn", "/curves_kn16"}) {
+      EXPECT_TRUE(absl::StartsWith(ReadFileToString(out + plot + ".png").value_or(""), "\x89PNG")) << plot;
+      EXPECT_TRUE(absl::StrContains(ReadFileToString(out + plot + ".svg").value_or(""), "<svg")) << plot;
+    }
+    return errors;
+  };
+
+  // Standalone, in lmsgdctl's process.
+  const std::string solo = dir_ + "/solo";
+  auto run = testing::RunCommand({LMSGD_CTL_BIN, "experiment", "run", file, "--standalone", "--threads=1",
+                                  "--out=" + solo},
+                                 absl::Seconds(180));
+  ASSERT_EQ(run.exit_code, 0) << run.out << run.err;
+  EXPECT_TRUE(absl::StrContains(run.out, "[1/2] kn8.seed21: kn 8 (k 1 x m 1 x n 8), peak lr 0.05")) << run.out;
+  const std::vector<double> solo_errors = check_report(solo);
+  // Again: both arms are done, nothing is trained.
+  auto again = testing::RunCommand({LMSGD_CTL_BIN, "experiment", "run", file, "--standalone", "--out=" + solo},
+                                   absl::Seconds(60));
+  ASSERT_EQ(again.exit_code, 0) << again.out << again.err;
+  EXPECT_TRUE(absl::StrContains(again.out, "[1/2] kn8.seed21: done before")) << again.out;
+  EXPECT_TRUE(absl::StrContains(again.out, "[2/2] kn16.seed21: done before")) << again.out;
+  // The report re-renders from the CSVs alone.
+  std::filesystem::remove(solo + "/error_vs_kn.png");
+  std::filesystem::remove(solo + "/table.md");
+  auto report = testing::RunCommand({LMSGD_CTL_BIN, "experiment", "report", solo});
+  ASSERT_EQ(report.exit_code, 0) << report.out << report.err;
+  EXPECT_EQ(check_report(solo), solo_errors);
+
+  // Through the coordinator: one serving worker takes the two jobs in turn.
+  auto worker = std::make_unique<testing::Subprocess>();
+  ASSERT_TRUE(worker->Start({LMSGD_WORKER_BIN, "--coordinator=" + coord_->grpc_address(), "--serve", "--threads=1",
+                             "--host=localhost"},
+                            dir_ + "/serve.log")
+                  .ok());
+  const std::string coord_dir = dir_ + "/coord_report";
+  auto through = testing::RunCommand({LMSGD_CTL_BIN, "--coordinator=" + coord_->grpc_address(), "experiment", "run",
+                                      file, "--out=" + coord_dir},
+                                     absl::Seconds(240));
+  ASSERT_EQ(through.exit_code, 0) << through.out << through.err << ReadFileToString(dir_ + "/serve.log").value_or("");
+  const std::vector<double> coord_errors = check_report(coord_dir);
+  const std::string job0 = ReadFileToString(coord_dir + "/runs/kn8.seed21.job").value_or("");
+  const std::string job1 = ReadFileToString(coord_dir + "/runs/kn16.seed21.job").value_or("");
+  EXPECT_FALSE(job0.empty());
+  EXPECT_NE(job0, job1);
+  EXPECT_EQ(JobState(coord_->grpc_address(), job1), "JOB_STATE_SUCCEEDED");
+  EXPECT_TRUE(worker->running()) << "a serving worker waits for the next job";
+  // The same recipes (k = 1, the same m and seed) give the same errors either way.
+  ASSERT_EQ(coord_errors.size(), solo_errors.size());
+  for (size_t i = 0; i < coord_errors.size(); ++i) EXPECT_NEAR(coord_errors[i], solo_errors[i], 1.0 / 64 + 1e-9);
 }
 
 }  // namespace

@@ -141,6 +141,11 @@ absl::Status CoordinatorClient::ReportCheckpoint(const v1::ReportCheckpointReque
   return Unary("ReportCheckpoint", &v1::Coordinator::Stub::ReportCheckpoint, request, &resp, 3);
 }
 
+absl::Status CoordinatorClient::ReportEpoch(const v1::ReportEpochRequest& request) {
+  v1::ReportEpochResponse resp;
+  return Unary("ReportEpoch", &v1::Coordinator::Stub::ReportEpoch, request, &resp, 3);
+}
+
 absl::Status CoordinatorClient::ReportEvaluation(const v1::ReportEvaluationRequest& request) {
   v1::ReportEvaluationResponse resp;
   return Unary("ReportEvaluation", &v1::Coordinator::Stub::ReportEvaluation, request, &resp, 3);

@@ -40,6 +40,7 @@ class CoordinatorClient {
   absl::StatusOr<v1::HeartbeatResponse> Heartbeat(const v1::HeartbeatRequest& request);
   absl::Status ReportCheckpoint(const v1::ReportCheckpointRequest& request);
   absl::Status ReportEvaluation(const v1::ReportEvaluationRequest& request);
+  absl::Status ReportEpoch(const v1::ReportEpochRequest& request);
   absl::Status ReportFailure(const v1::ReportFailureRequest& request);
 
   const std::string& address() const { return options_.address; }

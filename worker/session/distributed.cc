@@ -228,6 +228,15 @@ absl::StatusOr<End> Generation::Train(std::string* why) {
     p.set_images_per_second(e.images_per_second);
     heartbeater.Update(p);
   };
+  if (k > 1) {
+    hooks.average_bn_statistics = [&]() -> absl::Status {
+      RETURN_IF_ERROR(trainer_->ExportState());
+      std::vector<float>& b = trainer_->store().buffers();
+      RETURN_IF_ERROR(comm_->AllreduceAsync(b.data(), b.size())->Wait(CollectiveDeadline()));
+      for (float& v : b) v /= static_cast<float>(k);
+      return trainer_->ImportState();
+    };
+  }
   // The counts travel as floats: exact up to 2^24 examples per count.
   hooks.sum_eval_counts = [&](train::EvalCounts* c) -> absl::Status {
     float counts[3] = {static_cast<float>(c->examples), static_cast<float>(c->top1_correct),
@@ -239,21 +248,16 @@ absl::StatusOr<End> Generation::Train(std::string* why) {
     return absl::OkStatus();
   };
   hooks.on_epoch_end = [&](const train::EpochSummary& e) {
-    if (!e.evaluated || e.eval.examples == 0) return;
-    const double n = static_cast<double>(e.eval.examples);
-    v1::Evaluation ev;
-    ev.set_epoch(e.epoch);
-    ev.set_examples(e.eval.examples);
-    ev.set_top1_error(1 - e.eval.top1_correct / n);
-    ev.set_top5_error(1 - e.eval.top5_correct / n);
-    if (metrics) metrics->SetEvaluation(ev.top1_error(), ev.top5_error());
+    v1::ReportEpochRequest r;
+    *r.mutable_record() = train::ToEpochRecord(e, static_cast<uint32_t>(k), join_.schedule().global_batch());
+    if (metrics && r.record().has_evaluation()) {
+      metrics->SetEvaluation(r.record().evaluation().top1_error(), r.record().evaluation().top5_error());
+    }
     if (rank != 0) return;
-    v1::ReportEvaluationRequest r;
     r.set_job_id(join_.job_id());
     r.set_worker_id(join_.worker_id());
     r.set_generation(join_.generation());
-    *r.mutable_evaluation() = ev;
-    heartbeater.Post([this, r] { (void)client_->ReportEvaluation(r); });
+    heartbeater.Post([this, r] { (void)client_->ReportEpoch(r); });
   };
   hooks.on_checkpoint = [&](const std::string& path, uint32_t epochs_done, uint64_t iteration) {
     v1::ReportCheckpointRequest r;
@@ -275,6 +279,7 @@ absl::StatusOr<End> Generation::Train(std::string* why) {
     case train::LoopPhase::kNone: return Finish(why);
     case train::LoopPhase::kStopRequested:
     case train::LoopPhase::kStep:
+    case train::LoopPhase::kAverageBnStatistics:
     case train::LoopPhase::kSumEvalCounts: {
       // A peer, the network or the coordinator ended this generation: re-form.
       if (heartbeater.stop()) return End::kStop;

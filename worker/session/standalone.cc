@@ -1,6 +1,9 @@
 #include "worker/session/standalone.h"
 
 #include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
+#include "common/file_util.h"
+#include "common/history.h"
 #include "common/job_spec.h"
 #include "common/status_macros.h"
 #include "worker/checkpoint/checkpoint.h"
@@ -50,18 +53,44 @@ absl::StatusOr<StandaloneResult> RunStandalone(const v1::JobSpec& job, const Sta
     }
   }
 
+  // The history so far: a resumed run keeps the file's epochs up to where it resumes.
+  EpochRecords history;
+  uint32_t history_dropped = 0;
+  if (!opt.history_file.empty() && start_iteration > 0) {
+    auto old = ReadHistoryFile(opt.history_file);
+    if (old.ok()) {
+      const uint64_t resume_epoch = start_iteration / schedule.iterations_per_epoch();
+      for (const auto& r : *old) {
+        if (r.epoch() <= resume_epoch) MergeEpochRecord(r, &history, &history_dropped);
+      }
+    } else if (old.status().code() != absl::StatusCode::kNotFound) {
+      return old.status();
+    }
+  }
+  absl::Status history_error;
+  train::LoopHooks hooks;
+  hooks.stop_requested = [&] { return !history_error.ok(); };
+  hooks.on_epoch_end = [&](const train::EpochSummary& e) {
+    v1::EpochRecord r = train::ToEpochRecord(e, 1, schedule.global_batch());
+    r.set_time_unix_ms(absl::ToUnixMillis(absl::Now()));
+    MergeEpochRecord(r, &history, &history_dropped);
+    if (!opt.history_file.empty() && history_error.ok()) history_error = WriteHistoryFile(opt.history_file, history);
+  };
+
   train::LoopOptions lo;
   lo.data_threads = train::DataThreads(spec, opt.data_threads);
   lo.evaluate = opt.evaluate;
   lo.stop_after_iterations = opt.stop_after_iterations;
   lo.log_every = opt.log_every;
   lo.log = log;
-  train::LoopResult loop = train::RunTrainingLoop(spec, schedule, *trainer, datasets, start_iteration, lo, {});
+  train::LoopResult loop = train::RunTrainingLoop(spec, schedule, *trainer, datasets, start_iteration, lo, hooks);
+  RETURN_IF_ERROR(history_error);
   if (!loop.status.ok()) return loop.status;
   StandaloneResult result;
   result.iterations = loop.iterations;
   result.epochs = std::move(loop.epochs);
   result.last_checkpoint = std::move(loop.last_checkpoint);
+  result.history.assign(history.begin(), history.end());
   result.op_times = trainer->network().times();
   RETURN_IF_ERROR(trainer->ExportState());
   if (trainer_out) *trainer_out = std::move(trainer);

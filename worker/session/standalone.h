@@ -29,11 +29,16 @@ struct StandaloneOptions {
   bool evaluate = true;
   int cuda_device = -1;             // >= 0: train on this GPU (the job's device must be DEVICE_CUDA)
   std::ostream* log = nullptr;      // progress lines (null: none)
+  // Rewritten atomically after every epoch with the run's history (common/history.h: JSON
+  // lines, or CSV for a ".csv" path). A resumed run keeps the file's records up to its resume
+  // epoch. Empty: none.
+  std::string history_file;
 };
 
 struct StandaloneResult {
   uint64_t iterations = 0;  // completed steps (total, including before a resume)
   std::vector<train::EpochSummary> epochs;
+  std::vector<v1::EpochRecord> history;  // what history_file holds (also without one)
   std::string last_checkpoint;
   backend::OpTimes op_times;  // summed over the run
 };

@@ -17,6 +17,7 @@ const char* LoopPhaseName(LoopPhase phase) {
     case LoopPhase::kStopRequested: return "stop requested";
     case LoopPhase::kData: return "data";
     case LoopPhase::kStep: return "step";
+    case LoopPhase::kAverageBnStatistics: return "BN statistics averaged over ranks";
     case LoopPhase::kEvaluate: return "evaluation";
     case LoopPhase::kSumEvalCounts: return "evaluation counts over ranks";
     case LoopPhase::kCheckpoint: return "checkpoint";
@@ -99,6 +100,10 @@ LoopResult Loop::Run(uint64_t start_iteration) {
       ++iteration_;
       ++steps;
       loss_sum += stats->loss;
+      summary.forward_seconds += stats->forward_s;
+      summary.backward_seconds += stats->backward_s;
+      summary.reduce_wait_seconds += stats->reduce_wait_s;
+      summary.optimizer_seconds += stats->optimizer_s;
       summary.lr = stats->lr;
       const double elapsed = SecondsSince(epoch_start);
       if (hooks_.on_step) {
@@ -121,12 +126,16 @@ LoopResult Loop::Run(uint64_t start_iteration) {
       }
     }
     summary.iteration = iteration_;
+    summary.steps = steps;
     summary.mean_loss = steps ? loss_sum * k / steps : 0.0;
     summary.train_seconds = SecondsSince(epoch_start);
     summary.images_per_second = steps * local_batch * k / summary.train_seconds;
     summary.corrupt_skipped = loader->skipped();
     loader.reset();  // its decoder threads stop before evaluation starts its own
     if (hooks_.on_epoch_trained) hooks_.on_epoch_trained(summary);
+    if (hooks_.average_bn_statistics) {
+      if (auto st = hooks_.average_bn_statistics(); !st.ok()) return Fail(LoopPhase::kAverageBnStatistics, st);
+    }
 
     if (options_.evaluate && datasets_.val) {
       auto counts = trainer_.Evaluate(*datasets_.val, options_.rank, options_.world_size, options_.data_threads);
@@ -156,6 +165,36 @@ LoopResult Loop::Run(uint64_t start_iteration) {
 }
 
 }  // namespace
+
+v1::EpochRecord ToEpochRecord(const EpochSummary& e, uint32_t world_size, uint64_t global_batch) {
+  v1::EpochRecord r;
+  r.set_epoch(e.epoch);
+  r.set_iteration(e.iteration);
+  r.set_mean_loss(e.mean_loss);
+  r.set_lr(e.lr);
+  r.set_images_per_second(e.images_per_second);
+  r.set_train_seconds(e.train_seconds);
+  r.set_world_size(world_size);
+  r.set_global_batch(global_batch);
+  if (e.steps > 0) {
+    const double n = static_cast<double>(e.steps);
+    auto* t = r.mutable_step_time();
+    t->set_data_wait_s(e.data_wait_seconds / n);
+    t->set_forward_s(e.forward_seconds / n);
+    t->set_backward_s(e.backward_seconds / n);
+    t->set_exposed_comm_s(e.reduce_wait_seconds / n);
+    t->set_optimizer_s(e.optimizer_seconds / n);
+  }
+  if (e.evaluated && e.eval.examples > 0) {
+    const double n = static_cast<double>(e.eval.examples);
+    auto* ev = r.mutable_evaluation();
+    ev->set_epoch(e.epoch);
+    ev->set_examples(e.eval.examples);
+    ev->set_top1_error(1 - static_cast<double>(e.eval.top1_correct) / n);
+    ev->set_top5_error(1 - static_cast<double>(e.eval.top5_correct) / n);
+  }
+  return r;
+}
 
 LoopResult RunTrainingLoop(const v1::JobSpec& spec, const v1::Schedule& schedule, Trainer& trainer,
                            const Datasets& datasets, uint64_t start_iteration, const LoopOptions& options,

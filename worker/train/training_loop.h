@@ -5,9 +5,14 @@
 //   1. the rank's shard of the permutation for (seed, e), split k ways (data/sampler.h), in
 //      batches of m*n, from the iteration's place in the epoch; one Trainer::Step per batch
 //      (iterations_per_epoch = floor(N / kn) of them);
-//   2. the sharded evaluation: each rank counts its part of the validation set and the
+//   2. with k > 1, the ranks' BN running statistics replaced by their mean (the
+//      average_bn_statistics hook): each rank's running statistics follow its own groups only,
+//      and the running statistics are linear in the groups' statistics, so the mean over the
+//      ranks is exactly what one process with k*m virtual workers holds. Evaluation and the
+//      checkpoint (rank 0's) then see one model, the same on every rank;
+//   3. the sharded evaluation: each rank counts its part of the validation set and the
 //      sum_eval_counts hook sums the counts over the ranks;
-//   3. every checkpoint_interval_epochs (and after the last epoch) the rank that writes
+//   4. every checkpoint_interval_epochs (and after the last epoch) the rank that writes
 //      checkpoints (rank 0) exports the trainer's state and writes one.
 // Data order and augmentation are functions of (seed, epoch, index), so a run resumed at
 // iteration t computes exactly what the uninterrupted run would have.
@@ -43,15 +48,22 @@ struct EpochSummary {
   double lr = 0;             // the last step's rate
   double images_per_second = 0;  // the job's (k workers) over the epoch's training time
   double train_seconds = 0, seconds = 0, data_wait_seconds = 0;
+  uint64_t steps = 0;        // this call's steps of the epoch (fewer than an epoch's after a resume)
+  double forward_seconds = 0, backward_seconds = 0, reduce_wait_seconds = 0, optimizer_seconds = 0;  // sums
   int64_t corrupt_skipped = 0;   // unreadable examples the loader skipped this epoch
   bool evaluated = false;
   EvalCounts eval;           // summed over the ranks
 };
 
+// The history record of an epoch (common/history.h): per-step means of the time split, the
+// evaluation's errors when there was one. `generation` and the time are the caller's to set.
+v1::EpochRecord ToEpochRecord(const EpochSummary& summary, uint32_t world_size, uint64_t global_batch);
+
 struct LoopHooks {
   std::function<bool()> stop_requested;                            // polled before every step
   std::function<void(const StepReport&)> on_step;
   std::function<void(const EpochSummary&)> on_epoch_trained;       // before evaluation
+  std::function<absl::Status()> average_bn_statistics;             // null: one rank
   std::function<absl::Status(EvalCounts*)> sum_eval_counts;        // null: one rank
   std::function<void(const EpochSummary&)> on_epoch_end;           // after evaluation
   std::function<void(const std::string& path, uint32_t epochs_done, uint64_t iteration)> on_checkpoint;
@@ -68,9 +80,12 @@ struct LoopOptions {
 };
 
 // Where a loop that did not finish stopped: the session decides what each means (the
-// distributed one re-forms the generation after kStopRequested, kStep and kSumEvalCounts,
+// distributed one re-forms the generation after kStopRequested, kStep, kAverageBnStatistics
+// and kSumEvalCounts,
 // which a peer or the coordinator caused, and fails the job after the others).
-enum class LoopPhase { kNone, kStopRequested, kData, kStep, kEvaluate, kSumEvalCounts, kCheckpoint };
+enum class LoopPhase {
+  kNone, kStopRequested, kData, kStep, kAverageBnStatistics, kEvaluate, kSumEvalCounts, kCheckpoint
+};
 const char* LoopPhaseName(LoopPhase phase);
 
 struct LoopResult {

@@ -456,5 +456,61 @@ TEST_F(JobManagerTest, ReportFailure) {
   EXPECT_TRUE(absl::StrContains(status.message(), "/data/x.jpg"));
 }
 
+TEST_F(JobManagerTest, EpochRecordsFormTheHistoryAndThePapersError) {
+  auto job = SubmitJob(1);
+  auto r = JoinAll(job.job_id(), {{"h", 0}});
+  auto report = [&](uint32_t epoch, double top1, uint64_t generation = 1) {
+    v1::ReportEpochRequest req;
+    req.set_job_id(job.job_id());
+    req.set_worker_id(r[0].worker_id());
+    req.set_generation(generation);
+    req.mutable_record()->set_epoch(epoch);
+    req.mutable_record()->set_iteration(10 * epoch);
+    req.mutable_record()->set_mean_loss(1.0 / epoch);
+    if (top1 >= 0) {
+      req.mutable_record()->mutable_evaluation()->set_examples(100);
+      req.mutable_record()->mutable_evaluation()->set_top1_error(top1);
+    }
+    return manager_->ReportEpoch(req);
+  };
+  for (uint32_t e = 1; e <= 6; ++e) ASSERT_TRUE(report(e, 0.1 * (7 - e)).ok());  // 0.6 ... 0.1
+  auto status = *manager_->Get(job.job_id());
+  ASSERT_EQ(status.history_size(), 6);
+  EXPECT_EQ(status.history(5).generation(), 1u);
+  EXPECT_GT(status.history(5).time_unix_ms(), 0);
+  EXPECT_EQ(status.last_evaluation().epoch(), 6u);
+  EXPECT_NEAR(status.final_error().top1_error(), 0.3, 1e-12);  // median of epochs 2-6
+  EXPECT_EQ(status.final_error().epochs(), 5u);
+  // Persisted with the job.
+  Reset();
+  ASSERT_TRUE(manager_->Recover().ok());
+  status = *manager_->Get(job.job_id());
+  EXPECT_EQ(status.history_size(), 6);
+  EXPECT_NEAR(status.final_error().top1_error(), 0.3, 1e-12);
+  // A re-run epoch 4 drops 5 and 6; an evaluation reported on its own attaches to its epoch.
+  ASSERT_TRUE(report(4, 0.5).ok());
+  v1::ReportEvaluationRequest ev;
+  ev.set_job_id(job.job_id());
+  ev.set_worker_id(r[0].worker_id());
+  ev.set_generation(1);
+  ev.mutable_evaluation()->set_epoch(4);
+  ev.mutable_evaluation()->set_examples(100);
+  ev.mutable_evaluation()->set_top1_error(0.45);
+  ASSERT_TRUE(manager_->ReportEvaluation(ev).ok());
+  status = *manager_->Get(job.job_id());
+  ASSERT_EQ(status.history_size(), 4);
+  EXPECT_DOUBLE_EQ(status.history(3).mean_loss(), 0.25);
+  EXPECT_DOUBLE_EQ(status.history(3).evaluation().top1_error(), 0.45);
+  EXPECT_EQ(status.final_error().epochs(), 4u);
+  EXPECT_NEAR(status.final_error().top1_error(), 0.475, 1e-12);  // 0.6 0.5 0.4 0.45: the middle two
+  // Bad records are refused, naming the field; a stale generation is ABORTED.
+  EXPECT_EQ(report(0, 0.1).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(report(0, 0.1).message(), "record.epoch"));
+  EXPECT_EQ(report(5, 1.5).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(report(5, 0.1, 7).code(), absl::StatusCode::kAborted);
+  // A list of jobs leaves the history out; GetJob has it.
+  for (const auto& j : manager_->List(true)) EXPECT_EQ(j.history_size(), 0);
+}
+
 }  // namespace
 }  // namespace lmsgd::coordinator
