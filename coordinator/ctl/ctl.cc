@@ -421,23 +421,8 @@ int RunCtl(const std::vector<std::string>& args, std::ostream& out, std::ostream
     }
     return 0;
   }
-  if (cmd == "status") {
-    if (!need_args(1, "a job id")) return 2;
-    Client c(o, *creds);
-    v1::GetJobRequest req;
-    req.set_job_id(o.positional[1]);
-    v1::JobStatus resp;
-    auto ctx = c.Context();
-    grpc::Status st = c.stub().GetJob(ctx.get(), req, &resp);
-    if (!st.ok()) {
-      err << "lmsgdctl: " << c.Explain(st, "status") << "\n";
-      return 1;
-    }
-    out << (json ? ToJson(resp, true) + "\n" : FormatStatusTable(resp));
-    return 0;
-  }
   if (cmd == "experiment") return RunExperimentCommand(o, *creds, out, err);
-  if (cmd == "history") {
+  if (cmd == "status" || cmd == "history") {
     if (!need_args(1, "a job id")) return 2;
     Client c(o, *creds);
     v1::GetJobRequest req;
@@ -446,10 +431,12 @@ int RunCtl(const std::vector<std::string>& args, std::ostream& out, std::ostream
     auto ctx = c.Context();
     grpc::Status st = c.stub().GetJob(ctx.get(), req, &resp);
     if (!st.ok()) {
-      err << "lmsgdctl: " << c.Explain(st, "history") << "\n";
+      err << "lmsgdctl: " << c.Explain(st, cmd) << "\n";
       return 1;
     }
-    if (o.output == "csv") {
+    if (cmd == "status") {
+      out << (json ? ToJson(resp, true) + "\n" : FormatStatusTable(resp));
+    } else if (o.output == "csv") {
       out << HistoryCsv(resp.history());
     } else if (json) {
       out << HistoryJsonLines(resp.history());
