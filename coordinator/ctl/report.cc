@@ -52,6 +52,7 @@ struct HistoryRow {
 struct ArmSummary {
   RunRow recipe;  // the first run's recipe fields
   std::vector<double> errors;  // succeeded runs' final top-1 errors
+  std::vector<double> last;    // succeeded runs' last evaluated epoch's top-1 error
   std::vector<std::string> failures;
   uint64_t min_final_epochs = 0, max_final_epochs = 0;
   double mean = 0, std = 0;
@@ -227,8 +228,22 @@ absl::Status RenderReport(const std::string& dir, std::string* table_out) {
 
   // The table.
   std::string t = absl::StrCat(
-      "| arm | kn | peak lr | warmup | lr scaling | iterations | top-1 error (%) | seeds | vs reference (points) |\n",
-      "|---|---:|---:|---|---|---:|---:|---:|---:|\n");
+      "| arm | kn | peak lr | warmup | lr scaling | iterations | top-1 error (%) | seeds | vs reference (points) | "
+      "last epoch (%) |\n",
+      "|---|---:|---:|---|---|---:|---:|---:|---:|---:|\n");
+  // The last evaluated epoch of each succeeded run, from the history.
+  {
+    std::map<std::pair<std::string, uint64_t>, std::pair<uint64_t, double>> last;  // (arm, seed) -> (epoch, err)
+    for (const auto& h : history) {
+      if (!h.evaluated) continue;
+      auto& l = last[{h.arm, h.seed}];
+      if (h.epoch >= l.first) l = {h.epoch, h.top1};
+    }
+    for (const auto& r : runs) {
+      auto it = last.find({r.arm, r.seed});
+      if (r.succeeded && it != last.end()) arms[r.arm].last.push_back(it->second.second);
+    }
+  }
   uint64_t min_f = ~0ull, max_f = 0;
   for (const auto& name : order) {
     const ArmSummary& a = arms[name];
@@ -249,14 +264,21 @@ absl::Status RenderReport(const std::string& dir, std::string* table_out) {
     if (name == reference) delta = "reference";
     std::string seeds = absl::StrCat(a.errors.size());
     if (!a.failures.empty()) absl::StrAppend(&seeds, " (", a.failures.size(), " did not finish)");
-    absl::StrAppend(&t, absl::StrFormat("| %s | %d | %.4g | %s | %s | %d | %s | %s | %s |\n", name, x.kn, x.peak_lr,
-                                        warm, x.scaling, x.iterations, err, seeds, delta));
+    std::string last = "-";
+    if (!a.last.empty()) {
+      double sum = 0;
+      for (double v : a.last) sum += v;
+      last = absl::StrFormat("%.2f", 100 * sum / a.last.size());
+    }
+    absl::StrAppend(&t, absl::StrFormat("| %s | %d | %.4g | %s | %s | %d | %s | %s | %s | %s |\n", name, x.kn,
+                                        x.peak_lr, warm, x.scaling, x.iterations, err, seeds, delta, last));
   }
   if (max_f > 0) {
     absl::StrAppend(&t, "\nError: each run's median top-1 validation error over its final ",
                     min_f == max_f ? absl::StrCat(min_f) : absl::StrCat(min_f, "-", max_f),
                     " evaluated epochs (the paper's metric: the final 5, or all when fewer), then the mean ± sample "
-                    "standard deviation over seeds.\n");
+                    "standard deviation over seeds. Last epoch: the mean over seeds of the last evaluated epoch's "
+                    "error.\n");
   }
   for (const auto& name : order) {
     for (const auto& f : arms[name].failures) absl::StrAppend(&t, "\n", name, ": ", f, "\n");
@@ -326,6 +348,8 @@ absl::Status RenderReport(const std::string& dir, std::string* table_out) {
     }
     return d;
   };
+  uint64_t max_epoch = 0;
+  for (const auto& h : history) max_epoch = std::max(max_epoch, h.epoch);
   if (!reference.empty()) {
     RETURN_IF_ERROR(WriteFileAtomically(pd + "/curve." + reference + ".dat", curve(reference)));
   }
@@ -343,7 +367,8 @@ absl::Status RenderReport(const std::string& dir, std::string* table_out) {
     };
     const std::string body = absl::StrCat(
         "set multiplot layout 1,2 title '", name, " against ", reference.empty() ? "-" : reference, "'\n",
-        "set grid\nset xlabel 'epoch'\nset key top right\n", "set ylabel 'training loss'\n", lines(2),
+        "set grid\nset xlabel 'epoch'\nset key top right\n", max_epoch <= 16 ? "set xtics 1\n" : "",
+        "set ylabel 'training loss'\n", lines(2),
         "set ylabel 'validation top-1 error (%)'\n", lines(3));
     const std::string out = "curves_" + name;
     RETURN_IF_ERROR(WriteFileAtomically(pd + "/" + out + ".gp", Script(out, 960, 400, body)));
