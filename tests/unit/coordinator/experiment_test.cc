@@ -134,12 +134,17 @@ TEST(ExperimentTest, ValidationNamesTheBadField) {
 }
 
 TEST(ExperimentTest, ShippedExperimentsPlan) {
-  for (const char* f : {"table2.textproto", "kn_sweep.textproto"}) {
+  for (const auto& [f, runs] : std::vector<std::pair<std::string, size_t>>{
+           {"table2.textproto", 10}, {"kn_sweep.textproto", 8}, {"table2_long.textproto", 2}}) {
     auto x = ReadExperimentFile(std::string(LMSGD_SOURCE_DIR) + "/deploy/experiments/" + f);
     ASSERT_TRUE(x.ok()) << x.status();
     auto plan = PlanExperiment(*x, true);
     ASSERT_TRUE(plan.ok()) << f << ": " << plan.status();
-    EXPECT_GE(plan->size(), 5u) << f;
+    EXPECT_EQ(plan->size(), runs) << f;
+    for (const auto& r : *plan) {
+      EXPECT_EQ(r.spec.per_worker_batch(), 32u) << f;  // n = the BN group of the paper
+      EXPECT_EQ(r.spec.bn_group_size(), 32u) << f;
+    }
   }
 }
 
