@@ -120,12 +120,16 @@ int Run() {
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(absl::GetFlag(FLAGS_listen), *creds, &port);
+  // gRPC sets SO_REUSEPORT by default: a second coordinator on this address would start and the
+  // kernel would spread clients over two processes with two states.
+  builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   builder.SetMaxReceiveMessageSize(absl::GetFlag(FLAGS_max_message_bytes));
   builder.SetMaxSendMessageSize(64 << 20);
   builder.RegisterService(&service);
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || port == 0) {
-    LOG(ERROR) << "cannot listen on " << absl::GetFlag(FLAGS_listen) << " (address in use or invalid?)";
+    LOG(ERROR) << "cannot listen on " << absl::GetFlag(FLAGS_listen)
+               << " (address in use, by another lmsgd-coordinator perhaps, or invalid)";
     return 1;
   }
   const std::string grpc_addr = absl::StrCat(HostOf(absl::GetFlag(FLAGS_listen)), ":", port);

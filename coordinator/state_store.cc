@@ -1,6 +1,12 @@
 #include "coordinator/state_store.h"
 
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -22,7 +28,34 @@ std::string JobIdFromSeq(uint64_t seq) { return absl::StrFormat("job-%06d", seq)
 
 absl::StatusOr<std::unique_ptr<FileStateStore>> FileStateStore::Open(const std::string& dir) {
   RETURN_IF_ERROR(Annotate(MakeDirs(dir + "/jobs"), "opening state dir"));
-  return std::unique_ptr<FileStateStore>(new FileStateStore(dir));
+  const std::string lock = dir + "/LOCK";
+  const int fd = ::open(lock.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) return absl::InternalError(absl::StrCat("cannot open ", lock, ": ", std::strerror(errno)));
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    const int err = errno;
+    char buf[32] = {0};
+    const ssize_t n = ::pread(fd, buf, sizeof(buf) - 1, 0);
+    ::close(fd);
+    std::string holder(buf, n > 0 ? static_cast<size_t>(n) : 0);
+    while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
+    if (err == EWOULDBLOCK) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "state directory ", dir, " is in use by another lmsgd-coordinator (pid ", holder.empty() ? "?" : holder,
+          ", holding ", lock, "); one coordinator per state directory"));
+    }
+    return absl::InternalError(absl::StrCat("cannot lock ", lock, ": ", std::strerror(err)));
+  }
+  const std::string pid = absl::StrCat(::getpid(), "\n");
+  if (::ftruncate(fd, 0) != 0 || ::pwrite(fd, pid.data(), pid.size(), 0) != static_cast<ssize_t>(pid.size())) {
+    const int err = errno;
+    ::close(fd);
+    return absl::InternalError(absl::StrCat("cannot write ", lock, ": ", std::strerror(err)));
+  }
+  return std::unique_ptr<FileStateStore>(new FileStateStore(dir, fd));
+}
+
+FileStateStore::~FileStateStore() {
+  if (lock_fd_ >= 0) ::close(lock_fd_);
 }
 
 std::string FileStateStore::JobPath(const std::string& job_id) const {

@@ -3,6 +3,11 @@
 // FileStateStore keeps one checksummed record file per job, `<dir>/jobs/<job_id>.job`,
 // replaced atomically (common/file_util.h): a crash leaves the old or the new record. A record
 // that fails its checksum on load is reported and moved aside to `.corrupt`; the others load.
+//
+// One writer per directory: Open takes an exclusive flock on `<dir>/LOCK` (which then holds the
+// owner's pid) for the store's lifetime. A second store on the directory, in any process, fails
+// at once naming the directory and that pid. The kernel drops the lock when its holder dies, so
+// a coordinator killed with SIGKILL does not block its restart.
 #pragma once
 
 #include <map>
@@ -32,15 +37,17 @@ class StateStore {
 
 class FileStateStore final : public StateStore {
  public:
-  // Creates `dir` and `dir/jobs` if needed.
+  // Creates `dir` and `dir/jobs` if needed; FAILED_PRECONDITION when another store holds `dir`.
   static absl::StatusOr<std::unique_ptr<FileStateStore>> Open(const std::string& dir);
+  ~FileStateStore() override;
   absl::Status SaveJob(const v1::JobStatus& job) override;
   absl::StatusOr<LoadedState> Load() override;
 
  private:
-  explicit FileStateStore(std::string dir) : dir_(std::move(dir)) {}
+  FileStateStore(std::string dir, int lock_fd) : dir_(std::move(dir)), lock_fd_(lock_fd) {}
   std::string JobPath(const std::string& job_id) const;
   std::string dir_;
+  int lock_fd_ = -1;
 };
 
 // For unit tests: keeps serialized records in memory; can be told to fail writes.

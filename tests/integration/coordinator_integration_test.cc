@@ -2,6 +2,8 @@
 // simulated workers (the worker's CoordinatorClient, no training), lmsgdctl as a subprocess,
 // /metrics over HTTP, kill -9 and restart, bearer token and TLS.
 #include <gtest/gtest.h>
+
+#include <set>
 #include <signal.h>
 
 #include <future>
@@ -344,6 +346,33 @@ TEST(CoordinatorIntegrationTest, KillNineAndRestartKeepsEveryJob) {
   // New job ids do not reuse old ones.
   const std::string next = Submit(addr, SmallSpec(1));
   EXPECT_GT(next, cancelled);
+}
+
+// One coordinator per address and per state directory: a second one on the same address, or on
+// the same state directory, exits at once saying why; a kill -9 leaves no lock behind.
+TEST(CoordinatorIntegrationTest, SecondCoordinatorOnTheSameAddressOrStateDirIsRefused) {
+  const std::string dir = MakeTempDir("lmsgd_it_one");
+  CoordinatorProcess first(dir);
+  ASSERT_TRUE(first.Start().ok()) << first.Log();
+  const std::string addr = first.grpc_address();
+  const std::string job = Submit(addr, SmallSpec(1));
+  auto same_address = RunCommand({LMSGD_COORDINATOR_BIN, "--listen=" + addr, "--state_dir=" + dir + "/other"},
+                                 absl::Seconds(20));
+  EXPECT_NE(same_address.exit_code, 0);
+  EXPECT_TRUE(absl::StrContains(same_address.err + same_address.out, "cannot listen on " + addr))
+      << same_address.err << same_address.out;
+  auto same_dir = RunCommand({LMSGD_COORDINATOR_BIN, "--listen=127.0.0.1:0", "--state_dir=" + dir + "/state"},
+                             absl::Seconds(20));
+  EXPECT_NE(same_dir.exit_code, 0);
+  const std::string said = same_dir.err + same_dir.out;
+  EXPECT_TRUE(absl::StrContains(said, "state directory " + dir + "/state is in use")) << said;
+  EXPECT_TRUE(absl::StrContains(said, "pid ")) << said;
+  // Every submit still reaches the one coordinator: ids are not handed out twice.
+  std::set<std::string> ids = {job};
+  for (int i = 0; i < 5; ++i) EXPECT_TRUE(ids.insert(Submit(addr, SmallSpec(1))).second);
+  first.Kill9();
+  ASSERT_TRUE(first.Start().ok()) << first.Log();
+  EXPECT_EQ(GetJob(first.grpc_address(), job).job_id(), job);
 }
 
 TEST(CoordinatorIntegrationTest, BearerTokenRequiredForSubmitAndCancel) {

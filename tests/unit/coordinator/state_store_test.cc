@@ -2,8 +2,10 @@
 
 #include <gtest/gtest.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
 #include "common/file_util.h"
 
 namespace lmsgd::coordinator {
@@ -42,6 +44,24 @@ TEST(FileStateStoreTest, SaveLoadAndCorruptRecordSetAside) {
   EXPECT_EQ(again->max_job_seq, 3u);
   auto files = ListFiles(dir + "/jobs");
   EXPECT_EQ(files->size(), 3u);
+}
+
+TEST(FileStateStoreTest, OneStorePerDirectoryAndTheLockGoesWithIt) {
+  char tmpl[] = "/tmp/lmsgd_store_XXXXXX";
+  const std::string dir = mkdtemp(tmpl);
+  {
+    auto first = FileStateStore::Open(dir);
+    ASSERT_TRUE(first.ok()) << first.status();
+    EXPECT_EQ(*ReadFileToString(dir + "/LOCK"), absl::StrCat(getpid(), "\n"));
+    auto second = FileStateStore::Open(dir);
+    ASSERT_FALSE(second.ok());
+    EXPECT_EQ(second.status().code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_TRUE(absl::StrContains(second.status().message(), dir)) << second.status();
+    EXPECT_TRUE(absl::StrContains(second.status().message(), absl::StrCat("pid ", getpid()))) << second.status();
+  }
+  // Released with the store (and by the kernel when its process dies).
+  auto again = FileStateStore::Open(dir);
+  EXPECT_TRUE(again.ok()) << again.status();
 }
 
 TEST(FileStateStoreTest, UnwritableDirectoryIsAnError) {
