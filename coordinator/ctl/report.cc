@@ -295,7 +295,9 @@ absl::Status RenderReport(const std::string& dir, std::string* table_out) {
     const RunRow& x = arms[name].recipe;
     if (arms[name].errors.empty()) continue;
     kns.insert(x.kn);
-    const std::string recipe = absl::StrCat(x.warmup, " warmup, ", x.scaling, " scaling");
+    const std::string recipe =
+        absl::StrCat(x.warmup == "none" ? "no" : x.warmup, " warmup, ", x.scaling == "none" ? "no" : x.scaling,
+                     " LR scaling");
     auto it = std::find_if(series.begin(), series.end(), [&](const auto& s) { return s.first == recipe; });
     if (it == series.end()) {
       series.push_back({recipe, {}});
