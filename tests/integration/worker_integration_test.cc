@@ -442,7 +442,9 @@ TEST_F(WorkerIntegrationTest, ExperimentRunsStandaloneAndThroughTheCoordinator) 
     }
     auto history = CsvTable::Parse(ReadFileToString(out + "/history.csv").value_or(""), "history.csv");
     EXPECT_TRUE(history.ok()) << history.status();
-    if (history.ok()) EXPECT_EQ(history->rows(), 4u);  // 2 runs x 2 epochs
+    if (history.ok()) {
+      EXPECT_EQ(history->rows(), 4u);  // 2 runs x 2 epochs
+    }
     const std::string table = ReadFileToString(out + "/table.md").value_or("");
     EXPECT_TRUE(absl::StrContains(table, "| kn8 | 8 | 0.05 |")) << table;
     EXPECT_TRUE(absl::StrContains(table, "| reference |")) << table;

@@ -187,7 +187,9 @@ TEST(ExperimentTest, ReportTableFromTheCsvs) {
   std::string table;
   auto st = RenderReport(dir, &table);
   // Plots need gnuplot; the table is written either way.
-  if (!st.ok()) EXPECT_TRUE(absl::StrContains(st.message(), "table.md written")) << st;
+  if (!st.ok()) {
+    EXPECT_TRUE(absl::StrContains(st.message(), "table.md written")) << st;
+  }
   EXPECT_TRUE(absl::StrContains(table, "| kn32 | 32 | 0.1 | gradual, 1 epoch | linear | 31 | 11.00 ± 1.41 | 2 | reference | 11.00 |"))
       << table;
   EXPECT_TRUE(absl::StrContains(table, "| kn64 | 64 | 0.2 | gradual, 1 epoch | linear | 15 | 14.00 ± 1.41 | 2 (1 did not finish) | +3.00 | 14.00 |"))
