@@ -10,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "common/csv.h"
 #include "common/file_util.h"
+#include "common/job_spec.h"
 #include "common/status_macros.h"
 #include "google/protobuf/util/json_util.h"
 
@@ -97,13 +98,7 @@ std::string HistoryCsv(const EpochRecords& records) {
 
 std::string HistoryJsonLines(const EpochRecords& records) {
   std::string out;
-  google::protobuf::util::JsonPrintOptions opts;
-  opts.preserve_proto_field_names = true;
-  for (const auto& r : records) {
-    std::string line;
-    (void)google::protobuf::util::MessageToJsonString(r, &line, opts);
-    absl::StrAppend(&out, line, "\n");
-  }
+  for (const auto& r : records) absl::StrAppend(&out, ProtoToJson(r, /*pretty=*/false), "\n");
   return out;
 }
 

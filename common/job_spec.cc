@@ -229,6 +229,16 @@ absl::Status ParseProtoText(const std::string& path, const std::string& contents
   return absl::OkStatus();
 }
 
+std::string ProtoToJson(const google::protobuf::Message& m, bool pretty) {
+  std::string out;
+  google::protobuf::util::JsonPrintOptions opts;
+  opts.add_whitespace = pretty;
+  opts.preserve_proto_field_names = true;
+  (void)google::protobuf::util::MessageToJsonString(m, &out, opts);
+  if (!out.empty() && out.back() == '\n') out.pop_back();
+  return out;
+}
+
 absl::StatusOr<v1::JobSpec> ParseJobSpec(const std::string& path, const std::string& contents) {
   v1::JobSpec spec;
   auto st = ParseProtoText(path, contents, &spec);

@@ -30,6 +30,8 @@ uint64_t GlobalBatch(const v1::JobSpec& spec, uint32_t world_size);
 // .textproto/.txtpb/.pbtxt; for other names JSON if the text starts with '{', else text.
 // Errors name the path (and line:column for text format).
 absl::StatusOr<v1::JobSpec> ParseJobSpec(const std::string& path, const std::string& contents);
+// protobuf's JSON mapping with proto field names, one line unless `pretty`.
+std::string ProtoToJson(const google::protobuf::Message& message, bool pretty);
 // The same for any message (experiment files): errors name the path and the message type.
 absl::Status ParseProtoText(const std::string& path, const std::string& contents, google::protobuf::Message* message);
 absl::StatusOr<v1::JobSpec> ReadJobFile(const std::string& path);

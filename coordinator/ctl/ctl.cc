@@ -68,15 +68,7 @@ std::string StateLabel(v1::JobState s) {
   return n;
 }
 
-std::string ToJson(const google::protobuf::Message& m, bool pretty) {
-  std::string out;
-  google::protobuf::util::JsonPrintOptions opts;
-  opts.add_whitespace = pretty;
-  opts.preserve_proto_field_names = true;
-  (void)google::protobuf::util::MessageToJsonString(m, &out, opts);
-  if (!out.empty() && out.back() == '\n') out.pop_back();
-  return out;
-}
+std::string ToJson(const google::protobuf::Message& m, bool pretty) { return ProtoToJson(m, pretty); }
 
 std::string FormatTime(int64_t ms) {
   if (ms == 0) return "-";

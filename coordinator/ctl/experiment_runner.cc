@@ -18,14 +18,7 @@
 namespace lmsgd::ctl {
 namespace {
 
-std::string ToJson(const google::protobuf::Message& m) {
-  std::string out;
-  google::protobuf::util::JsonPrintOptions opts;
-  opts.add_whitespace = true;
-  opts.preserve_proto_field_names = true;
-  (void)google::protobuf::util::MessageToJsonString(m, &out, opts);
-  return out;
-}
+std::string ToJson(const google::protobuf::Message& m) { return ProtoToJson(m, /*pretty=*/true); }
 
 std::string Duration(double s) {
   if (s < 60) return absl::StrFormat("%.0f s", s);

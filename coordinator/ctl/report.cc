@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <spawn.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -17,6 +18,8 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
 #include "common/csv.h"
 #include "common/file_util.h"
 #include "common/history.h"
@@ -138,9 +141,19 @@ absl::Status RunGnuplot(const std::string& dir, const std::string& script) {
     return absl::FailedPreconditionError(absl::StrCat("cannot run gnuplot for ", script, ": ", strerror(rc),
                                                       " (deploy/setup.sh installs gnuplot-nox)"));
   }
+  // A plot takes well under a second; a gnuplot that hangs (a broken font setup) is killed.
   int status = 0;
-  while (waitpid(pid, &status, 0) < 0) {
-    if (errno != EINTR) return absl::InternalError(absl::StrCat("waitpid(gnuplot): ", strerror(errno)));
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
+  while (true) {
+    const pid_t r = waitpid(pid, &status, WNOHANG);
+    if (r == pid) break;
+    if (r < 0 && errno != EINTR) return absl::InternalError(absl::StrCat("waitpid(gnuplot): ", strerror(errno)));
+    if (absl::Now() > deadline) {
+      kill(pid, SIGKILL);
+      (void)waitpid(pid, &status, 0);
+      return absl::DeadlineExceededError(absl::StrCat("gnuplot did not finish ", script, " within 60 s"));
+    }
+    absl::SleepFor(absl::Milliseconds(10));
   }
   if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
     if (WIFEXITED(status) && WEXITSTATUS(status) == 127) {
