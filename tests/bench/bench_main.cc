@@ -21,6 +21,7 @@
 #include <set>
 #include <iostream>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -71,6 +72,13 @@ ABSL_FLAG(std::string, impl, "lmsgd",
 ABSL_FLAG(int32_t, workers, 1024, "coordinator-load: simulated workers");
 ABSL_FLAG(int32_t, seconds, 20, "coordinator-load: heartbeat phase length");
 ABSL_FLAG(int32_t, client_threads, 32, "coordinator-load: client threads driving the simulated workers");
+ABSL_FLAG(std::string, path, "", "data: the ImageFolder to read");
+ABSL_FLAG(int32_t, data_batch, 256, "data: batch size of both pipelines");
+ABSL_FLAG(int32_t, images, 0, "data: time this many images (0 = the whole folder)");
+ABSL_FLAG(std::string, out, "", "make-images: the ImageFolder to write");
+ABSL_FLAG(int32_t, classes, 10, "make-images: classes");
+ABSL_FLAG(int32_t, per_class, 100, "make-images: images per class");
+ABSL_FLAG(uint64_t, seed, 1, "make-images: seed (the folder is a function of it)");
 ABSL_FLAG(std::string, coordinator_bin, "", "coordinator-load: lmsgd-coordinator (default: next to this build)");
 
 namespace lmsgd::bench {
@@ -78,6 +86,9 @@ int RunAllreduceRank(const std::string& impl, int rank, int k, const std::string
                      size_t max_bytes);
 bool HaveGloo();
 int RunCoordinatorLoad(const std::string& coordinator_bin, int workers, int seconds, int threads);
+int RunMakeImages(const std::string& out, int classes, int per_class, uint64_t seed, int threads);
+int RunDataBench(const std::string& path, int threads, int batch, int images, const std::string& compare,
+                 const std::string& python);
 }  // namespace lmsgd::bench
 
 namespace {
@@ -451,6 +462,17 @@ int main(int argc, char** argv) {
   const std::string cmd = args.size() == 2 ? args[1] : "";
   if (cmd == "train") return Train(argv[0]);
   if (cmd == "allreduce") return Allreduce();
+  if (cmd == "make-images") {
+    const int threads = absl::GetFlag(FLAGS_threads) > 0 ? absl::GetFlag(FLAGS_threads)
+                                                         : static_cast<int>(std::thread::hardware_concurrency());
+    return lmsgd::bench::RunMakeImages(absl::GetFlag(FLAGS_out), absl::GetFlag(FLAGS_classes),
+                                       absl::GetFlag(FLAGS_per_class), absl::GetFlag(FLAGS_seed), threads);
+  }
+  if (cmd == "data") {
+    return lmsgd::bench::RunDataBench(absl::GetFlag(FLAGS_path), absl::GetFlag(FLAGS_threads),
+                                      absl::GetFlag(FLAGS_data_batch), absl::GetFlag(FLAGS_images),
+                                      absl::GetFlag(FLAGS_compare), absl::GetFlag(FLAGS_python));
+  }
   if (cmd == "coordinator-load") {
     std::string bin = absl::GetFlag(FLAGS_coordinator_bin);
     if (bin.empty()) {
@@ -469,6 +491,8 @@ int main(int argc, char** argv) {
   }
   std::cerr << "usage: lmsgd-bench train [--model=resnet50] [--batch=32] [--device=cpu] [--compare=pytorch]\n"
                "       lmsgd-bench allreduce --ranks=K [--min_bytes=4096] [--max_bytes=268435456] [--json]\n"
-               "       lmsgd-bench coordinator-load [--workers=1024] [--seconds=20]\n";
+               "       lmsgd-bench coordinator-load [--workers=1024] [--seconds=20]\n"
+               "       lmsgd-bench make-images --out=DIR [--classes=10] [--per_class=100] [--seed=1]\n"
+               "       lmsgd-bench data --path=DIR [--threads=N] [--compare=torchvision] [--data_batch=256]\n";
   return 2;
 }

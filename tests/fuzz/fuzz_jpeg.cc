@@ -1,18 +1,18 @@
-// libFuzzer target: the JPEG path (libjpeg-turbo decode, then crop/resize/normalize).
+// libFuzzer target: the JPEG path (header, crop-aware decode, antialiased resize) in both
+// transforms and both output formats.
 #include <cstddef>
 #include <cstdint>
-#include <string>
+#include <string_view>
 #include <vector>
 
-#include "worker/data/image_folder.h"
+#include "worker/data/image_transform.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  std::vector<uint8_t> rgb;
-  int h = 0, w = 0;
-  const std::string bytes(reinterpret_cast<const char*>(data), size);
-  if (lmsgd::data::DecodeJpeg(bytes, 8, "fuzz.jpg", &rgb, &h, &w).ok()) {
-    std::vector<float> out(3 * 16 * 16);
-    lmsgd::data::CropResizeNormalize(rgb.data(), h, w, 0, 0, w, h, 16, true, out.data());
-  }
+  const std::string_view bytes(reinterpret_cast<const char*>(data), size);
+  std::vector<float> f(3 * 16 * 16);
+  std::vector<uint8_t> u(3 * 16 * 16);
+  const uint64_t seed = size;
+  (void)lmsgd::data::TransformJpeg(bytes, "fuzz.jpg", true, seed, 16, lmsgd::data::PixelFormat::kFloatChw, f.data());
+  (void)lmsgd::data::TransformJpeg(bytes, "fuzz.jpg", false, seed, 16, lmsgd::data::PixelFormat::kUint8Hwc, u.data());
   return 0;
 }

@@ -11,7 +11,9 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "worker/data/idx.h"
+#include "worker/data/resize.h"
 
 namespace lmsgd::data {
 
@@ -27,6 +29,14 @@ class Dataset {
   // `train` selects training augmentation (random, from `aug_seed`) or the deterministic
   // evaluation transform. Errors name the example's source (file, index).
   virtual absl::Status Get(uint64_t index, bool train, uint64_t aug_seed, float* out, int32_t* label) const = 0;
+  // Datasets of RGB images can also write (height, width, 3) bytes, not normalized: the GPU
+  // trainer normalizes on the device, and a quarter of the bytes cross the bus.
+  virtual bool SupportsUint8() const { return false; }
+  virtual absl::Status GetPixels(uint64_t index, bool train, uint64_t aug_seed, PixelFormat format, void* out,
+                                 int32_t* label) const {
+    if (format == PixelFormat::kFloatChw) return Get(index, train, aug_seed, static_cast<float*>(out), label);
+    return absl::UnimplementedError(absl::StrCat(Describe(index), ": this dataset has no uint8 output"));
+  }
   // Where example `index` comes from, for messages.
   virtual std::string Describe(uint64_t index) const = 0;
 };

@@ -45,28 +45,49 @@ void BatchLoader::Work() {
 }
 
 absl::StatusOr<std::unique_ptr<Batch>> BatchLoader::Build(uint64_t number) {
-  auto b = std::make_unique<Batch>();
+  std::unique_ptr<Batch> b;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!free_.empty()) {
+      b = std::move(free_.back());
+      free_.pop_back();
+    }
+  }
+  if (b == nullptr) b = std::make_unique<Batch>();
   b->number = number;
   const size_t per = static_cast<size_t>(ds_->channels()) * ds_->height() * ds_->width();
-  b->images.resize(per * opt_.batch);
+  const bool u8 = opt_.format == PixelFormat::kUint8Hwc;
+  if (u8) {
+    b->pixels.resize(per * opt_.batch);
+  } else {
+    b->images.resize(per * opt_.batch);
+  }
   b->labels.resize(opt_.batch);
   b->valid = static_cast<int>(std::min<uint64_t>(opt_.batch, indices_.size() - number * opt_.batch));
   for (int i = 0; i < opt_.batch; ++i) {
     const uint64_t pos = number * opt_.batch + (i < b->valid ? i : 0);
+    void* out = u8 ? static_cast<void*>(&b->pixels[per * i]) : static_cast<void*>(&b->images[per * i]);
     uint64_t index = indices_[pos];
-    absl::Status st = ds_->Get(index, opt_.train, AugmentSeed(opt_.seed, opt_.epoch, index), &b->images[per * i],
-                               &b->labels[i]);
+    absl::Status st =
+        ds_->GetPixels(index, opt_.train, AugmentSeed(opt_.seed, opt_.epoch, index), opt_.format, out, &b->labels[i]);
     // Replacement candidates: the following examples of this shard, cyclically.
     for (uint64_t j = 1; !st.ok() && opt_.skip_corrupt && j < std::min<uint64_t>(indices_.size(), 64); ++j) {
       skipped_.fetch_add(1);
       index = indices_[(pos + j) % indices_.size()];
-      st = ds_->Get(index, opt_.train, AugmentSeed(opt_.seed, opt_.epoch, index), &b->images[per * i], &b->labels[i]);
+      st = ds_->GetPixels(index, opt_.train, AugmentSeed(opt_.seed, opt_.epoch, index), opt_.format, out,
+                          &b->labels[i]);
     }
     if (!st.ok()) {
       return absl::Status(st.code(), absl::StrCat("batch ", number, " of epoch ", opt_.epoch, ": ", st.message()));
     }
   }
   return b;
+}
+
+void BatchLoader::Recycle(std::unique_ptr<Batch> batch) {
+  if (batch == nullptr) return;
+  std::lock_guard<std::mutex> lock(mu_);
+  if (free_.size() < static_cast<size_t>(opt_.prefetch + opt_.threads)) free_.push_back(std::move(batch));
 }
 
 absl::StatusOr<std::unique_ptr<Batch>> BatchLoader::Next(absl::Duration timeout) {

@@ -97,6 +97,7 @@ LoopResult Loop::Run(uint64_t start_iteration) {
       summary.data_wait_seconds += data_wait;
       auto stats = trainer_.Step(iteration_, (*batch)->images.data(), (*batch)->labels.data());
       if (!stats.ok()) return Fail(LoopPhase::kStep, stats.status());
+      loader->Recycle(std::move(*batch));
       ++iteration_;
       ++steps;
       loss_sum += stats->loss;

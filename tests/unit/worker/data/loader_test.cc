@@ -234,8 +234,9 @@ TEST(ImageTransformTest, IdentityCropReproducesPixelsAndFlipMirrors) {
   std::vector<uint8_t> rgb(s * s * 3);
   for (size_t i = 0; i < rgb.size(); ++i) rgb[i] = static_cast<uint8_t>(i * 5);
   std::vector<float> out(3 * s * s), flipped(3 * s * s);
-  CropResizeNormalize(rgb.data(), s, s, 0, 0, s, s, s, false, out.data());
-  CropResizeNormalize(rgb.data(), s, s, 0, 0, s, s, s, true, flipped.data());
+  const CropBox box{0, 0, s, s, true};
+  ResizeCrop(rgb.data(), s, s, s * 3, box, s, s, false, PixelFormat::kFloatChw, out.data());
+  ResizeCrop(rgb.data(), s, s, s * 3, box, s, s, true, PixelFormat::kFloatChw, flipped.data());
   const float mean[3] = {0.485f, 0.456f, 0.406f}, stdv[3] = {0.229f, 0.224f, 0.225f};
   for (int c = 0; c < 3; ++c) {
     for (int y = 0; y < s; ++y) {
