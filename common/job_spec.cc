@@ -103,13 +103,17 @@ std::vector<std::string> JobSpecErrors(const v1::JobSpec& s) {
         bad("dataset.train_examples", "required for IMAGE_FOLDER (ImageNet-1k: 1281167)");
       }
       break;
+    case v1::DATASET_TAR_SHARDS:
+      if (d.train_path().empty()) bad("dataset.train_path", "required for TAR_SHARDS (a directory of .tar shards or a comma-separated list)");
+      if (d.train_examples() == 0) bad("dataset.train_examples", "required for TAR_SHARDS (ImageNet-1k: 1281167)");
+      break;
     case v1::DATASET_IDX:
       if (d.train_path().empty()) bad("dataset.train_path", "required for IDX (directory of the IDX files)");
       break;
     case v1::DATASET_SYNTHETIC:
       break;
     default:
-      bad("dataset.kind", "must be DATASET_IMAGE_FOLDER, DATASET_IDX or DATASET_SYNTHETIC");
+      bad("dataset.kind", "must be DATASET_IMAGE_FOLDER, DATASET_TAR_SHARDS, DATASET_IDX or DATASET_SYNTHETIC");
   }
   if (d.train_path().size() > 4096) bad("dataset.train_path", "longer than 4096 characters");
   if (d.val_path().size() > 4096) bad("dataset.val_path", "longer than 4096 characters");

@@ -10,11 +10,11 @@ secs="${1:-60}"
 dir="${LMSGD_FUZZ_BUILD_DIR:-build-fuzz}"
 CC=clang CXX=clang++ cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DLMSGD_FUZZ=ON \
   -DLMSGD_WITH_CUDA=OFF -DLMSGD_BUILD_TESTS=OFF >/dev/null
-cmake --build "$dir" --target fuzz_job_spec fuzz_idx fuzz_jpeg fuzz_checkpoint
+cmake --build "$dir" --target fuzz_job_spec fuzz_idx fuzz_jpeg fuzz_tar fuzz_checkpoint
 mkdir -p "$dir/crashes"
 status=0
 printf "%-16s %12s %8s\n" target executions crashes
-for t in job_spec idx jpeg checkpoint; do
+for t in job_spec idx jpeg tar checkpoint; do
   corpus="$dir/corpus/$t"
   mkdir -p "$corpus"
   seeds="tests/fuzz/seeds/$t"

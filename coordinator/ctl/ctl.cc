@@ -25,6 +25,7 @@
 #include "google/protobuf/util/json_util.h"
 #include "grpcpp/grpcpp.h"
 #include "lmsgd/v1/coordinator.grpc.pb.h"
+#include "worker/data/tar_shards.h"
 
 namespace lmsgd::ctl {
 namespace {
@@ -43,7 +44,13 @@ constexpr char kUsage[] =
     "                            run every arm x seed (through the coordinator, or in this process),\n"
     "                            resuming a sweep that was interrupted, then write the report to DIR\n"
     "                            (default: experiments/<name>)\n"
-    "  experiment report DIR     render DIR's table and plots again from its CSVs\n";
+    "  experiment report DIR     render DIR's table and plots again from its CSVs\n"
+    "  dataset pack IMAGE_FOLDER OUT_DIR [--shard_size SIZE] [--shuffle_seed N]\n"
+    "                            write the folder as WebDataset tar shards (SIZE: bytes, or with\n"
+    "                            K/M/G (1024-based) or KB/MB/GB; default 1G) and classes.txt\n"
+    "  dataset unpack SHARDS OUT_DIR\n"
+    "                            write the shards (a directory or a comma-separated list) back as an\n"
+    "                            ImageFolder\n";
 
 struct Options {
   std::string coordinator = "127.0.0.1:7070";
@@ -58,6 +65,8 @@ struct Options {
   double run_timeout_s = 86400;
   std::string reason;
   std::string out;
+  std::string shard_size = "1G";
+  uint64_t shuffle_seed = 0;
   std::vector<std::string> positional;
 };
 
@@ -121,7 +130,8 @@ bool ParseArgs(const std::vector<std::string>& args, Options* o, std::string* er
   if (const char* env = std::getenv("LMSGD_TOKEN_FILE"); env != nullptr && *env) o->token_file = env;
   static const std::map<std::string, std::string Options::*> kStringFlags = {
       {"coordinator", &Options::coordinator}, {"output", &Options::output},
-      {"token_file", &Options::token_file}, {"reason", &Options::reason}, {"out", &Options::out}};
+      {"token_file", &Options::token_file}, {"reason", &Options::reason}, {"out", &Options::out},
+      {"shard_size", &Options::shard_size}};
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
     if (a.size() < 2 || a[0] != '-' || a[1] != '-') {
@@ -165,6 +175,11 @@ bool ParseArgs(const std::vector<std::string>& args, Options* o, std::string* er
     } else if (name == "threads") {
       if (!absl::SimpleAtoi(value, &o->threads) || o->threads < 0) {
         *error = absl::StrCat("--threads: '", value, "' is not a number of threads");
+        return false;
+      }
+    } else if (name == "shuffle_seed") {
+      if (!absl::SimpleAtoi(value, &o->shuffle_seed)) {
+        *error = absl::StrCat("--shuffle_seed: '", value, "' is not a non-negative integer");
         return false;
       }
     } else if (name == "run_timeout") {
@@ -215,6 +230,60 @@ class CoordinatorJobs final : public JobService {
  private:
   Client& c_;
 };
+
+// "1G", "512MiB", "100MB", "4096": bytes.
+bool ParseByteSize(const std::string& text, uint64_t* bytes) {
+  static const std::vector<std::pair<std::string, uint64_t>> kUnits = {
+      {"KiB", 1ull << 10}, {"MiB", 1ull << 20}, {"GiB", 1ull << 30}, {"KB", 1000ull}, {"MB", 1000000ull},
+      {"GB", 1000000000ull}, {"K", 1ull << 10}, {"M", 1ull << 20}, {"G", 1ull << 30}, {"B", 1}};
+  uint64_t mul = 1;
+  std::string digits = text;
+  for (const auto& [suffix, m] : kUnits) {
+    if (absl::EndsWith(text, suffix)) {
+      mul = m;
+      digits = text.substr(0, text.size() - suffix.size());
+      break;
+    }
+  }
+  uint64_t v = 0;
+  if (!absl::SimpleAtoi(digits, &v) || v == 0 || v > (~0ull) / mul) return false;
+  *bytes = v * mul;
+  return true;
+}
+
+int RunDatasetCommand(const Options& o, std::ostream& out, std::ostream& err) {
+  const std::string sub = o.positional.size() > 1 ? o.positional[1] : "";
+  if ((sub != "pack" && sub != "unpack") || o.positional.size() != 4) {
+    err << "lmsgdctl dataset: expected 'pack IMAGE_FOLDER OUT_DIR' or 'unpack SHARDS OUT_DIR'\n" << kUsage;
+    return 2;
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  if (sub == "unpack") {
+    auto n = data::UnpackShards(o.positional[2], o.positional[3]);
+    if (!n.ok()) {
+      err << "lmsgdctl: dataset unpack: " << n.status().message() << "\n";
+      return 1;
+    }
+    out << "wrote " << *n << " images to " << o.positional[3] << "\n";
+    return 0;
+  }
+  data::PackOptions po;
+  if (!ParseByteSize(o.shard_size, &po.shard_bytes)) {
+    err << "lmsgdctl dataset pack: --shard_size: '" << o.shard_size
+        << "' is not a size (bytes, or a number with K, M, G, KiB, MiB, GiB, KB, MB or GB)\n";
+    return 2;
+  }
+  po.shuffle_seed = o.shuffle_seed;
+  auto stats = data::PackImageFolder(o.positional[2], o.positional[3], po);
+  if (!stats.ok()) {
+    err << "lmsgdctl: dataset pack: " << stats.status().message() << "\n";
+    return 1;
+  }
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  out << absl::StrFormat("packed %d images into %d shards (%.1f MB) in %s in %.1f s\n", stats->examples,
+                         stats->shards, stats->bytes / 1e6, o.positional[3], s);
+  return 0;
+}
 
 int RunExperimentCommand(const Options& o, std::shared_ptr<grpc::ChannelCredentials> creds, std::ostream& out,
                          std::ostream& err) {
@@ -367,6 +436,7 @@ int RunCtl(const std::vector<std::string>& args, std::ostream& out, std::ostream
     }
     return true;
   };
+  if (cmd == "dataset") return RunDatasetCommand(o, out, err);
   if (o.token.empty() && !o.token_file.empty()) {
     auto t = ReadTokenFile(o.token_file);
     if (!t.ok()) {

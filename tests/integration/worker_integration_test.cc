@@ -30,6 +30,8 @@
 #include "tests/unit/worker/test_data.h"
 #include "worker/backend/onednn/resnet.h"
 #include "worker/checkpoint/checkpoint.h"
+#include "worker/data/photo_generator.h"
+#include "worker/data/tar.h"
 #include "worker/session/standalone.h"
 
 namespace lmsgd {
@@ -276,6 +278,67 @@ TEST_F(WorkerIntegrationTest, CorruptDatasetFailsTheJobNamingTheFile) {
   EXPECT_NE(status.find("train-images-idx3-ubyte"), std::string::npos) << status;
   EXPECT_NE(*w0->Wait(absl::Seconds(30)), 0);
   EXPECT_NE(*w1->Wait(absl::Seconds(30)), 0);
+}
+
+// JPEGs end to end: a photo-like ImageFolder packed into tar shards by `lmsgdctl dataset pack`,
+// trained on by two workers (crop-aware decoding, the antialiased resize) with evaluation on
+// the validation shards; a shard damaged later fails the next job naming the shard and member.
+TEST_F(WorkerIntegrationTest, TwoWorkersTrainOnPackedJpegShards) {
+  data::PhotoFolderOptions po;
+  po.classes = 4;
+  po.per_class = 16;
+  po.seed = 2;
+  ASSERT_TRUE(data::WritePhotoFolder(dir_ + "/photos", po).ok());
+  const std::string shards = dir_ + "/shards";
+  auto pack = testing::RunCommand({LMSGD_CTL_BIN, "dataset", "pack", dir_ + "/photos", shards, "--shard_size=1M"},
+                                  absl::Seconds(60));
+  ASSERT_EQ(pack.exit_code, 0) << pack.err;
+  EXPECT_NE(pack.out.find("packed 64 images into"), std::string::npos) << pack.out;
+  v1::JobSpec spec = BarsJob("", dir_ + "/ckpt_jpeg", 64, 2);
+  spec.set_model(v1::MODEL_RESNET8);
+  spec.mutable_dataset()->set_kind(v1::DATASET_TAR_SHARDS);
+  spec.mutable_dataset()->set_train_path(shards);
+  spec.mutable_dataset()->set_val_path(shards);
+  spec.mutable_dataset()->set_image_size(32);
+  spec.mutable_dataset()->set_val_examples(64);
+  const std::string job = Ctl(coord_->grpc_address(), {"submit", WriteJob(dir_, spec)});
+  auto w0 = StartWorker(coord_->grpc_address(), job, 0, dir_ + "/w0.log");
+  auto w1 = StartWorker(coord_->grpc_address(), job, 1, dir_ + "/w1.log");
+  ASSERT_EQ(WaitForEnd(job, absl::Seconds(120)), "JOB_STATE_SUCCEEDED")
+      << Ctl(coord_->grpc_address(), {"status", job});
+  EXPECT_EQ(*w0->Wait(absl::Seconds(30)), 0);
+  EXPECT_EQ(*w1->Wait(absl::Seconds(30)), 0);
+  auto history = ParseHistoryCsv(Ctl(coord_->grpc_address(), {"--output=csv", "history", job}), "history");
+  ASSERT_TRUE(history.ok()) << history.status();
+  ASSERT_EQ(history->size(), 2u);
+  for (const auto& r : *history) {
+    EXPECT_TRUE(r.has_evaluation()) << "epoch " << r.epoch();
+    EXPECT_EQ(r.evaluation().examples(), 64u);
+  }
+
+  // A member damaged in place: the next job fails naming shard and key.
+  const std::string shard = shards + "/shard-000000.tar";
+  auto members = data::IndexTarFile(shard);
+  ASSERT_TRUE(members.ok());
+  std::string bytes = *ReadFileToString(shard);
+  std::string damaged_key;
+  for (const auto& m : *members) {
+    if (absl::EndsWith(m.name, ".jpg")) {
+      for (uint64_t i = 0; i < 32; ++i) bytes[m.offset + i] = 'x';
+      damaged_key = m.name;
+      break;
+    }
+  }
+  ASSERT_TRUE(WriteFileAtomically(shard, bytes).ok());
+  spec.set_checkpoint_dir(dir_ + "/ckpt_jpeg2");
+  const std::string job2 = Ctl(coord_->grpc_address(), {"submit", WriteJob(dir_, spec)});
+  auto v0 = StartWorker(coord_->grpc_address(), job2, 0, dir_ + "/v0.log");
+  auto v1w = StartWorker(coord_->grpc_address(), job2, 1, dir_ + "/v1.log");
+  EXPECT_EQ(WaitForEnd(job2, absl::Seconds(120)), "JOB_STATE_FAILED");
+  const std::string status = Ctl(coord_->grpc_address(), {"--output=json", "status", job2});
+  EXPECT_NE(status.find("shard-000000.tar:" + damaged_key), std::string::npos) << status;
+  EXPECT_NE(*v0->Wait(absl::Seconds(30)), 0);
+  EXPECT_NE(*v1w->Wait(absl::Seconds(30)), 0);
 }
 
 // Elastic: 3 workers with min_workers 2; one is killed and not replaced. After a heartbeat timeout

@@ -30,6 +30,7 @@ class ImageFolderDataset final : public Dataset {
   int width() const override { return size_; }
   int num_classes() const override { return static_cast<int>(classes_.size()); }
   const std::vector<std::string>& classes() const { return classes_; }
+  int32_t label(uint64_t index) const { return files_.at(index).second; }
   absl::Status Get(uint64_t index, bool train, uint64_t aug_seed, float* out, int32_t* label) const override;
   bool SupportsUint8() const override { return true; }
   absl::Status GetPixels(uint64_t index, bool train, uint64_t aug_seed, PixelFormat format, void* out,

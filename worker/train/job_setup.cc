@@ -3,6 +3,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/job_spec.h"
 #include "worker/data/image_folder.h"
+#include "worker/data/tar_shards.h"
 #include "worker/data/sampler.h"
 
 namespace lmsgd::train {
@@ -94,6 +95,23 @@ absl::StatusOr<Datasets> OpenDatasets(const v1::JobSpec& spec) {
       out.train = std::move(*train);
       if (!d.val_path().empty()) {
         auto val = data::ImageFolderDataset::Open(d.val_path(), static_cast<int>(d.image_size()), class_names);
+        if (!val.ok()) return val.status();
+        out.val = std::move(*val);
+      }
+      break;
+    }
+    case v1::DATASET_TAR_SHARDS: {
+      auto train = data::TarShardDataset::Open(d.train_path(), static_cast<int>(d.image_size()));
+      if (!train.ok()) return train.status();
+      if ((*train)->num_classes() != classes) {
+        return absl::InvalidArgumentError(absl::StrCat("dataset.num_classes=", classes, " but the shards '",
+                                                       d.train_path(), "' have ", (*train)->num_classes(),
+                                                       " classes"));
+      }
+      const auto class_names = (*train)->classes();
+      out.train = std::move(*train);
+      if (!d.val_path().empty()) {
+        auto val = data::TarShardDataset::Open(d.val_path(), static_cast<int>(d.image_size()), class_names);
         if (!val.ok()) return val.status();
         out.val = std::move(*val);
       }
