@@ -1,5 +1,7 @@
 #include "worker/train/cuda_trainer.h"
 
+#include "worker/data/resize.h"
+
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/status_macros.h"
@@ -8,6 +10,7 @@
 #include "worker/backend/cuda/device_step.h"
 #include "worker/backend/cuda/resnet.h"
 #include "worker/comm/nccl_communicator.h"
+#include "worker/data/resize.h"
 
 namespace lmsgd::train {
 
@@ -97,6 +100,19 @@ std::string CudaTrainer::DescribeExchange() const {
 }
 
 absl::StatusOr<StepStats> CudaTrainer::Step(uint64_t iteration, const float* images, const int32_t* labels) {
+  return StepStaged(iteration, [&] { return net_->StageBatch(images, labels); });
+}
+
+absl::StatusOr<StepStats> CudaTrainer::StepPixels(uint64_t iteration, const uint8_t* pixels, const int32_t* labels) {
+  backend::cuda::GpuResNet::PixelNormalization norm;
+  for (int c = 0; c < 3; ++c) {
+    norm.mul[c] = 1.0f / (255.0f * data::kImageNetStd[c]);
+    norm.add[c] = -data::kImageNetMean[c] / data::kImageNetStd[c];
+  }
+  return StepStaged(iteration, [&] { return net_->StageBatchPixels(pixels, labels, norm); });
+}
+
+absl::StatusOr<StepStats> CudaTrainer::StepStaged(uint64_t iteration, const std::function<absl::Status()>& stage) {
   if (config_.world_size > 1 && nccl_ == nullptr) {
     return absl::FailedPreconditionError("GPU training with more than one worker needs ConnectPeers (NCCL)");
   }
@@ -104,7 +120,7 @@ absl::StatusOr<StepStats> CudaTrainer::Step(uint64_t iteration, const float* ima
   const auto t0 = SteadyClock::now();
   s.lr = LearningRate(config_.schedule, iteration);
   auto run = [&]() -> absl::StatusOr<double> {
-    RETURN_IF_ERROR(net_->StageBatch(images, labels));
+    RETURN_IF_ERROR(stage());
     RETURN_IF_ERROR(step_->Step(static_cast<double>(global_batch()), s.lr, MomentumCorrection(config_.schedule, iteration)));
     return step_->Finish();
   };

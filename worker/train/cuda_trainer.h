@@ -31,6 +31,8 @@ class CudaTrainer final : public Trainer {
   // (the momentum is kept).
   absl::Status ConnectPeers(const PeerGroup& peers) override;
   absl::StatusOr<StepStats> Step(uint64_t iteration, const float* images, const int32_t* labels) override;
+  bool TakesPixels() const override { return spec_.in_channels == 3; }
+  absl::StatusOr<StepStats> StepPixels(uint64_t iteration, const uint8_t* pixels, const int32_t* labels) override;
   absl::StatusOr<EvalCounts> Evaluate(const data::Dataset& dataset, uint32_t rank, uint32_t world,
                                       int threads) override;
   absl::Status ExportState() override;
@@ -45,6 +47,8 @@ class CudaTrainer final : public Trainer {
   absl::StatusOr<std::unique_ptr<backend::cuda::GpuResNet>> CreateNet(bool training, int batch, int height,
                                                                       int width);
   absl::Status RebuildStep(size_t bucket_bytes, size_t first_bucket_bytes);
+  // The step after `stage` has put the batch on the device.
+  absl::StatusOr<StepStats> StepStaged(uint64_t iteration, const std::function<absl::Status()>& stage);
 
   std::unique_ptr<backend::cuda::GpuResNet> net_;
   std::unique_ptr<backend::cuda::DeviceStep> step_;

@@ -129,7 +129,8 @@ absl::StatusOr<Datasets> OpenDatasets(const v1::JobSpec& spec) {
 
 std::unique_ptr<data::BatchLoader> MakeEpochLoader(const v1::JobSpec& spec, const data::Dataset* train,
                                                    uint32_t epoch, uint32_t rank, uint32_t world_size,
-                                                   uint64_t first_batch, int data_threads) {
+                                                   uint64_t first_batch, int data_threads,
+                                                   data::PixelFormat format) {
   data::LoaderOptions lo;
   lo.batch = static_cast<int>(spec.per_worker_batch() * spec.virtual_workers_per_worker());
   lo.train = true;
@@ -139,6 +140,7 @@ std::unique_ptr<data::BatchLoader> MakeEpochLoader(const v1::JobSpec& spec, cons
   lo.prefetch = spec.dataset().prefetch_batches() > 0 ? static_cast<int>(spec.dataset().prefetch_batches()) : 4;
   lo.skip_corrupt = spec.dataset().skip_corrupt();
   lo.first_batch = first_batch;
+  lo.format = format;
   return std::make_unique<data::BatchLoader>(
       train,
       data::WorkerOrder(train->size(), spec.seed(), epoch, rank, world_size, spec.virtual_workers_per_worker(),

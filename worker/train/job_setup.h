@@ -34,6 +34,7 @@ absl::StatusOr<Datasets> OpenDatasets(const v1::JobSpec& spec);
 // workers' shards interleaved), batches of m*n, starting at batch `first_batch` (resume).
 std::unique_ptr<data::BatchLoader> MakeEpochLoader(const v1::JobSpec& spec, const data::Dataset* train,
                                                    uint32_t epoch, uint32_t rank, uint32_t world_size,
-                                                   uint64_t first_batch, int data_threads);
+                                                   uint64_t first_batch, int data_threads,
+                                                   data::PixelFormat format = data::PixelFormat::kFloatChw);
 
 }  // namespace lmsgd::train

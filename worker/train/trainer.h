@@ -74,6 +74,15 @@ class Trainer {
   virtual absl::Status ConnectPeers(const PeerGroup& peers) = 0;
   // One synchronous SGD step on m*n examples (images (m*n, C, H, W), labels (m*n)).
   virtual absl::StatusOr<StepStats> Step(uint64_t iteration, const float* images, const int32_t* labels) = 0;
+  // Whether the trainer also takes 8-bit pixels (m*n, H, W, C), not normalized, and
+  // normalizes them itself with ImageNet's mean and std (data/resize.h): the GPU trainer does,
+  // on the device, so a quarter of the bytes are staged. The loop asks the loader for them
+  // when the dataset can produce them (Dataset::SupportsUint8).
+  virtual bool TakesPixels() const { return false; }
+  virtual absl::StatusOr<StepStats> StepPixels(uint64_t iteration, const uint8_t* pixels, const int32_t* labels) {
+    (void)iteration, (void)pixels, (void)labels;
+    return absl::UnimplementedError("this trainer takes normalized float images only");
+  }
   // Top-1/top-5 counts over the examples of `dataset` with index % world == rank (sum the
   // counts over ranks for the whole set). Inference-mode BN (running statistics).
   virtual absl::StatusOr<EvalCounts> Evaluate(const data::Dataset& dataset, uint32_t rank, uint32_t world,

@@ -78,10 +78,14 @@ LoopResult Loop::Run(uint64_t start_iteration) {
   const uint64_t iterations_per_epoch = schedule_.iterations_per_epoch();
   const uint64_t k = options_.world_size;
   const uint64_t local_batch = static_cast<uint64_t>(spec_.per_worker_batch()) * spec_.virtual_workers_per_worker();
+  // 8-bit pixels when both ends can (the GPU normalizes on the device), else normalized floats.
+  const bool pixels = trainer_.TakesPixels() && datasets_.train->SupportsUint8();
+  const data::PixelFormat format = pixels ? data::PixelFormat::kUint8Hwc : data::PixelFormat::kFloatChw;
   for (uint32_t epoch = static_cast<uint32_t>(iteration_ / iterations_per_epoch); epoch < spec_.epochs(); ++epoch) {
     const auto epoch_start = SteadyClock::now();
     auto loader = MakeEpochLoader(spec_, datasets_.train.get(), epoch, options_.rank, options_.world_size,
-                                  iteration_ - static_cast<uint64_t>(epoch) * iterations_per_epoch, options_.data_threads);
+                                  iteration_ - static_cast<uint64_t>(epoch) * iterations_per_epoch, options_.data_threads,
+                                  format);
     EpochSummary summary;
     summary.epoch = epoch + 1;
     double loss_sum = 0;
@@ -95,7 +99,8 @@ LoopResult Loop::Run(uint64_t start_iteration) {
       if (!batch.ok()) return Fail(LoopPhase::kData, batch.status());
       const double data_wait = SecondsSince(wait_start);
       summary.data_wait_seconds += data_wait;
-      auto stats = trainer_.Step(iteration_, (*batch)->images.data(), (*batch)->labels.data());
+      auto stats = pixels ? trainer_.StepPixels(iteration_, (*batch)->pixels.data(), (*batch)->labels.data())
+                          : trainer_.Step(iteration_, (*batch)->images.data(), (*batch)->labels.data());
       if (!stats.ok()) return Fail(LoopPhase::kStep, stats.status());
       loader->Recycle(std::move(*batch));
       ++iteration_;

@@ -440,6 +440,18 @@ __global__ void NchwToNhwcKernel(int n, int c, int h, int w, int c_out, const fl
 }
 
 template <typename T>
+__global__ void PixelsToNhwcKernel(size_t pixels, int c, int c_out, PixelAffine affine,
+                                   const uint8_t* __restrict__ in, T* __restrict__ out) {
+  const size_t total = pixels * c_out;
+  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const size_t px = i / c_out;
+    const int ch = static_cast<int>(i - px * c_out);
+    Store(out, i, ch < c ? in[px * c + ch] * affine.mul[ch] + affine.add[ch] : 0.0f);
+  }
+}
+
+template <typename T>
 __global__ void PadChannelsKernel(size_t rows, int c, int cp, const float* __restrict__ src, T* __restrict__ dst) {
   const size_t total = rows * cp;
   for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
@@ -624,6 +636,14 @@ absl::Status NchwToNhwc(DType t, int n, int c, int h, int w, int c_out, const fl
   LMSGD_DISPATCH(t, NchwToNhwcKernel<T><<<Blocks(total, 256), 256, 0, stream>>>(n, c, h, w, c_out, in,
                                                                                 static_cast<T*>(out)));
   return LMSGD_LAUNCHED("NchwToNhwcKernel");
+}
+
+absl::Status PixelsToNhwc(DType t, size_t pixels, int c, int c_out, const PixelAffine& affine, const uint8_t* in,
+                          void* out, cudaStream_t stream) {
+  if (c < 1 || c > 4 || c_out < c) return absl::InvalidArgumentError(absl::StrCat("PixelsToNhwc: ", c, " -> ", c_out, " channels"));
+  LMSGD_DISPATCH(t, PixelsToNhwcKernel<T><<<Blocks(pixels * c_out, 256), 256, 0, stream>>>(
+                        pixels, c, c_out, affine, in, static_cast<T*>(out)));
+  return LMSGD_LAUNCHED("PixelsToNhwcKernel");
 }
 
 absl::Status PadChannels(DType t, size_t rows, int c, int cp, const float* src, void* dst, cudaStream_t stream) {

@@ -100,6 +100,15 @@ absl::Status AddBias(int n, int k, const float* bias, float* y, cudaStream_t str
 // stem's input padded to an aligned channel count).
 absl::Status NchwToNhwc(DType t, int n, int c, int h, int w, int c_out, const float* in, void* out,
                         cudaStream_t stream);
+// Per-channel affine map of 8-bit pixels: value * mul[c] + add[c] (normalization).
+struct PixelAffine {
+  float mul[4] = {1, 1, 1, 1};
+  float add[4] = {0, 0, 0, 0};
+};
+// out (n, h, w, c_out) in t = in (n, h, w, c) uint8 mapped by `affine` (c <= 4), channels
+// c..c_out-1 zero: the GPU side of uint8 input staging.
+absl::Status PixelsToNhwc(DType t, size_t pixels, int c, int c_out, const PixelAffine& affine, const uint8_t* in,
+                          void* out, cudaStream_t stream);
 // dst (rows, cp) in t = src (rows, c) fp32, channels c..cp-1 zero (padded stem weights).
 absl::Status PadChannels(DType t, size_t rows, int c, int cp, const float* src, void* dst, cudaStream_t stream);
 // dst (rows, c) fp32 = (or += with accumulate) src (rows, cp) in t; channels c..cp-1 dropped.

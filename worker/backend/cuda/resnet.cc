@@ -70,6 +70,17 @@ absl::Status GpuResNet::StageBatch(const float* images, const int32_t* labels) {
   return impl_->Stage(images, labels);
 }
 
+absl::Status GpuResNet::StageBatchPixels(const uint8_t* pixels, const int32_t* labels,
+                                         const PixelNormalization& norm) {
+  if (labels == nullptr) return absl::InvalidArgumentError("StageBatchPixels: labels are required for training batches");
+  k::PixelAffine a;
+  for (int c = 0; c < 4; ++c) {
+    a.mul[c] = norm.mul[c];
+    a.add[c] = norm.add[c];
+  }
+  return impl_->StagePixels(pixels, labels, a);
+}
+
 absl::Status GpuResNet::ForwardTrainAsync(double normalizer, int group, int groups) {
   if (!impl_->opt.training) return absl::FailedPreconditionError("ForwardTrain on an inference network");
   if (groups < 1 || group < 0 || group >= groups) {

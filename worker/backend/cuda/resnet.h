@@ -89,6 +89,14 @@ class GpuResNet : public Network {
   // Copies a batch (images NCHW fp32, labels) through pinned memory to the device
   // asynchronously; labels are checked first (INVALID_ARGUMENT names the sample).
   absl::Status StageBatch(const float* images, const int32_t* labels);
+  // The same for 8-bit pixels (n, h, w, c) as the loader writes them: a quarter of the bytes
+  // cross the bus, and the device applies value * mul[c] + add[c] (the normalization) while
+  // laying the input out. Uses the float staging buffers, which are 4x larger than needed.
+  struct PixelNormalization {
+    float mul[4] = {1, 1, 1, 1};
+    float add[4] = {0, 0, 0, 0};
+  };
+  absl::Status StageBatchPixels(const uint8_t* pixels, const int32_t* labels, const PixelNormalization& norm);
   // Enqueues a training forward on the staged batch; the loss stays on the device (ReadLoss).
   absl::Status ForwardTrainAsync(double normalizer, int group = 0, int groups = 1);
   // Enqueues backward. Gradients are written (or added, with `accumulate`) to

@@ -176,6 +176,8 @@ struct GpuResNet::Impl {
   absl::Status DownloadBuffers(model::ParamStore* s);
   void Reorder(const float* in, float* out, bool to_device) const;
   absl::Status Stage(const float* images, const int32_t* labels);
+  absl::Status StagePixels(const uint8_t* pixels, const int32_t* labels, const k::PixelAffine& affine);
+  absl::Status CheckLabels(const int32_t* labels) const;
   absl::Status Sync(absl::string_view what);
   std::vector<const Unit*> AllUnits() const;
 };

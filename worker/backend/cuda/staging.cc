@@ -67,15 +67,19 @@ absl::Status GpuResNet::Impl::DownloadBuffers(model::ParamStore* s) {
   return absl::OkStatus();
 }
 
-absl::Status GpuResNet::Impl::Stage(const float* images, const int32_t* labels) {
+absl::Status GpuResNet::Impl::CheckLabels(const int32_t* labels) const {
   const int N = opt.batch, K = spec.num_classes;
-  if (labels) {
-    for (int n = 0; n < N; ++n) {
-      if (labels[n] < 0 || labels[n] >= K) {
-        return absl::InvalidArgumentError(absl::StrCat("label ", labels[n], " of sample ", n, " not in [0, ", K, ")"));
-      }
+  for (int n = 0; n < N; ++n) {
+    if (labels[n] < 0 || labels[n] >= K) {
+      return absl::InvalidArgumentError(absl::StrCat("label ", labels[n], " of sample ", n, " not in [0, ", K, ")"));
     }
   }
+  return absl::OkStatus();
+}
+
+absl::Status GpuResNet::Impl::Stage(const float* images, const int32_t* labels) {
+  const int N = opt.batch;
+  if (labels) RETURN_IF_ERROR(CheckLabels(labels));
   // The pinned buffers may still be read by the previous batch's copy.
   if (staged_once) RETURN_IF_ERROR(WaitForEvent(staged, gpu.sync_timeout, "the previous batch's host-to-device copy"));
   const size_t numel = static_cast<size_t>(N) * spec.in_channels * opt.height * opt.width;
@@ -88,6 +92,27 @@ absl::Status GpuResNet::Impl::Stage(const float* images, const int32_t* labels) 
   CUDA_RETURN_IF_ERROR(cudaEventRecord(staged, stream));
   staged_once = true;
   return k::NchwToNhwc(dtype, N, spec.in_channels, opt.height, opt.width, input_c, d_images, d_input, stream);
+}
+
+// 8-bit pixels through the float staging buffers (a quarter of their size), then mapped and
+// laid out on the device.
+absl::Status GpuResNet::Impl::StagePixels(const uint8_t* pixels, const int32_t* labels, const k::PixelAffine& affine) {
+  const int N = opt.batch;
+  RETURN_IF_ERROR(CheckLabels(labels));
+  if (spec.in_channels > 4) {
+    return absl::InvalidArgumentError(absl::StrCat("8-bit staging takes up to 4 channels, not ", spec.in_channels));
+  }
+  if (staged_once) RETURN_IF_ERROR(WaitForEvent(staged, gpu.sync_timeout, "the previous batch's host-to-device copy"));
+  const size_t pixel_count = static_cast<size_t>(N) * opt.height * opt.width;
+  const size_t bytes = pixel_count * spec.in_channels;
+  std::memcpy(h_images, pixels, bytes);
+  std::memcpy(h_labels, labels, sizeof(int32_t) * N);
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d_images, h_images, bytes, cudaMemcpyHostToDevice, stream));
+  CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(d_labels, h_labels, sizeof(int32_t) * N, cudaMemcpyHostToDevice, stream));
+  CUDA_RETURN_IF_ERROR(cudaEventRecord(staged, stream));
+  staged_once = true;
+  return k::PixelsToNhwc(dtype, pixel_count, spec.in_channels, input_c, affine,
+                         reinterpret_cast<const uint8_t*>(d_images), d_input, stream);
 }
 
 absl::Status GpuResNet::Impl::Sync(absl::string_view what) {

@@ -158,6 +158,62 @@ TEST(CudaResNetTest, ProfilingCollectsPerOpTimes) {
   EXPECT_EQ((*net)->times().Total(), 0);
 }
 
+// 8-bit staging (normalized on the device) gives the loss of the same images normalized on the
+// host and staged as floats, in fp32 and bf16.
+TEST(CudaResNetTest, StagedPixelsEqualTheSameImagesStagedAsFloats) {
+  if (!HaveGpu()) GTEST_SKIP() << "no CUDA device on this machine (cudaGetDeviceCount found none)";
+  for (Precision p : {Precision::kFp32, Precision::kBf16}) {
+    auto spec = model::MakeResNet(model::Arch::kResNet18, 3, 10);
+    ASSERT_TRUE(spec.ok());
+    model::ParamStore store(*spec);
+    ASSERT_TRUE(store.Load(model::InitializeParameters(*spec, {3, true})).ok());
+    backend::NetworkOptions o;
+    o.batch = 4;
+    o.height = o.width = 32;
+    o.bn_group = 4;
+    o.precision = p;
+    auto net = backend::cuda::GpuResNet::Create(*spec, &store, o, {});
+    ASSERT_TRUE(net.ok()) << net.status();
+    const int N = 4, H = 32, W = 32;
+    std::vector<uint8_t> pixels(static_cast<size_t>(N) * H * W * 3);
+    for (size_t i = 0; i < pixels.size(); ++i) pixels[i] = static_cast<uint8_t>((i * 37 + i / 97) % 256);
+    backend::cuda::GpuResNet::PixelNormalization norm;
+    const float mean[3] = {0.485f, 0.456f, 0.406f}, stdv[3] = {0.229f, 0.224f, 0.225f};
+    for (int c = 0; c < 3; ++c) {
+      norm.mul[c] = 1.0f / (255.0f * stdv[c]);
+      norm.add[c] = -mean[c] / stdv[c];
+    }
+    std::vector<float> images(pixels.size());  // NCHW
+    for (int n = 0; n < N; ++n) {
+      for (int y = 0; y < H; ++y) {
+        for (int x = 0; x < W; ++x) {
+          for (int c = 0; c < 3; ++c) {
+            images[((static_cast<size_t>(n) * 3 + c) * H + y) * W + x] =
+                pixels[((static_cast<size_t>(n) * H + y) * W + x) * 3 + c] * norm.mul[c] + norm.add[c];
+          }
+        }
+      }
+    }
+    std::vector<int32_t> labels = {0, 1, 2, 3};
+    ASSERT_TRUE((*net)->UploadState(store).ok());
+    ASSERT_TRUE((*net)->StageBatch(images.data(), labels.data()).ok());
+    ASSERT_TRUE((*net)->ForwardTrainAsync(4).ok());
+    auto from_floats = (*net)->ReadLoss();
+    ASSERT_TRUE(from_floats.ok()) << from_floats.status();
+    ASSERT_TRUE((*net)->UploadState(store).ok());
+    ASSERT_TRUE((*net)->StageBatchPixels(pixels.data(), labels.data(), norm).ok());
+    ASSERT_TRUE((*net)->ForwardTrainAsync(4).ok());
+    auto from_pixels = (*net)->ReadLoss();
+    ASSERT_TRUE(from_pixels.ok()) << from_pixels.status();
+    EXPECT_NEAR(*from_pixels, *from_floats, 1e-5 * std::abs(*from_floats)) << backend::PrecisionName(p);
+    // Bad labels are refused before anything is copied.
+    std::vector<int32_t> bad = {0, 1, 2, 10};
+    auto st = (*net)->StageBatchPixels(pixels.data(), bad.data(), norm);
+    ASSERT_FALSE(st.ok());
+    EXPECT_TRUE(absl::StrContains(st.message(), "label 10 of sample 3")) << st;
+  }
+}
+
 TEST(CudaResNetTest, FusedSgdMatchesOptimizer) {
   if (!HaveGpu()) GTEST_SKIP() << "no CUDA device on this machine (cudaGetDeviceCount found none)";
   auto err = SgdKernelAgreement();
