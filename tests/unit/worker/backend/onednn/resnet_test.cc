@@ -4,6 +4,15 @@
 //
 // Tolerances (fp32 vs float64): loss relative 1e-4; each gradient tensor max |diff| <= 2e-3 of
 // that tensor's max |reference value| (+1e-7); running stats 1e-4; logits 1e-4 relative.
+//
+// Cases marked `relu_flips` have a pre-activation within fp32 rounding of 0 on some CPUs: which
+// ReLU branch fp32 takes there depends on oneDNN's summation order, which depends on the ISA
+// it picks. ResNet-18 64x64 batch 4 agrees to 1.7e-5 in every tensor with oneDNN's SSE4.1 and
+// AVX kernels (and with AVX-512), but its AVX2 kernels flip one mask in layer3.0's output:
+// 4.4e-3 in that block's BN biases, 8e-3 in its convolutions, 5e-4 in every tensor upstream
+// of it, nothing downstream. As in tests/gpu/agreement.h, such cases are gated on the
+// gradients as a whole (5e-2: a wrong kernel is off by order 1) and report each tensor; the
+// ResNet-18 32x32 batch 8 case holds the per-tensor bound on every ISA tried.
 #include "worker/backend/onednn/resnet.h"
 
 #include <gtest/gtest.h>
@@ -25,6 +34,7 @@ using model::Arch;
 struct Case {
   Arch arch;
   int channels, classes, hw, batch, bn_group;
+  bool relu_flips = false;
 };
 
 using ::lmsgd::testing::TestParams;
@@ -65,6 +75,7 @@ TEST_P(OnednnVsReference, LossGradientsRunningStatsAndLogitsMatch) {
   auto ref_grads = ref.Backward();
   EXPECT_NEAR(*loss, ref_loss, 1e-4 * std::abs(ref_loss)) << (*net)->Describe();
 
+  double all_sq_diff = 0, all_sq_ref = 0;
   for (size_t i = 0; i < store.num_params(); ++i) {
     const auto& ps = store.param_specs()[i];
     const std::vector<double>& g = ref_grads.at(ps.name);
@@ -73,9 +84,17 @@ TEST_P(OnednnVsReference, LossGradientsRunningStatsAndLogitsMatch) {
     for (size_t j = 0; j < g.size(); ++j) {
       max_ref = std::max(max_ref, std::abs(g[j]));
       max_diff = std::max(max_diff, std::abs(g[j] - got[j]));
+      all_sq_diff += (g[j] - got[j]) * (g[j] - got[j]);
+      all_sq_ref += g[j] * g[j];
     }
-    EXPECT_LE(max_diff, 2e-3 * max_ref + 1e-7) << ps.name << " max_ref=" << max_ref;
+    if (!c.relu_flips) {
+      EXPECT_LE(max_diff, 2e-3 * max_ref + 1e-7) << ps.name << " max_ref=" << max_ref;
+    } else if (max_diff > 2e-3 * max_ref + 1e-7) {
+      std::cout << ps.name << ": max |diff| " << max_diff / max_ref << " of its max (a flipped ReLU mask: see the top of this file)\n";
+    }
   }
+  const double all_rel = std::sqrt(all_sq_diff / all_sq_ref);
+  EXPECT_LE(all_rel, c.relu_flips ? 5e-2 : 2e-3) << "the gradients as a whole";
 
   // Every gradient reported ready exactly once, the head first and the stem conv last.
   ASSERT_EQ(ready.size(), store.num_params());
@@ -113,7 +132,8 @@ TEST_P(OnednnVsReference, LossGradientsRunningStatsAndLogitsMatch) {
 INSTANTIATE_TEST_SUITE_P(Nets, OnednnVsReference,
                          ::testing::Values(Case{Arch::kResNet8, 1, 10, 8, 4, 2},
                                            Case{Arch::kResNet8, 3, 10, 12, 6, 3},
-                                           Case{Arch::kResNet18, 3, 7, 64, 4, 4}),
+                                           Case{Arch::kResNet18, 3, 7, 32, 8, 4},
+                                           Case{Arch::kResNet18, 3, 7, 64, 4, 4, /*relu_flips=*/true}),
                          [](const auto& info) { return "case" + std::to_string(info.index); });
 
 // bf16 against the same reference, with bounds derived like the GPU's (tests/gpu/agreement.h):
@@ -187,7 +207,8 @@ TEST_P(OnednnBf16VsReference, ErrorWithinTheFp32ErrorTimesBf16sRoundoff) {
 
 INSTANTIATE_TEST_SUITE_P(Nets, OnednnBf16VsReference,
                          ::testing::Values(Case{Arch::kResNet8, 3, 10, 12, 6, 3},
-                                           Case{Arch::kResNet18, 3, 7, 64, 4, 4}),
+                                           Case{Arch::kResNet18, 3, 7, 32, 8, 4},
+                                           Case{Arch::kResNet18, 3, 7, 64, 4, 4, /*relu_flips=*/true}),
                          [](const auto& info) { return "case" + std::to_string(info.index); });
 
 TEST(OnednnResNetTest, Tf32IsRefusedOnTheCpu) {
