@@ -84,6 +84,15 @@ void HorizontalScalarFrom(const float* in, int c, const int* start, const float*
   }
 }
 
+// Rounds half up, clamped to [0, 255], pixels [from, n) of three planes into interleaved RGB.
+void PackRgbScalar(const float* r, const float* g, const float* b, int from, int n, uint8_t* out) {
+  for (int j = from; j < n; ++j) {
+    out[3 * j] = static_cast<uint8_t>(std::clamp(r[j], 0.0f, 255.0f) + 0.5f);
+    out[3 * j + 1] = static_cast<uint8_t>(std::clamp(g[j], 0.0f, 255.0f) + 0.5f);
+    out[3 * j + 2] = static_cast<uint8_t>(std::clamp(b[j], 0.0f, 255.0f) + 0.5f);
+  }
+}
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #define LMSGD_HAVE_X86_PATHS 1
 // GCC 12's AVX-512 conversion intrinsics trip -Wmaybe-uninitialized on their own internals.
@@ -179,11 +188,7 @@ __attribute__((target("avx2,fma"))) void PackRgbAvx2(const float* r, const float
     _mm256_store_si256(reinterpret_cast<__m256i*>(px), p);
     for (int k = 0; k < 8; ++k) std::memcpy(out + 3 * (j + k), &px[k], 4);
   }
-  for (; j < n; ++j) {
-    out[3 * j] = static_cast<uint8_t>(std::clamp(r[j], 0.0f, 255.0f) + 0.5f);
-    out[3 * j + 1] = static_cast<uint8_t>(std::clamp(g[j], 0.0f, 255.0f) + 0.5f);
-    out[3 * j + 2] = static_cast<uint8_t>(std::clamp(b[j], 0.0f, 255.0f) + 0.5f);
-  }
+  PackRgbScalar(r, g, b, j, n, out);
 }
 
 enum class Isa { kScalar, kAvx2, kAvx512 };
@@ -208,11 +213,7 @@ void PackRgb(const float* r, const float* g, const float* b, int n, uint8_t* out
 #ifdef LMSGD_HAVE_X86_PATHS
   if (BestIsa() != Isa::kScalar) return PackRgbAvx2(r, g, b, n, out);
 #endif
-  for (int j = 0; j < n; ++j) {
-    out[3 * j] = static_cast<uint8_t>(std::clamp(r[j], 0.0f, 255.0f) + 0.5f);
-    out[3 * j + 1] = static_cast<uint8_t>(std::clamp(g[j], 0.0f, 255.0f) + 0.5f);
-    out[3 * j + 2] = static_cast<uint8_t>(std::clamp(b[j], 0.0f, 255.0f) + 0.5f);
-  }
+  PackRgbScalar(r, g, b, 0, n, out);
 }
 
 void Horizontal(const float* in, int c, const int* start, const float* w, int taps, int out_width, float mul,

@@ -2,6 +2,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/job_spec.h"
+#include "common/status_macros.h"
 #include "worker/data/image_folder.h"
 #include "worker/data/tar_shards.h"
 #include "worker/data/sampler.h"
@@ -59,6 +60,30 @@ int DataThreads(const v1::JobSpec& spec, int flag) {
   return 2;
 }
 
+namespace {
+
+// Training and validation sets of JPEGs; the validation set takes the training set's classes.
+template <typename JpegDataset>
+absl::Status OpenJpegDatasets(const v1::DatasetSpec& d, const char* classes_are, Datasets* out) {
+  const int size = static_cast<int>(d.image_size());
+  auto train = JpegDataset::Open(d.train_path(), size);
+  if (!train.ok()) return train.status();
+  if ((*train)->num_classes() != static_cast<int>(d.num_classes())) {
+    return absl::InvalidArgumentError(absl::StrCat("dataset.num_classes=", d.num_classes(), " but '", d.train_path(),
+                                                   "' has ", (*train)->num_classes(), " ", classes_are));
+  }
+  const auto class_names = (*train)->classes();
+  out->train = std::move(*train);
+  if (!d.val_path().empty()) {
+    auto val = JpegDataset::Open(d.val_path(), size, class_names);
+    if (!val.ok()) return val.status();
+    out->val = std::move(*val);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
 absl::StatusOr<Datasets> OpenDatasets(const v1::JobSpec& spec) {
   const auto& d = spec.dataset();
   const int classes = static_cast<int>(d.num_classes());
@@ -84,39 +109,12 @@ absl::StatusOr<Datasets> OpenDatasets(const v1::JobSpec& spec) {
       if (d.val_examples() > 0) out.val = std::make_unique<data::SyntheticDataset>(d.val_examples(), 3, s, s, classes);
       break;
     }
-    case v1::DATASET_IMAGE_FOLDER: {
-      auto train = data::ImageFolderDataset::Open(d.train_path(), static_cast<int>(d.image_size()));
-      if (!train.ok()) return train.status();
-      if ((*train)->num_classes() != classes) {
-        return absl::InvalidArgumentError(absl::StrCat("dataset.num_classes=", classes, " but '", d.train_path(),
-                                                       "' has ", (*train)->num_classes(), " class directories"));
-      }
-      const auto class_names = (*train)->classes();
-      out.train = std::move(*train);
-      if (!d.val_path().empty()) {
-        auto val = data::ImageFolderDataset::Open(d.val_path(), static_cast<int>(d.image_size()), class_names);
-        if (!val.ok()) return val.status();
-        out.val = std::move(*val);
-      }
+    case v1::DATASET_IMAGE_FOLDER:
+      RETURN_IF_ERROR(OpenJpegDatasets<data::ImageFolderDataset>(d, "class directories", &out));
       break;
-    }
-    case v1::DATASET_TAR_SHARDS: {
-      auto train = data::TarShardDataset::Open(d.train_path(), static_cast<int>(d.image_size()));
-      if (!train.ok()) return train.status();
-      if ((*train)->num_classes() != classes) {
-        return absl::InvalidArgumentError(absl::StrCat("dataset.num_classes=", classes, " but the shards '",
-                                                       d.train_path(), "' have ", (*train)->num_classes(),
-                                                       " classes"));
-      }
-      const auto class_names = (*train)->classes();
-      out.train = std::move(*train);
-      if (!d.val_path().empty()) {
-        auto val = data::TarShardDataset::Open(d.val_path(), static_cast<int>(d.image_size()), class_names);
-        if (!val.ok()) return val.status();
-        out.val = std::move(*val);
-      }
+    case v1::DATASET_TAR_SHARDS:
+      RETURN_IF_ERROR(OpenJpegDatasets<data::TarShardDataset>(d, "classes in its shards", &out));
       break;
-    }
     default:
       return absl::InvalidArgumentError("dataset.kind must be set");
   }
