@@ -282,7 +282,7 @@ TEST_F(WorkerIntegrationTest, CorruptDatasetFailsTheJobNamingTheFile) {
 
 // JPEGs end to end: a photo-like ImageFolder packed into tar shards by `lmsgdctl dataset pack`,
 // trained on by two workers (crop-aware decoding, the antialiased resize) with evaluation on
-// the validation shards; a shard damaged later fails the next job naming the shard and member.
+// the validation shards; a member damaged later fails the next job naming the shard and member.
 TEST_F(WorkerIntegrationTest, TwoWorkersTrainOnPackedJpegShards) {
   data::PhotoFolderOptions po;
   po.classes = 4;
@@ -337,8 +337,9 @@ TEST_F(WorkerIntegrationTest, TwoWorkersTrainOnPackedJpegShards) {
   EXPECT_EQ(WaitForEnd(job2, absl::Seconds(120)), "JOB_STATE_FAILED");
   const std::string status = Ctl(coord_->grpc_address(), {"--output=json", "status", job2});
   EXPECT_NE(status.find("shard-000000.tar:" + damaged_key), std::string::npos) << status;
-  EXPECT_NE(*v0->Wait(absl::Seconds(30)), 0);
-  EXPECT_NE(*v1w->Wait(absl::Seconds(30)), 0);
+  // The rank whose shard of the epoch holds the member fails; its peer sees the job end.
+  const int rc0 = *v0->Wait(absl::Seconds(30)), rc1 = *v1w->Wait(absl::Seconds(30));
+  EXPECT_TRUE(rc0 != 0 || rc1 != 0) << rc0 << " " << rc1;
 }
 
 // Elastic: 3 workers with min_workers 2; one is killed and not replaced. After a heartbeat timeout
