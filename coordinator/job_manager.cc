@@ -34,7 +34,7 @@ JobManager::Job* JobManager::FindJob(const std::string& job_id) {
 }
 
 bool JobManager::IsAlive(const Member& m, absl::Time now) const {
-  return m.join_calls > 0 || now - m.last_seen <= options_.heartbeat_timeout;
+  return m.join_calls > 0 || now - m.last_seen <= options_.heartbeat_timeout || now <= m.alive_until;
 }
 
 int JobManager::AliveCount(const Job& job, absl::Time now) const {
@@ -122,7 +122,8 @@ absl::StatusOr<std::vector<std::string>> JobManager::Recover() {
     for (const auto& w : status.workers()) {
       Member m;
       m.info = w;
-      m.last_seen = now;  // grace period: workers keep heartbeating to the new process
+      m.last_seen = now;  // workers keep heartbeating to the new process
+      m.alive_until = now + options_.heartbeat_timeout + options_.restart_grace;
       m.generation = (w.rank() >= 0) ? status.generation() : 0;
       job->members[w.worker_id()] = m;
     }

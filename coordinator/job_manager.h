@@ -45,6 +45,10 @@ struct JobManagerOptions {
   absl::Duration heartbeat_interval = absl::Seconds(5);  // told to workers
   absl::Duration max_join_wait = absl::Seconds(30);      // server cap on one JoinJob wait
   absl::Duration max_bootstrap_wait = absl::Seconds(120);
+  // After a restart every member of a recovered job is alive for heartbeat_timeout plus this
+  // long before its silence counts: the time its client needs to reconnect (worker/session/
+  // coordinator_client.h bounds its retry and reconnect backoff to 1 s each).
+  absl::Duration restart_grace = absl::Seconds(3);
   size_t max_live_jobs = 1000;
   size_t max_bootstrap_bytes = 1 << 20;
   std::string build_version = LMSGD_VERSION;
@@ -98,6 +102,7 @@ class JobManager {
   struct Member {
     v1::WorkerInfo info;
     absl::Time last_seen;
+    absl::Time alive_until = absl::InfinitePast();  // restart grace (Recover)
     int join_calls = 0;
     bool ready = false;   // wants a rank in the next generation
     uint64_t ready_seq = 0;

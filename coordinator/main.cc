@@ -30,6 +30,9 @@ ABSL_FLAG(std::string, listen, "127.0.0.1:7070", "gRPC address (host:port; port 
 ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9464", "Prometheus /metrics address; empty disables");
 ABSL_FLAG(std::string, state_dir, "/var/lib/lmsgd/coordinator", "Directory for durable job state");
 ABSL_FLAG(absl::Duration, heartbeat_timeout, absl::Seconds(30), "A worker silent this long is dead");
+ABSL_FLAG(absl::Duration, restart_grace, absl::Seconds(3),
+          "After a restart, members of recovered jobs are alive for --heartbeat_timeout plus this long (the "
+          "workers' reconnect backoff)");
 ABSL_FLAG(absl::Duration, heartbeat_interval, absl::Seconds(5), "How often workers are told to heartbeat");
 ABSL_FLAG(std::string, tls_cert, "", "PEM server certificate (enables TLS)");
 ABSL_FLAG(std::string, tls_key, "", "PEM server private key");
@@ -101,6 +104,11 @@ int Run() {
 
   JobManagerOptions options;
   options.heartbeat_timeout = absl::GetFlag(FLAGS_heartbeat_timeout);
+  options.restart_grace = absl::GetFlag(FLAGS_restart_grace);
+  if (options.restart_grace < absl::ZeroDuration()) {
+    LOG(ERROR) << "--restart_grace must not be negative";
+    return 2;
+  }
   options.heartbeat_interval = absl::GetFlag(FLAGS_heartbeat_interval);
   options.max_live_jobs = static_cast<size_t>(std::max(1, absl::GetFlag(FLAGS_max_jobs)));
   if (options.heartbeat_interval >= options.heartbeat_timeout) {

@@ -436,6 +436,56 @@ TEST_F(WorkerIntegrationTest, CoordinatorKilledAndRestartedWhileWorkersTrain) {
   EXPECT_EQ(*w1->Wait(absl::Seconds(30)), 0);
 }
 
+// A coordinator restart costs no work: with a 3 s heartbeat timeout, the coordinator is killed
+// with kill -9 and restarted on its address three times during training (1.5 s outages). The
+// workers' reconnect backoff is bounded below the heartbeat interval's order and the restart
+// gives every member the timeout plus that backoff, so no live worker is declared dead: the
+// generation never changes and every epoch is trained once.
+TEST_F(WorkerIntegrationTest, CoordinatorRestartsCostNoWork) {
+  const int port = FreePort();
+  testing::CoordinatorProcess coord(dir_ + "/coord3",
+                                    {absl::StrCat("--listen=127.0.0.1:", port), "--heartbeat_interval=0.5s",
+                                     "--heartbeat_timeout=3s"});
+  std::filesystem::create_directories(dir_ + "/coord3");
+  ASSERT_TRUE(coord.Start().ok());
+  const std::string addr = coord.grpc_address();
+  const v1::JobSpec spec = BarsJob(data_, dir_ + "/ckpt", 768, 12);
+  const std::string job = Ctl(addr, {"submit", WriteJob(dir_, spec)});
+  auto w0 = StartWorker(addr, job, 0, dir_ + "/w0.log");
+  auto w1 = StartWorker(addr, job, 1, dir_ + "/w1.log");
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
+  while (!std::filesystem::exists(dir_ + "/ckpt/ckpt-0000000048.safetensors") && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  std::string logs;
+  for (int restart = 0; restart < 3; ++restart) {
+    coord.Kill9();
+    absl::SleepFor(absl::Milliseconds(1500));
+    ASSERT_TRUE(coord.Start().ok()) << coord.Log();
+    absl::SleepFor(absl::Seconds(4));  // longer than the heartbeat timeout
+    logs += coord.Log();
+  }
+  std::string state;
+  const absl::Time end = absl::Now() + absl::Seconds(120);
+  while (absl::Now() < end) {
+    state = JobState(addr, job);
+    if (state == "JOB_STATE_SUCCEEDED" || state == "JOB_STATE_FAILED") break;
+    absl::SleepFor(absl::Milliseconds(200));
+  }
+  logs += coord.Log();
+  EXPECT_EQ(state, "JOB_STATE_SUCCEEDED") << logs;
+  const std::string status = Ctl(addr, {"--output=json", "status", job});
+  EXPECT_NE(status.find("\"generation\": \"1\""), std::string::npos) << status;
+  EXPECT_EQ(logs.find("silent for"), std::string::npos) << logs;
+  EXPECT_EQ(*w0->Wait(absl::Seconds(30)), 0);
+  EXPECT_EQ(*w1->Wait(absl::Seconds(30)), 0);
+  // Every epoch once, in generation 1.
+  auto history = ParseHistoryCsv(Ctl(addr, {"--output=csv", "history", job}), "history");
+  ASSERT_TRUE(history.ok()) << history.status();
+  ASSERT_EQ(history->size(), 12u);
+  for (const auto& r : *history) EXPECT_EQ(r.generation(), 1u) << "epoch " << r.epoch();
+}
+
 TEST_F(WorkerIntegrationTest, KilledWorkerIsReplacedAndTrainingResumesFromTheCheckpoint) {
   const int epochs = 6;
   // Uninterrupted reference run.

@@ -21,6 +21,10 @@ absl::StatusOr<std::unique_ptr<CoordinatorClient>> CoordinatorClient::Create(Coo
   ASSIGN_OR_RETURN(auto creds, MakeChannelCredentials(options.tls));
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(64 << 20);
+  const int max_reconnect_ms = static_cast<int>(absl::ToInt64Milliseconds(kMaxReconnectBackoff));
+  args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
+  args.SetInt(GRPC_ARG_MIN_RECONNECT_BACKOFF_MS, max_reconnect_ms);  // also the minimum connect timeout
+  args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, max_reconnect_ms);
   auto channel = grpc::CreateCustomChannel(options.address, creds, args);
   return std::unique_ptr<CoordinatorClient>(new CoordinatorClient(std::move(options), std::move(channel)));
 }
@@ -45,7 +49,7 @@ absl::Status CoordinatorClient::WithRetries(const char* rpc, absl::Time deadline
     }
     std::uniform_real_distribution<double> jitter(0.5, 1.0);
     absl::SleepFor(backoff * jitter(rng));
-    backoff = std::min(backoff * 2, absl::Seconds(5));
+    backoff = std::min(backoff * 2, kMaxRetryBackoff);
   }
 }
 

@@ -1,9 +1,14 @@
 // CoordinatorClient: a worker's side of the control plane (proto/lmsgd/v1/coordinator.proto).
 //
 // Every call has a deadline. Transient failures (UNAVAILABLE: the coordinator is restarting
-// or not yet up) are retried with exponential backoff (100 ms doubling to 5 s, jittered) until
-// the call's overall deadline; other errors return at once. Errors name the coordinator
-// address and the RPC.
+// or not yet up) are retried with exponential backoff (100 ms doubling to kMaxRetryBackoff,
+// jittered) until the call's overall deadline; other errors return at once. Errors name the
+// coordinator address and the RPC.
+//
+// The channel's own reconnect backoff is bounded the same way (gRPC's default grows to 120 s):
+// a worker reaches a restarted coordinator within about kMaxRetryBackoff + kMaxReconnectBackoff
+// of it serving again, which the coordinator's restart grace (JobManagerOptions::restart_grace)
+// covers, so a restart never makes a live worker look dead.
 #pragma once
 
 #include <memory>
@@ -16,6 +21,9 @@
 #include "lmsgd/v1/coordinator.grpc.pb.h"
 
 namespace lmsgd::session {
+
+constexpr absl::Duration kMaxRetryBackoff = absl::Seconds(1);
+constexpr absl::Duration kMaxReconnectBackoff = absl::Seconds(1);
 
 struct CoordinatorClientOptions {
   std::string address = "127.0.0.1:7070";

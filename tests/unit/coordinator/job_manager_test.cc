@@ -406,6 +406,25 @@ TEST_F(JobManagerTest, RecoverRestoresJobsAndMembers) {
   EXPECT_EQ(SubmitJob(1).job_id(), "job-000003");
 }
 
+// After a restart a member is alive for the heartbeat timeout plus the restart grace (its
+// reconnect backoff), then its silence counts as usual.
+TEST_F(JobManagerTest, RestartGraceCoversTheTimeoutPlusTheReconnectBackoff) {
+  auto job = SubmitJob(2);
+  auto r = JoinAll(job.job_id(), {{"h", 0}, {"h", 1}});
+  Reset();  // restart_grace default 3 s, heartbeat_timeout 10 s
+  ASSERT_TRUE(manager_->Recover().ok());
+  clock_.Advance(absl::Seconds(12));  // past the timeout, inside the grace
+  manager_->Tick();
+  EXPECT_EQ(State(job.job_id()), v1::JOB_STATE_RUNNING);
+  Beat(r[0]);  // rank 0 reconnected; rank 1 stays silent
+  clock_.Advance(absl::Seconds(1.5));  // 13.5 s: past timeout + grace
+  manager_->Tick();
+  auto status = *manager_->Get(job.job_id());
+  EXPECT_EQ(status.state(), v1::JOB_STATE_RECOVERING);
+  EXPECT_TRUE(absl::StrContains(status.message(), "h/1/")) << status.message();
+  EXPECT_FALSE(absl::StrContains(status.message(), "h/0/")) << status.message();
+}
+
 TEST_F(JobManagerTest, TickPersistFailureIsRetried) {
   auto job = SubmitJob(1);
   JoinAll(job.job_id(), {{"h", 0}});
