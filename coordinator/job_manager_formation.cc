@@ -244,7 +244,19 @@ absl::StatusOr<v1::JoinJobResponse> JobManager::Join(const v1::JoinJobRequest& r
                                                                job->status.spec().max_workers())) + 16;
 
   const std::string worker_id = absl::StrCat(id.host(), "/", id.local_device(), "/", id.incarnation());
-  // Same slot, other incarnation: the process restarted; the old one is gone.
+  // Same slot, other incarnation: replaced when the old one is known dead (the new process
+  // found the slot's lock free and names it) or silent; a live holder is a clash.
+  const absl::Time now = options_.now();
+  for (const auto& [other_id, old] : job->members) {
+    if (old.info.host() == id.host() && old.info.local_device() == id.local_device() && other_id != worker_id &&
+        old.info.incarnation() != id.replaces_incarnation() && IsAlive(old, now)) {
+      return absl::AlreadyExistsError(absl::StrCat(
+          "local device ", id.local_device(), " of host ", id.host(), " is held by the live worker ", other_id,
+          " (heard from ", absl::FormatDuration(absl::Trunc(now - old.last_seen, absl::Milliseconds(100))),
+          " ago): start this worker with another --local_device (or leave it unset to claim a free one), or stop "
+          "the other"));
+    }
+  }
   for (auto it = job->members.begin(); it != job->members.end();) {
     const Member& old = it->second;
     if (old.info.host() == id.host() && old.info.local_device() == id.local_device() &&

@@ -32,7 +32,10 @@ ABSL_FLAG(int32_t, log_every, 0, "Print progress every N iterations (0 = once pe
 ABSL_FLAG(uint64_t, epochs, 0, "Overrides the job's epochs (0 = keep)");
 ABSL_FLAG(std::string, job, "", "Job id to join (default: the next job that needs workers)");
 ABSL_FLAG(std::string, host, "", "Host name reported to the coordinator (default: this machine's)");
-ABSL_FLAG(uint32_t, local_device, 0, "Index of this worker on its host (GPU index or CPU share)");
+ABSL_FLAG(int32_t, local_device, -1,
+          "Index of this worker on its host (its slot; -1: LOCAL_RANK / SLURM_LOCALID / JOB_COMPLETION_INDEX, else "
+          "the lowest free one)");
+ABSL_FLAG(std::string, slot_dir, "", "Where local device slots are locked (default $XDG_RUNTIME_DIR or /tmp, /lmsgd-slots)");
 ABSL_FLAG(std::string, tls_ca, "", "CA certificate to verify the coordinator (enables TLS)");
 ABSL_FLAG(std::string, tls_cert, "", "Client certificate for mutual TLS");
 ABSL_FLAG(std::string, tls_key, "", "Client private key for mutual TLS");
@@ -76,6 +79,7 @@ int main(int argc, char** argv) {
     wo.job_id = absl::GetFlag(FLAGS_job);
     wo.host = absl::GetFlag(FLAGS_host);
     wo.local_device = absl::GetFlag(FLAGS_local_device);
+    wo.slot_dir = absl::GetFlag(FLAGS_slot_dir);
     wo.cuda_device = cuda_device;
     wo.threads = absl::GetFlag(FLAGS_threads);
     if (absl::GetFlag(FLAGS_data_threads) > 0) wo.data_threads = absl::GetFlag(FLAGS_data_threads);

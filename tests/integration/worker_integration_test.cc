@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <set>
 #include <filesystem>
 
 #include "absl/strings/ascii.h"
@@ -434,6 +435,40 @@ TEST_F(WorkerIntegrationTest, CoordinatorKilledAndRestartedWhileWorkersTrain) {
   EXPECT_EQ(state, "JOB_STATE_SUCCEEDED") << ReadFileToString(dir_ + "/w0.log").value_or("") << coord.Log();
   EXPECT_EQ(*w0->Wait(absl::Seconds(30)), 0);
   EXPECT_EQ(*w1->Wait(absl::Seconds(30)), 0);
+}
+
+// Two workers started on one host without --local_device, as a new user would: each claims
+// a free slot (0 and 1), both train; a third given a held slot explicitly is refused saying
+// what to do.
+TEST_F(WorkerIntegrationTest, TwoWorkersWithoutLocalDeviceBothTrain) {
+  const std::string job = Ctl(coord_->grpc_address(), {"submit", WriteJob(dir_, BarsJob(data_, dir_ + "/ckpt", 768, 2))});
+  std::vector<std::unique_ptr<testing::Subprocess>> workers;
+  for (int i = 0; i < 2; ++i) {
+    workers.push_back(std::make_unique<testing::Subprocess>());
+    ASSERT_TRUE(workers.back()
+                    ->Start({LMSGD_WORKER_BIN, "--coordinator=" + coord_->grpc_address(), "--job=" + job,
+                             "--threads=1", "--host=localhost", "--slot_dir=" + dir_ + "/slots"},
+                            absl::StrCat(dir_, "/auto", i, ".log"))
+                    .ok());
+  }
+  absl::SleepFor(absl::Seconds(2));
+  auto third = testing::RunCommand({LMSGD_WORKER_BIN, "--coordinator=" + coord_->grpc_address(), "--job=" + job,
+                                    "--threads=1", "--host=localhost", "--slot_dir=" + dir_ + "/slots",
+                                    "--local_device=1"},
+                                   absl::Seconds(30));
+  EXPECT_NE(third.exit_code, 0);
+  EXPECT_NE((third.out + third.err).find("local device 1 of host localhost"), std::string::npos) << third.err;
+  EXPECT_NE((third.out + third.err).find("another --local_device"), std::string::npos) << third.err;
+  EXPECT_EQ(WaitForEnd(job, absl::Seconds(120)), "JOB_STATE_SUCCEEDED");
+  std::set<std::string> slots;
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_EQ(*workers[i]->Wait(absl::Seconds(30)), 0);
+    const std::string log = ReadFileToString(absl::StrCat(dir_, "/auto", i, ".log")).value_or("");
+    for (const char* s : {"local device 0 (the lowest free slot)", "local device 1 (the lowest free slot)"}) {
+      if (log.find(s) != std::string::npos) slots.insert(s);
+    }
+  }
+  EXPECT_EQ(slots.size(), 2u) << "each worker claimed its own slot";
 }
 
 // A coordinator restart costs no work: with a 3 s heartbeat timeout, the coordinator is killed

@@ -1,5 +1,7 @@
 #include "worker/session/distributed.h"
 
+#include "worker/session/local_slot.h"
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -334,9 +336,17 @@ absl::Status RunWorker(const WorkerOptions& o) {
   char host[256] = {0};
   gethostname(host, sizeof(host) - 1);
   id.set_host(o.host.empty() ? host : o.host);
-  id.set_local_device(o.local_device);
   std::random_device rd;
   id.set_incarnation(absl::StrFormat("%08x%08x-%d", rd(), rd(), getpid()));
+  // Held until this function returns (the process's life as a worker).
+  auto slot = LocalSlot::Claim(o.slot_dir.empty() ? DefaultSlotDir() : o.slot_dir, o.client.address, id.host(),
+                               o.local_device, id.incarnation());
+  if (!slot.ok()) return slot.status();
+  id.set_local_device(static_cast<uint32_t>((*slot)->index()));
+  id.set_replaces_incarnation((*slot)->previous_incarnation());
+  if (o.log != nullptr && o.local_device < 0) {
+    *o.log << "local device " << (*slot)->index() << " (" << (*slot)->source() << ")" << std::endl;
+  }
   id.set_build_version(LMSGD_VERSION);
   id.set_device(o.cuda_device >= 0 ? v1::DEVICE_CUDA : v1::DEVICE_CPU);
   train::SetComputeThreads(o.threads);

@@ -33,7 +33,10 @@ struct WorkerOptions {
   CoordinatorClientOptions client;
   std::string job_id;          // empty: the next job that needs workers
   std::string host;            // empty: this machine's host name
-  uint32_t local_device = 0;   // distinguishes workers of one host
+  // Distinguishes workers of one host; < 0: the launcher's LOCAL_RANK / SLURM_LOCALID /
+  // JOB_COMPLETION_INDEX, else the lowest free slot (local_slot.h).
+  int local_device = -1;
+  std::string slot_dir;        // empty: DefaultSlotDir()
   int cuda_device = -1;        // >= 0: train on GPU cuda:N (gradients over NCCL); -1: the CPU
   int threads = 0;             // compute threads (0 = cores)
   int data_threads = 0;        // 0: the job's dataset.decode_threads, else 2 (train::DataThreads)

@@ -269,16 +269,44 @@ TEST_F(JobManagerTest, WorkerInsideJoinIsNotDeclaredDead) {
   EXPECT_TRUE(r[0].assigned());
 }
 
+// A restarted worker names the incarnation it replaces (it found that one's slot lock free):
+// the old member goes at once and the generation breaks.
 TEST_F(JobManagerTest, RestartedIncarnationBreaksGeneration) {
   auto job = SubmitJob(2);
   auto r = JoinAll(job.job_id(), {{"h", 0}, {"h", 1}});
-  auto again = manager_->Join(JoinReq("h", 1, job.job_id(), "i2"), absl::Now() + absl::Milliseconds(50));
+  v1::JoinJobRequest restarted = JoinReq("h", 1, job.job_id(), "i2");
+  restarted.mutable_identity()->set_replaces_incarnation("i1");
+  auto again = manager_->Join(restarted, absl::Now() + absl::Milliseconds(50));
   ASSERT_TRUE(again.ok());
   EXPECT_FALSE(again->assigned());
   auto status = *manager_->Get(job.job_id());
   EXPECT_EQ(status.state(), v1::JOB_STATE_RECOVERING);
   EXPECT_TRUE(absl::StrContains(status.message(), "restarted")) << status.message();
   EXPECT_EQ(Beat(r[1]).directive(), v1::DIRECTIVE_ABORT_AND_REJOIN);
+}
+
+// Two live workers claiming one (host, local_device): the second is refused, naming the
+// holder and the fix, and the job is untouched; once the holder is silent it is replaced.
+TEST_F(JobManagerTest, ALiveWorkersSlotIsNotTakenByAnother) {
+  auto job = SubmitJob(2);
+  auto r = JoinAll(job.job_id(), {{"h", 0}, {"h", 1}});
+  auto clash = manager_->Join(JoinReq("h", 1, job.job_id(), "other"), absl::Now() + absl::Milliseconds(50));
+  ASSERT_FALSE(clash.ok());
+  EXPECT_EQ(clash.status().code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_TRUE(absl::StrContains(clash.status().message(), "held by the live worker h/1/i1")) << clash.status();
+  EXPECT_TRUE(absl::StrContains(clash.status().message(), "--local_device")) << clash.status();
+  EXPECT_EQ(State(job.job_id()), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(Beat(r[1]).directive(), v1::DIRECTIVE_CONTINUE);
+  // Naming a wrong incarnation proves nothing.
+  v1::JoinJobRequest wrong = JoinReq("h", 1, job.job_id(), "other");
+  wrong.mutable_identity()->set_replaces_incarnation("i9");
+  EXPECT_EQ(manager_->Join(wrong, absl::Now() + absl::Milliseconds(50)).status().code(),
+            absl::StatusCode::kAlreadyExists);
+  // Silent past the timeout: replaced.
+  clock_.Advance(absl::Seconds(11));
+  Beat(r[0]);
+  auto later = manager_->Join(JoinReq("h", 1, job.job_id(), "other"), absl::Now() + absl::Milliseconds(50));
+  EXPECT_TRUE(later.ok()) << later.status();
 }
 
 TEST_F(JobManagerTest, TooManyRecoveriesFailsTheJob) {
