@@ -64,6 +64,11 @@ v1::JobStatus JobManager::Snapshot(const Job& job) const {
       w->set_local_rank(-1);
     }
     w->set_last_heartbeat_unix_ms(UnixMillis(m->last_seen));
+    if (m->has_step && m->step_generation == job.status.generation() && m->generation == job.status.generation()) {
+      *w->mutable_recent_step() = m->recent_step;
+      w->set_busy_ratio(m->busy_ratio);
+      w->set_straggler(m->straggler);
+    }
   }
   return s;
 }

@@ -49,6 +49,10 @@ struct JobManagerOptions {
   // long before its silence counts: the time its client needs to reconnect (worker/session/
   // coordinator_client.h bounds its retry and reconnect backoff to 1 s each).
   absl::Duration restart_grace = absl::Seconds(3);
+  // Stragglers: a rank whose busy time per step (its step less exposed communication) stays
+  // above straggler_factor x the median rank's for straggler_heartbeats heartbeats in a row.
+  double straggler_factor = 1.5;
+  int straggler_heartbeats = 5;
   size_t max_live_jobs = 1000;
   size_t max_bootstrap_bytes = 1 << 20;
   std::string build_version = LMSGD_VERSION;
@@ -107,6 +111,12 @@ class JobManager {
     bool ready = false;   // wants a rank in the next generation
     uint64_t ready_seq = 0;
     uint64_t generation = 0;  // generation it holds a rank in (0: none)
+    bool has_step = false;
+    uint64_t step_generation = 0;  // the generation recent_step was reported in
+    v1::StepTimeSplit recent_step;
+    double busy_ratio = 0;
+    int slow_beats = 0;
+    bool straggler = false;
   };
   struct Job {
     v1::JobStatus status;  // durable record, `workers` rebuilt from members on every save
@@ -128,6 +138,8 @@ class JobManager {
   void UpdateStateGauges() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   int AliveCount(const Job& job, absl::Time now) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   bool IsAlive(const Member& m, absl::Time now) const;
+  // Re-rates every rank of the running generation after `reporter`'s heartbeat.
+  void UpdateStragglers(Job& job, const std::string& job_id, Member& reporter);
   // Forms a generation when enough members are ready.
   absl::Status TryForm(Job& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // RUNNING -> RECOVERING (or FAILED when out of recoveries). Acknowledged=false: Tick path.

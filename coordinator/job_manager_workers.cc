@@ -7,6 +7,7 @@
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/history.h"
 #include "common/job_spec.h"
@@ -122,6 +123,13 @@ absl::StatusOr<v1::HeartbeatResponse> JobManager::Heartbeat(const v1::HeartbeatR
     return resp;
   }
   resp.set_directive(v1::DIRECTIVE_CONTINUE);
+  if (req.recent_steps() > 0) {
+    if (m.step_generation != job->status.generation()) m.slow_beats = 0, m.straggler = false;
+    m.recent_step = req.recent_step();
+    m.has_step = true;
+    m.step_generation = job->status.generation();
+    UpdateStragglers(*job, req.job_id(), m);
+  }
   if (m.info.rank() == 0) {
     const uint64_t total = job->status.progress().total_iterations();
     *job->status.mutable_progress() = req.progress();
@@ -229,6 +237,40 @@ absl::Status JobManager::ReportFailure(const v1::ReportFailureRequest& req) {
     return BreakGeneration(*job, msg, true);
   }
   return absl::OkStatus();
+}
+
+}  // namespace lmsgd::coordinator
+
+namespace lmsgd::coordinator {
+
+namespace {
+double Busy(const v1::StepTimeSplit& t) { return t.data_wait_s() + t.forward_s() + t.backward_s() + t.optimizer_s(); }
+}  // namespace
+
+void JobManager::UpdateStragglers(Job& job, const std::string& job_id, Member& reporter) {
+  std::vector<double> busy;
+  for (const auto& [id, m] : job.members) {
+    if (m.has_step && m.step_generation == job.status.generation() && m.generation == job.status.generation()) {
+      busy.push_back(Busy(m.recent_step));
+    }
+  }
+  if (busy.size() < 2) return;
+  std::sort(busy.begin(), busy.end());
+  const double median = busy[(busy.size() - 1) / 2];  // the lower median: with 2 ranks, the faster
+  if (!(median > 0)) return;
+  Member& m = reporter;
+  m.busy_ratio = Busy(m.recent_step) / median;
+  m.slow_beats = m.busy_ratio > options_.straggler_factor ? m.slow_beats + 1 : 0;
+  const bool was = m.straggler;
+  m.straggler = m.slow_beats >= options_.straggler_heartbeats;
+  if (metrics_ != nullptr) metrics_->SetRankStep(job_id, m.info.host(), m.info.rank(), m.recent_step, m.busy_ratio);
+  if (m.straggler && !was) {
+    LOG(WARNING) << "job " << job_id << ": straggler rank " << m.info.rank() << " on " << m.info.host() << ": busy "
+                 << absl::StrFormat("%.1f ms", 1e3 * Busy(m.recent_step)) << " per step, "
+                 << absl::StrFormat("%.2fx", m.busy_ratio) << " the median rank's for " << m.slow_beats
+                 << " heartbeats";
+    if (metrics_ != nullptr) metrics_->AddStraggler(job_id, m.info.host(), m.info.rank());
+  }
 }
 
 }  // namespace lmsgd::coordinator

@@ -30,6 +30,9 @@ ABSL_FLAG(std::string, listen, "127.0.0.1:7070", "gRPC address (host:port; port 
 ABSL_FLAG(std::string, metrics_listen, "127.0.0.1:9464", "Prometheus /metrics address; empty disables");
 ABSL_FLAG(std::string, state_dir, "/var/lib/lmsgd/coordinator", "Directory for durable job state");
 ABSL_FLAG(absl::Duration, heartbeat_timeout, absl::Seconds(30), "A worker silent this long is dead");
+ABSL_FLAG(double, straggler_factor, 1.5,
+          "A rank whose busy time per step stays above this multiple of the median rank's is a straggler");
+ABSL_FLAG(int32_t, straggler_heartbeats, 5, "... for this many heartbeats in a row");
 ABSL_FLAG(absl::Duration, restart_grace, absl::Seconds(3),
           "After a restart, members of recovered jobs are alive for --heartbeat_timeout plus this long (the "
           "workers' reconnect backoff)");
@@ -105,6 +108,13 @@ int Run() {
   JobManagerOptions options;
   options.heartbeat_timeout = absl::GetFlag(FLAGS_heartbeat_timeout);
   options.restart_grace = absl::GetFlag(FLAGS_restart_grace);
+  options.straggler_factor = absl::GetFlag(FLAGS_straggler_factor);
+  options.straggler_heartbeats = absl::GetFlag(FLAGS_straggler_heartbeats);
+  if (!(options.straggler_factor > 1.0) || options.straggler_heartbeats < 1) {
+    LOG(ERROR) << "--straggler_factor must be above 1 (is " << options.straggler_factor
+               << ") and --straggler_heartbeats at least 1 (is " << options.straggler_heartbeats << ")";
+    return 2;
+  }
   if (options.restart_grace < absl::ZeroDuration()) {
     LOG(ERROR) << "--restart_grace must not be negative";
     return 2;

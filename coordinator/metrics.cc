@@ -47,6 +47,19 @@ CoordinatorMetrics::CoordinatorMetrics(std::shared_ptr<prometheus::Registry> reg
                              .Name("lmsgd_coordinator_heartbeats_missed_total")
                              .Help("Workers declared dead after missing heartbeats, per job")
                              .Register(*registry_)),
+      rank_step_(prometheus::BuildGauge()
+                     .Name("lmsgd_rank_step_seconds")
+                     .Help("A rank's mean step time by phase over its last heartbeat's steps")
+                     .Register(*registry_)),
+      rank_busy_ratio_(prometheus::BuildGauge()
+                           .Name("lmsgd_rank_busy_ratio")
+                           .Help("A rank's busy time per step (step less exposed communication) over the median rank's")
+                           .Register(*registry_)),
+      stragglers_(prometheus::BuildCounter()
+                      .Name("lmsgd_stragglers_flagged_total")
+                      .Help("Times a rank was flagged a straggler (busy above --straggler_factor x the median for "
+                            "--straggler_heartbeats heartbeats)")
+                      .Register(*registry_)),
       rpcs_(prometheus::BuildCounter()
                 .Name("lmsgd_coordinator_rpcs_total")
                 .Help("RPCs handled, by method and gRPC status code")
@@ -81,6 +94,24 @@ void CoordinatorMetrics::SetJob(const v1::JobStatus& job, int workers_alive) {
 
 void CoordinatorMetrics::AddHeartbeatsMissed(const std::string& job_id, int n) {
   heartbeats_missed_.Add({{"job", job_id}}).Increment(n);
+}
+
+void CoordinatorMetrics::SetRankStep(const std::string& job_id, const std::string& host, int rank,
+                                     const v1::StepTimeSplit& step, double busy_ratio) {
+  const std::string r = std::to_string(rank);
+  const std::pair<const char*, double> phases[] = {{"data_wait", step.data_wait_s()},
+                                                   {"forward", step.forward_s()},
+                                                   {"backward", step.backward_s()},
+                                                   {"exposed_comm", step.exposed_comm_s()},
+                                                   {"optimizer", step.optimizer_s()}};
+  for (const auto& [phase, v] : phases) {
+    rank_step_.Add({{"job", job_id}, {"rank", r}, {"host", host}, {"phase", phase}}).Set(v);
+  }
+  rank_busy_ratio_.Add({{"job", job_id}, {"rank", r}, {"host", host}}).Set(busy_ratio);
+}
+
+void CoordinatorMetrics::AddStraggler(const std::string& job_id, const std::string& host, int rank) {
+  stragglers_.Add({{"job", job_id}, {"rank", std::to_string(rank)}, {"host", host}}).Increment();
 }
 
 void CoordinatorMetrics::ObserveRpc(const std::string& method, int grpc_code, double seconds) {

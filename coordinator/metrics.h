@@ -34,6 +34,11 @@ class CoordinatorMetrics {
   void SetJobsByState(const std::map<v1::JobState, int>& counts);
   void SetJob(const v1::JobStatus& job, int workers_alive);
   void AddHeartbeatsMissed(const std::string& job_id, int n);
+  // A rank's mean step split from its last heartbeat (phase: data_wait, forward, backward,
+  // exposed_comm, optimizer), its busy time over the median rank's, and a straggler flagged.
+  void SetRankStep(const std::string& job_id, const std::string& host, int rank, const v1::StepTimeSplit& step,
+                   double busy_ratio);
+  void AddStraggler(const std::string& job_id, const std::string& host, int rank);
   void ObserveRpc(const std::string& method, int grpc_code, double seconds);
 
   prometheus::Registry& registry() { return *registry_; }
@@ -49,6 +54,9 @@ class CoordinatorMetrics {
   prometheus::Family<prometheus::Gauge>& loss_;
   prometheus::Family<prometheus::Gauge>& images_per_second_;
   prometheus::Family<prometheus::Counter>& heartbeats_missed_;
+  prometheus::Family<prometheus::Gauge>& rank_step_;
+  prometheus::Family<prometheus::Gauge>& rank_busy_ratio_;
+  prometheus::Family<prometheus::Counter>& stragglers_;
   prometheus::Family<prometheus::Counter>& rpcs_;
   prometheus::Family<prometheus::Histogram>& rpc_latency_;
   std::mutex mu_;

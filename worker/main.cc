@@ -28,6 +28,7 @@ ABSL_FLAG(int32_t, threads, 0, "Compute threads (0 = all cores)");
 ABSL_FLAG(int32_t, data_threads, 0, "Decoding threads (0 = dataset.decode_threads, else 2)");
 ABSL_FLAG(std::string, checkpoint_dir, "", "Overrides the job's checkpoint_dir");
 ABSL_FLAG(bool, resume, true, "Resume from the checkpoint dir's latest checkpoint when there is one");
+ABSL_FLAG(int32_t, test_data_delay_ms, 0, "Tests only: sleep this long while waiting for every batch (a slow rank)");
 ABSL_FLAG(int32_t, log_every, 0, "Print progress every N iterations (0 = once per epoch)");
 ABSL_FLAG(uint64_t, epochs, 0, "Overrides the job's epochs (0 = keep)");
 ABSL_FLAG(std::string, job, "", "Job id to join (default: the next job that needs workers)");
@@ -80,6 +81,7 @@ int main(int argc, char** argv) {
     wo.host = absl::GetFlag(FLAGS_host);
     wo.local_device = absl::GetFlag(FLAGS_local_device);
     wo.slot_dir = absl::GetFlag(FLAGS_slot_dir);
+    wo.test_data_delay = absl::Milliseconds(std::max(0, absl::GetFlag(FLAGS_test_data_delay_ms)));
     wo.cuda_device = cuda_device;
     wo.threads = absl::GetFlag(FLAGS_threads);
     if (absl::GetFlag(FLAGS_data_threads) > 0) wo.data_threads = absl::GetFlag(FLAGS_data_threads);

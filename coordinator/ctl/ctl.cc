@@ -381,9 +381,23 @@ std::string FormatStatusTable(const v1::JobStatus& j) {
   row("created", FormatTime(j.create_time_unix_ms()));
   row("updated", FormatTime(j.update_time_unix_ms()));
   for (const auto& w : j.workers()) {
+    std::string step;
+    if (w.has_recent_step()) {
+      const auto& t = w.recent_step();
+      step = absl::StrFormat(
+          "; step ms: data %.1f, fwd %.1f, bwd %.1f, comm %.1f, opt %.1f; busy %.2fx median%s", 1e3 * t.data_wait_s(),
+          1e3 * t.forward_s(), 1e3 * t.backward_s(), 1e3 * t.exposed_comm_s(), 1e3 * t.optimizer_s(), w.busy_ratio(),
+          w.straggler() ? "  STRAGGLER" : "");
+    }
     row(w.rank() >= 0 ? absl::StrCat("  rank ", w.rank()) : "  standby",
         absl::StrCat(w.host(), " device ", w.local_device(), " (local rank ", w.local_rank(), ", ", w.worker_id(),
-                     ")"));
+                     ")", step));
+  }
+  for (const auto& w : j.workers()) {
+    if (w.straggler()) {
+      row("straggler", absl::StrFormat("rank %d on %s: busy %.2fx the median rank's per step", w.rank(), w.host(),
+                                       w.busy_ratio()));
+    }
   }
   return s;
 }

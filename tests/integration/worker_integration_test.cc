@@ -471,6 +471,44 @@ TEST_F(WorkerIntegrationTest, TwoWorkersWithoutLocalDeviceBothTrain) {
   EXPECT_EQ(slots.size(), 2u) << "each worker claimed its own slot";
 }
 
+// Stragglers: of three workers one is slowed (a test-only flag sleeps 150 ms while it waits
+// for each batch). The coordinator names it, with its host, in the status and counts it in a
+// metric; its fast peers, which only wait for it in the allreduce, are not flagged.
+TEST_F(WorkerIntegrationTest, ASlowedWorkerIsNamedAStragglerAndItsPeersAreNot) {
+  v1::JobSpec spec = BarsJob(data_, dir_ + "/ckpt", 768, 3);
+  spec.set_world_size(3);
+  spec.set_reference_batch(24);
+  const std::string job = Ctl(coord_->grpc_address(), {"submit", WriteJob(dir_, spec)});
+  auto w0 = StartWorker(coord_->grpc_address(), job, 0, dir_ + "/w0.log");
+  auto w1 = StartWorker(coord_->grpc_address(), job, 1, dir_ + "/w1.log");
+  auto w2 = StartWorker(coord_->grpc_address(), job, 2, dir_ + "/w2.log", {"--test_data_delay_ms=150"});
+  std::string status;
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
+  while (absl::Now() < deadline) {
+    status = Ctl(coord_->grpc_address(), {"status", job});
+    if (status.find("straggler ") != std::string::npos || status.find("succeeded") != std::string::npos) break;
+    absl::SleepFor(absl::Milliseconds(250));
+  }
+  EXPECT_NE(status.find("straggler        rank 2 on localhost"), std::string::npos) << status;
+  int flagged = 0;
+  for (absl::string_view line : absl::StrSplit(status, '\n')) {
+    if (absl::StrContains(line, "STRAGGLER")) {
+      ++flagged;
+      EXPECT_TRUE(absl::StartsWith(line, "  rank 2")) << line;
+    }
+  }
+  EXPECT_EQ(flagged, 1) << status;
+  EXPECT_NE(status.find("step ms: data"), std::string::npos) << status;
+  auto metrics = testing::HttpGet(coord_->metrics_address(), "/metrics");
+  ASSERT_TRUE(metrics.ok()) << metrics.status();
+  EXPECT_GE(Metric(*metrics, "lmsgd_stragglers_flagged_total", {"rank=\"2\"", "host=\"localhost\""}), 1.0);
+  EXPECT_TRUE(std::isnan(Metric(*metrics, "lmsgd_stragglers_flagged_total", {"rank=\"0\""})));
+  EXPECT_GT(Metric(*metrics, "lmsgd_rank_busy_ratio", {"rank=\"2\""}), 1.5);
+  EXPECT_LT(Metric(*metrics, "lmsgd_rank_busy_ratio", {"rank=\"0\""}), 1.5);
+  EXPECT_EQ(WaitForEnd(job, absl::Seconds(120)), "JOB_STATE_SUCCEEDED");
+  for (auto* w : {w0.get(), w1.get(), w2.get()}) EXPECT_EQ(*w->Wait(absl::Seconds(30)), 0);
+}
+
 // A coordinator restart costs no work: with a 3 s heartbeat timeout, the coordinator is killed
 // with kill -9 and restarted on its address three times during training (1.5 s outages). The
 // workers' reconnect backoff is bounded below the heartbeat interval's order and the restart

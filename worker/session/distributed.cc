@@ -197,6 +197,7 @@ absl::StatusOr<End> Generation::Train(std::string* why) {
   lo.world_size = static_cast<uint32_t>(k);
   lo.data_threads = train::DataThreads(spec, options_.data_threads);
   lo.write_checkpoints = rank == 0;
+  lo.test_data_delay = options_.test_data_delay;
   lo.log = [this](const std::string& line) { Log(line); };
   train::LoopHooks hooks;
   hooks.stop_requested = [&] { return heartbeater.abort() || heartbeater.stop(); };
@@ -208,6 +209,13 @@ absl::StatusOr<End> Generation::Train(std::string* why) {
     p.set_loss(r.stats.loss * k);  // this rank's share x k: the global loss estimated from one shard
     p.set_images_per_second(r.worker_images_per_second * k);
     heartbeater.Update(p);
+    v1::StepTimeSplit t;
+    t.set_data_wait_s(r.data_wait_s);
+    t.set_forward_s(r.stats.forward_s);
+    t.set_backward_s(r.stats.backward_s);
+    t.set_exposed_comm_s(r.stats.reduce_wait_s);
+    t.set_optimizer_s(r.stats.optimizer_s);
+    heartbeater.AddStep(t);
     if (metrics) {
       metrics->ObserveStep(r.data_wait_s, r.stats.forward_s, r.stats.backward_s, r.stats.reduce_wait_s,
                            r.stats.optimizer_s, r.stats.loss * k, r.stats.lr, r.iteration,

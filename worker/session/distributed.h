@@ -41,6 +41,7 @@ struct WorkerOptions {
   int threads = 0;             // compute threads (0 = cores)
   int data_threads = 0;        // 0: the job's dataset.decode_threads, else 2 (train::DataThreads)
   absl::Duration join_timeout = absl::Hours(24);
+  absl::Duration test_data_delay = absl::ZeroDuration();  // tests only (train::LoopOptions)
   int max_generations = 100;   // re-joins before giving up
   std::ostream* log = nullptr;
   WorkerMetrics* metrics = nullptr;  // optional (served by main on --metrics_listen)

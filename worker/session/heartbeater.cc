@@ -24,6 +24,16 @@ void Heartbeater::Update(const v1::Progress& p) {
   progress_ = p;
 }
 
+void Heartbeater::AddStep(const v1::StepTimeSplit& t) {
+  std::lock_guard<std::mutex> lock(mu_);
+  step_sum_.set_data_wait_s(step_sum_.data_wait_s() + t.data_wait_s());
+  step_sum_.set_forward_s(step_sum_.forward_s() + t.forward_s());
+  step_sum_.set_backward_s(step_sum_.backward_s() + t.backward_s());
+  step_sum_.set_exposed_comm_s(step_sum_.exposed_comm_s() + t.exposed_comm_s());
+  step_sum_.set_optimizer_s(step_sum_.optimizer_s() + t.optimizer_s());
+  ++steps_;
+}
+
 void Heartbeater::Post(std::function<void()> report) {
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -51,6 +61,18 @@ absl::StatusOr<v1::HeartbeatResponse> Heartbeater::Beat(bool completed) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     *r.mutable_progress() = progress_;
+    if (steps_ > 0) {
+      const double n = steps_;
+      v1::StepTimeSplit* m = r.mutable_recent_step();
+      m->set_data_wait_s(step_sum_.data_wait_s() / n);
+      m->set_forward_s(step_sum_.forward_s() / n);
+      m->set_backward_s(step_sum_.backward_s() / n);
+      m->set_exposed_comm_s(step_sum_.exposed_comm_s() / n);
+      m->set_optimizer_s(step_sum_.optimizer_s() / n);
+      r.set_recent_steps(steps_);
+      step_sum_.Clear();
+      steps_ = 0;
+    }
   }
   r.set_completed(completed);
   auto resp = client_->Heartbeat(r);

@@ -29,6 +29,8 @@ class Heartbeater {
   Heartbeater(CoordinatorClient* client, const v1::JoinJobResponse& join, comm::Communicator* comm);
   ~Heartbeater();
   void Update(const v1::Progress& p);
+  // Adds one step's time split; each heartbeat sends the mean over the steps since the last.
+  void AddStep(const v1::StepTimeSplit& step);
   // Runs `report` on the background thread, in order.
   void Post(std::function<void()> report);
   // Waits (bounded) until every posted report has been sent.
@@ -52,6 +54,8 @@ class Heartbeater {
   bool done_ = false, sending_ = false;
   std::deque<std::function<void()>> reports_;
   v1::Progress progress_;
+  v1::StepTimeSplit step_sum_;
+  uint32_t steps_ = 0;
   std::string message_;
   std::atomic<bool> abort_{false}, stop_{false};
   std::thread thread_, reporter_;

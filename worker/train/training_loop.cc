@@ -1,5 +1,7 @@
 #include "worker/train/training_loop.h"
 
+#include "absl/time/clock.h"
+
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
@@ -95,6 +97,7 @@ LoopResult Loop::Run(uint64_t start_iteration) {
         return Fail(LoopPhase::kStopRequested, absl::AbortedError("stop requested"));
       }
       const auto wait_start = SteadyClock::now();
+      if (options_.test_data_delay > absl::ZeroDuration()) absl::SleepFor(options_.test_data_delay);
       auto batch = loader->Next(absl::Minutes(10));
       if (!batch.ok()) return Fail(LoopPhase::kData, batch.status());
       const double data_wait = SecondsSince(wait_start);

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/time/time.h"
 #include "lmsgd/v1/job.pb.h"
 #include "worker/train/job_setup.h"
 #include "worker/train/trainer.h"
@@ -76,6 +77,8 @@ struct LoopOptions {
   bool write_checkpoints = true;       // this rank writes them (rank 0); needs spec.checkpoint_dir
   uint64_t stop_after_iterations = 0;  // stop, with a checkpoint, after this many; 0 = the end
   int log_every = 0;                   // iterations between progress lines (0: per epoch only)
+  // Tests only: sleep this long while waiting for each batch, as a slow input pipeline would.
+  absl::Duration test_data_delay = absl::ZeroDuration();
   std::function<void(const std::string&)> log;
 };
 

@@ -309,6 +309,48 @@ TEST_F(JobManagerTest, ALiveWorkersSlotIsNotTakenByAnother) {
   EXPECT_TRUE(later.ok()) << later.status();
 }
 
+// Stragglers: busy time (the step less exposed communication) against the median rank's, for
+// straggler_heartbeats (5) heartbeats in a row above straggler_factor (1.5).
+TEST_F(JobManagerTest, ARankSlowForFiveHeartbeatsIsAStraggler) {
+  auto job = SubmitJob(3);
+  auto r = JoinAll(job.job_id(), {{"h", 0}, {"h", 1}, {"h", 2}});
+  auto beat = [&](const v1::JoinJobResponse& j, double busy, double comm) {
+    v1::HeartbeatRequest req;
+    req.set_job_id(j.job_id());
+    req.set_worker_id(j.worker_id());
+    req.set_generation(j.generation());
+    req.set_rank(j.rank());
+    req.mutable_recent_step()->set_forward_s(busy / 2);
+    req.mutable_recent_step()->set_backward_s(busy / 2);
+    req.mutable_recent_step()->set_exposed_comm_s(comm);
+    req.set_recent_steps(4);
+    ASSERT_TRUE(manager_->Heartbeat(req).ok());
+  };
+  auto flagged = [&] {
+    std::vector<int> ranks;
+    const v1::JobStatus st = *manager_->Get(job.job_id());
+    for (const auto& w : st.workers()) {
+      if (w.straggler()) ranks.push_back(w.rank());
+    }
+    return ranks;
+  };
+  const int slow = r[2].rank();
+  for (int i = 0; i < 4; ++i) {
+    for (const auto& j : r) beat(j, j.rank() == slow ? 0.30 : 0.10, j.rank() == slow ? 0.0 : 0.20);
+  }
+  EXPECT_TRUE(flagged().empty()) << "4 heartbeats are not yet 5";
+  for (const auto& j : r) beat(j, j.rank() == slow ? 0.30 : 0.10, j.rank() == slow ? 0.0 : 0.20);
+  EXPECT_EQ(flagged(), std::vector<int>{slow});
+  const v1::JobStatus st = *manager_->Get(job.job_id());
+  for (const auto& w : st.workers()) {
+    EXPECT_NEAR(w.busy_ratio(), w.rank() == slow ? 3.0 : 1.0, 1e-9) << w.rank();
+    EXPECT_NEAR(w.recent_step().exposed_comm_s(), w.rank() == slow ? 0.0 : 0.2, 1e-12);
+  }
+  // Back to speed: the flag clears with its next heartbeat.
+  for (const auto& j : r) beat(j, 0.10, 0.0);
+  EXPECT_TRUE(flagged().empty());
+}
+
 TEST_F(JobManagerTest, TooManyRecoveriesFailsTheJob) {
   auto job = SubmitJob(1, /*max_recoveries=*/1);
   JoinAll(job.job_id(), {{"h", 0}});
