@@ -124,7 +124,10 @@ absl::StatusOr<v1::HeartbeatResponse> JobManager::Heartbeat(const v1::HeartbeatR
   }
   resp.set_directive(v1::DIRECTIVE_CONTINUE);
   if (req.recent_steps() > 0) {
-    if (m.step_generation != job->status.generation()) m.slow_beats = 0, m.straggler = false;
+    if (m.step_generation != job->status.generation()) {  // a new generation starts its count afresh
+      m.slow_beats = 0;
+      m.straggler = false;
+    }
     m.recent_step = req.recent_step();
     m.has_step = true;
     m.step_generation = job->status.generation();

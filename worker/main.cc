@@ -79,9 +79,18 @@ int main(int argc, char** argv) {
     wo.client.tls.key = absl::GetFlag(FLAGS_tls_key);
     wo.job_id = absl::GetFlag(FLAGS_job);
     wo.host = absl::GetFlag(FLAGS_host);
+    if (absl::GetFlag(FLAGS_local_device) < -1) {
+      std::cerr << "lmsgd-worker: --local_device " << absl::GetFlag(FLAGS_local_device)
+                << " is not a slot index (0, 1, ...; -1 or unset: the launcher's, else a free one)\n";
+      return 2;
+    }
+    if (absl::GetFlag(FLAGS_test_data_delay_ms) < 0) {
+      std::cerr << "lmsgd-worker: --test_data_delay_ms must not be negative\n";
+      return 2;
+    }
     wo.local_device = absl::GetFlag(FLAGS_local_device);
     wo.slot_dir = absl::GetFlag(FLAGS_slot_dir);
-    wo.test_data_delay = absl::Milliseconds(std::max(0, absl::GetFlag(FLAGS_test_data_delay_ms)));
+    wo.test_data_delay = absl::Milliseconds(absl::GetFlag(FLAGS_test_data_delay_ms));
     wo.cuda_device = cuda_device;
     wo.threads = absl::GetFlag(FLAGS_threads);
     if (absl::GetFlag(FLAGS_data_threads) > 0) wo.data_threads = absl::GetFlag(FLAGS_data_threads);

@@ -124,6 +124,19 @@ double MaxRelDiff(const std::vector<float>& a, const std::vector<float>& b) {
   return d / m;
 }
 
+// A free loopback port (bound, read, released).
+int FreePort() {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  socklen_t len = sizeof(a);
+  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+  close(fd);
+  return ntohs(a.sin_port);
+}
+
 class WorkerIntegrationTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -146,6 +159,31 @@ class WorkerIntegrationTest : public ::testing::Test {
       absl::SleepFor(absl::Milliseconds(200));
     }
     return state;
+  }
+  // A coordinator of its own on a fixed port (restarts keep the address), a 12-epoch job of two
+  // workers, returned once its epoch-4 checkpoint exists (training is under way).
+  struct RestartableJob {
+    std::unique_ptr<testing::CoordinatorProcess> coord;
+    std::string addr, job;
+    std::unique_ptr<testing::Subprocess> w0, w1;
+  };
+  RestartableJob StartRestartableJob(const std::string& name, const std::string& heartbeat_timeout) {
+    RestartableJob r;
+    r.coord = std::make_unique<testing::CoordinatorProcess>(
+        dir_ + "/" + name, std::vector<std::string>{absl::StrCat("--listen=127.0.0.1:", FreePort()),
+                                                    "--heartbeat_interval=0.5s",
+                                                    "--heartbeat_timeout=" + heartbeat_timeout});
+    std::filesystem::create_directories(dir_ + "/" + name);
+    EXPECT_TRUE(r.coord->Start().ok());
+    r.addr = r.coord->grpc_address();
+    r.job = Ctl(r.addr, {"submit", WriteJob(dir_, BarsJob(data_, dir_ + "/ckpt", 768, 12))});
+    r.w0 = StartWorker(r.addr, r.job, 0, dir_ + "/w0.log");
+    r.w1 = StartWorker(r.addr, r.job, 1, dir_ + "/w1.log");
+    const absl::Time deadline = absl::Now() + absl::Seconds(60);
+    while (!std::filesystem::exists(dir_ + "/ckpt/ckpt-0000000048.safetensors") && absl::Now() < deadline) {
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    return r;
   }
   std::string dir_, data_;
   std::unique_ptr<testing::CoordinatorProcess> coord_;
@@ -389,38 +427,15 @@ TEST_F(WorkerIntegrationTest, IncompatibleWorkersAreRefusedClearly) {
   EXPECT_NE(gpu.err.find("--device cuda:0"), std::string::npos) << gpu.err;
 }
 
-// A free loopback port (bound, read, released).
-int FreePort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a));
-  socklen_t len = sizeof(a);
-  getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
-  close(fd);
-  return ntohs(a.sin_port);
-}
-
 // kill -9 of the coordinator while workers train: they keep training (collectives are peer to
 // peer) and keep retrying their RPCs; the coordinator restarted on the same address and state
 // dir picks the job up and the job succeeds.
 TEST_F(WorkerIntegrationTest, CoordinatorKilledAndRestartedWhileWorkersTrain) {
-  const int port = FreePort();
-  testing::CoordinatorProcess coord(dir_ + "/coord2",
-                                    {absl::StrCat("--listen=127.0.0.1:", port), "--heartbeat_interval=0.5s",
-                                     "--heartbeat_timeout=10s"});
-  std::filesystem::create_directories(dir_ + "/coord2");
-  ASSERT_TRUE(coord.Start().ok());
-  const std::string addr = coord.grpc_address();
-  const v1::JobSpec spec = BarsJob(data_, dir_ + "/ckpt", 768, 12);
-  const std::string job = Ctl(addr, {"submit", WriteJob(dir_, spec)});
-  auto w0 = StartWorker(addr, job, 0, dir_ + "/w0.log");
-  auto w1 = StartWorker(addr, job, 1, dir_ + "/w1.log");
-  const absl::Time deadline = absl::Now() + absl::Seconds(60);
-  while (!std::filesystem::exists(dir_ + "/ckpt/ckpt-0000000048.safetensors") && absl::Now() < deadline) {
-    absl::SleepFor(absl::Milliseconds(20));
-  }
+  RestartableJob r = StartRestartableJob("coord2", "10s");
+  testing::CoordinatorProcess& coord = *r.coord;
+  const std::string addr = r.addr, job = r.job;
+  auto& w0 = r.w0;
+  auto& w1 = r.w1;
   coord.Kill9();
   absl::SleepFor(absl::Seconds(1));
   ASSERT_TRUE(coord.Start().ok()) << coord.Log();
@@ -515,21 +530,11 @@ TEST_F(WorkerIntegrationTest, ASlowedWorkerIsNamedAStragglerAndItsPeersAreNot) {
 // gives every member the timeout plus that backoff, so no live worker is declared dead: the
 // generation never changes and every epoch is trained once.
 TEST_F(WorkerIntegrationTest, CoordinatorRestartsCostNoWork) {
-  const int port = FreePort();
-  testing::CoordinatorProcess coord(dir_ + "/coord3",
-                                    {absl::StrCat("--listen=127.0.0.1:", port), "--heartbeat_interval=0.5s",
-                                     "--heartbeat_timeout=3s"});
-  std::filesystem::create_directories(dir_ + "/coord3");
-  ASSERT_TRUE(coord.Start().ok());
-  const std::string addr = coord.grpc_address();
-  const v1::JobSpec spec = BarsJob(data_, dir_ + "/ckpt", 768, 12);
-  const std::string job = Ctl(addr, {"submit", WriteJob(dir_, spec)});
-  auto w0 = StartWorker(addr, job, 0, dir_ + "/w0.log");
-  auto w1 = StartWorker(addr, job, 1, dir_ + "/w1.log");
-  const absl::Time deadline = absl::Now() + absl::Seconds(60);
-  while (!std::filesystem::exists(dir_ + "/ckpt/ckpt-0000000048.safetensors") && absl::Now() < deadline) {
-    absl::SleepFor(absl::Milliseconds(20));
-  }
+  RestartableJob r = StartRestartableJob("coord3", "3s");
+  testing::CoordinatorProcess& coord = *r.coord;
+  const std::string addr = r.addr, job = r.job;
+  auto& w0 = r.w0;
+  auto& w1 = r.w1;
   std::string logs;
   for (int restart = 0; restart < 3; ++restart) {
     coord.Kill9();

@@ -54,6 +54,11 @@ absl::Status TransformJpeg(std::string_view bytes, const std::string& name, bool
   RegionRequest req;
   req.min_width = req.min_height = size;
   bool flip = false;
+  // Evaluation: full-resolution pixels per resized pixel, and the central square that the
+  // resize maps to size x size.
+  const double scale = std::min(header.width, header.height) / (size * 256.0 / 224.0);
+  const double crop = size * scale;
+  const double x0 = (header.width - crop) / 2, y0 = (header.height - crop) / 2;
   if (train) {
     const CropChoice c = ChooseTrainCrop(header.width, header.height, aug_seed);
     req.x = c.x;
@@ -62,10 +67,6 @@ absl::Status TransformJpeg(std::string_view bytes, const std::string& name, bool
     req.h = c.h;
     flip = c.flip;
   } else {
-    // Full-resolution pixels per resized pixel, and the central square mapped to size x size.
-    const double scale = std::min(header.width, header.height) / (size * 256.0 / 224.0);
-    const double crop = size * scale;
-    const double x0 = (header.width - crop) / 2, y0 = (header.height - crop) / 2;
     req.x = static_cast<int>(std::floor(x0));
     req.y = static_cast<int>(std::floor(y0));
     req.w = static_cast<int>(std::ceil(x0 + crop)) - req.x;
@@ -77,10 +78,9 @@ absl::Status TransformJpeg(std::string_view bytes, const std::string& name, bool
   CropBox box{region.box_x, region.box_y, region.box_w, region.box_h, train};
   if (!train) {
     // The exact (fractional) square, not the whole-pixel region that was decoded.
-    const double scale = std::min(header.width, header.height) / (size * 256.0 / 224.0);
-    const double crop = size * scale, k = region.scale_num / 8.0;
-    box.x += ((header.width - crop) / 2 - req.x) * k;
-    box.y += ((header.height - crop) / 2 - req.y) * k;
+    const double k = region.scale_num / 8.0;
+    box.x += (x0 - req.x) * k;
+    box.y += (y0 - req.y) * k;
     box.w = box.h = crop * k;
   }
   ResizeCrop(region.rgb.data(), region.height, region.width, region.width * 3, box, size, size, flip, format, out);

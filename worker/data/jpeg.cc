@@ -109,8 +109,7 @@ absl::Status Decode(std::string_view bytes, const std::string& name, const Regio
     rw = std::clamp(request->w, 1, W - rx);
     rh = std::clamp(request->h, 1, H - ry);
     margin = std::max(request->margin, 0);
-    const int num_min = (8 + std::clamp(request->max_reduction, 1, 8) - 1) / std::clamp(request->max_reduction, 1, 8);
-    for (num = num_min; num < 8; ++num) {
+    for (num = 1; num < 8; ++num) {
       if (num & (num - 1)) continue;  // 1/8, 1/4, 1/2: the scales with SIMD IDCTs
       if (static_cast<int64_t>(rw) * num >= int64_t{8} * request->min_width &&
           static_cast<int64_t>(rh) * num >= int64_t{8} * request->min_height) {

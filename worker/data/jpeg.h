@@ -52,8 +52,6 @@ struct RegionRequest {
   int min_width = 1, min_height = 1;
   // Extra full-resolution pixels decoded around the region (a resize filter's support).
   int margin = 0;
-  // Largest DCT reduction allowed (8 = up to 1/8).
-  int max_reduction = 8;
   // libjpeg's fast integer IDCT (JDCT_IFAST) instead of the accurate one (JDCT_ISLOW).
   bool fast_idct = false;
 };

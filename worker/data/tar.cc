@@ -132,6 +132,20 @@ absl::StatusOr<std::vector<TarMember>> IndexTar(const ReadAtFn& read_at, uint64_
   return members;  // no end-of-archive blocks: accepted, as GNU tar does with a warning
 }
 
+absl::Status PreadExactly(int fd, uint64_t offset, size_t n, char* out, const std::string& what) {
+  size_t done = 0;
+  while (done < n) {
+    const ssize_t r = ::pread(fd, out + done, n - done, static_cast<off_t>(offset + done));
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) {
+      return absl::DataLossError(
+          absl::StrCat("reading ", what, ": ", r == 0 ? "unexpected end of file" : std::strerror(errno)));
+    }
+    done += static_cast<size_t>(r);
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::vector<TarMember>> IndexTarFile(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return absl::NotFoundError(absl::StrCat("opening tar archive '", path, "': ", std::strerror(errno)));
@@ -140,16 +154,7 @@ absl::StatusOr<std::vector<TarMember>> IndexTarFile(const std::string& path) {
     ::close(fd);
     return absl::InternalError(absl::StrCat("stat '", path, "': ", std::strerror(errno)));
   }
-  auto read_at = [fd](uint64_t off, size_t n, char* out) -> absl::Status {
-    size_t done = 0;
-    while (done < n) {
-      const ssize_t r = ::pread(fd, out + done, n - done, static_cast<off_t>(off + done));
-      if (r < 0 && errno == EINTR) continue;
-      if (r <= 0) return absl::DataLossError(r == 0 ? "unexpected end of file" : std::strerror(errno));
-      done += static_cast<size_t>(r);
-    }
-    return absl::OkStatus();
-  };
+  auto read_at = [&](uint64_t off, size_t n, char* out) { return PreadExactly(fd, off, n, out, path); };
   auto members = IndexTar(read_at, static_cast<uint64_t>(st.st_size), path);
   ::close(fd);
   return members;

@@ -34,6 +34,9 @@ struct TarMember {
 // Reads n bytes at offset into out (pread semantics; short reads are errors).
 using ReadAtFn = std::function<absl::Status(uint64_t offset, size_t n, char* out)>;
 
+// pread of exactly n bytes (EINTR retried; a short file is DATA_LOSS). `what` names it in errors.
+absl::Status PreadExactly(int fd, uint64_t offset, size_t n, char* out, const std::string& what);
+
 // The regular members of an archive of `size` bytes. `name` is used in errors.
 absl::StatusOr<std::vector<TarMember>> IndexTar(const ReadAtFn& read_at, uint64_t size, const std::string& name);
 absl::StatusOr<std::vector<TarMember>> IndexTarFile(const std::string& path);

@@ -61,20 +61,6 @@ absl::StatusOr<std::vector<std::string>> ShardList(const std::string& path) {
   return shards;
 }
 
-absl::Status PreadAll(int fd, uint64_t offset, size_t n, char* out, const std::string& what) {
-  size_t done = 0;
-  while (done < n) {
-    const ssize_t r = ::pread(fd, out + done, n - done, static_cast<off_t>(offset + done));
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) {
-      return absl::DataLossError(
-          absl::StrCat("reading ", what, ": ", r == 0 ? "unexpected end of file" : std::strerror(errno)));
-    }
-    done += static_cast<size_t>(r);
-  }
-  return absl::OkStatus();
-}
-
 }  // namespace
 
 TarShardDataset::~TarShardDataset() {
@@ -132,7 +118,7 @@ absl::StatusOr<std::unique_ptr<TarShardDataset>> TarShardDataset::Open(const std
                                                 " bytes, not a class index"));
       }
       std::string text(p.cls->size, '\0');
-      RETURN_IF_ERROR(PreadAll(fd, p.cls->offset, text.size(), text.data(), absl::StrCat(shard, ":", p.key, ".cls")));
+      RETURN_IF_ERROR(PreadExactly(fd, p.cls->offset, text.size(), text.data(), absl::StrCat(shard, ":", p.key, ".cls")));
       int32_t label = -1;
       if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(text), &label) || label < 0 ||
           (named && label >= static_cast<int32_t>(classes.size()))) {
@@ -158,7 +144,7 @@ absl::Status TarShardDataset::ReadExample(uint64_t index, std::string* bytes, st
   }
   const Example& e = examples_[index];
   bytes->resize(e.bytes);
-  RETURN_IF_ERROR(PreadAll(fds_[e.shard], e.offset, e.bytes, bytes->data(), Describe(index)));
+  RETURN_IF_ERROR(PreadExactly(fds_[e.shard], e.offset, e.bytes, bytes->data(), Describe(index)));
   if (key != nullptr) *key = e.key;
   if (label != nullptr) *label = e.label;
   return absl::OkStatus();
