@@ -50,31 +50,35 @@ CropChoice ChooseTrainCrop(int width, int height, uint64_t aug_seed) {
 
 absl::Status TransformJpeg(std::string_view bytes, const std::string& name, bool train, uint64_t aug_seed, int size,
                            PixelFormat format, void* out) {
-  ASSIGN_OR_RETURN(const JpegHeader header, ReadJpegHeader(bytes, name));
-  RegionRequest req;
-  req.min_width = req.min_height = size;
   bool flip = false;
-  // Evaluation: full-resolution pixels per resized pixel, and the central square that the
-  // resize maps to size x size.
-  const double scale = std::min(header.width, header.height) / (size * 256.0 / 224.0);
-  const double crop = size * scale;
-  const double x0 = (header.width - crop) / 2, y0 = (header.height - crop) / 2;
-  if (train) {
-    const CropChoice c = ChooseTrainCrop(header.width, header.height, aug_seed);
-    req.x = c.x;
-    req.y = c.y;
-    req.w = c.w;
-    req.h = c.h;
-    flip = c.flip;
-  } else {
-    req.x = static_cast<int>(std::floor(x0));
-    req.y = static_cast<int>(std::floor(y0));
-    req.w = static_cast<int>(std::ceil(x0 + crop)) - req.x;
-    req.h = static_cast<int>(std::ceil(y0 + crop)) - req.y;
-    req.margin = static_cast<int>(std::ceil(2 * std::max(scale, 1.0))) + 8;
-  }
+  double x0 = 0, y0 = 0, crop = 0;  // evaluation: the central square, full-resolution pixels
+  RegionRequest req;
+  auto choose = [&](const JpegHeader& header) {
+    req = RegionRequest();
+    req.min_width = req.min_height = size;
+    if (train) {
+      const CropChoice c = ChooseTrainCrop(header.width, header.height, aug_seed);
+      req.x = c.x;
+      req.y = c.y;
+      req.w = c.w;
+      req.h = c.h;
+      flip = c.flip;
+    } else {
+      // Full-resolution pixels per resized pixel, and the square the resize maps to size x size.
+      const double scale = std::min(header.width, header.height) / (size * 256.0 / 224.0);
+      crop = size * scale;
+      x0 = (header.width - crop) / 2;
+      y0 = (header.height - crop) / 2;
+      req.x = static_cast<int>(std::floor(x0));
+      req.y = static_cast<int>(std::floor(y0));
+      req.w = static_cast<int>(std::ceil(x0 + crop)) - req.x;
+      req.h = static_cast<int>(std::ceil(y0 + crop)) - req.y;
+      req.margin = static_cast<int>(std::ceil(2 * std::max(scale, 1.0))) + 8;
+    }
+    return req;
+  };
   thread_local DecodedRegion region;
-  RETURN_IF_ERROR(DecodeJpegRegion(bytes, name, req, &region));
+  RETURN_IF_ERROR(DecodeJpegRegion(bytes, name, RegionChooser(choose), &region));
   CropBox box{region.box_x, region.box_y, region.box_w, region.box_h, train};
   if (!train) {
     // The exact (fractional) square, not the whole-pixel region that was decoded.

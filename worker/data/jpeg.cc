@@ -69,7 +69,7 @@ int CeilScaled(int v, int num) { return static_cast<int>((static_cast<int64_t>(v
 
 // The decoder proper. Objects with destructors live in the caller (`out`) or are made only
 // after the longjmp target returns, so the jump skips no destructor.
-absl::Status Decode(std::string_view bytes, const std::string& name, const RegionRequest* request,
+absl::Status Decode(std::string_view bytes, const std::string& name, const RegionChooser* choose,
                     DecodedRegion* out) {
   if (bytes.size() < 4 || static_cast<uint8_t>(bytes[0]) != 0xFF || static_cast<uint8_t>(bytes[1]) != 0xD8) {
     return absl::DataLossError(absl::StrCat("corrupt JPEG '", name, "': no SOI marker (not a JPEG file)"));
@@ -100,6 +100,14 @@ absl::Status Decode(std::string_view bytes, const std::string& name, const Regio
   }
   const bool cmyk = cinfo.jpeg_color_space == JCS_CMYK || cinfo.jpeg_color_space == JCS_YCCK;
   cinfo.out_color_space = cmyk ? JCS_CMYK : JCS_RGB;
+  // The chooser runs no libjpeg call, so no longjmp can cross it; its result is trivially
+  // destructible.
+  RegionRequest chosen;
+  const RegionRequest* request = nullptr;
+  if (choose != nullptr) {
+    chosen = (*choose)(JpegHeader{W, H, cinfo.num_components});
+    request = &chosen;
+  }
   cinfo.dct_method = request != nullptr && request->fast_idct ? JDCT_IFAST : JDCT_ISLOW;
   // The region (clipped), and the scale that keeps it at least min_width x min_height.
   int rx = 0, ry = 0, rw = W, rh = H, margin = 0, num = 8;
@@ -162,24 +170,15 @@ absl::Status Decode(std::string_view bytes, const std::string& name, const Regio
 
 }  // namespace
 
-absl::StatusOr<JpegHeader> ReadJpegHeader(std::string_view bytes, const std::string& name) {
-  tjhandle tj = tjInitDecompress();
-  if (tj == nullptr) return absl::InternalError("tjInitDecompress failed");
-  int w = 0, h = 0, subsamp = 0, colorspace = 0;
-  const int rc = tjDecompressHeader3(tj, reinterpret_cast<const unsigned char*>(bytes.data()),
-                                     static_cast<unsigned long>(bytes.size()), &w, &h, &subsamp, &colorspace);
-  const std::string msg = rc != 0 ? tjGetErrorStr2(tj) : "";
-  tjDestroy(tj);
-  if (rc != 0) return absl::DataLossError(absl::StrCat("corrupt JPEG '", name, "': ", msg));
-  if (w <= 0 || h <= 0 || static_cast<int64_t>(w) * h > kMaxPixels) {
-    return absl::DataLossError(absl::StrCat("JPEG '", name, "' has unusable size ", w, "x", h));
-  }
-  return JpegHeader{w, h, colorspace == TJCS_GRAY ? 1 : (colorspace == TJCS_CMYK || colorspace == TJCS_YCCK ? 4 : 3)};
-}
-
 absl::Status DecodeJpegRegion(std::string_view bytes, const std::string& name, const RegionRequest& request,
                               DecodedRegion* out) {
-  return Decode(bytes, name, &request, out);
+  const RegionChooser fixed = [&](const JpegHeader&) { return request; };
+  return Decode(bytes, name, &fixed, out);
+}
+
+absl::Status DecodeJpegRegion(std::string_view bytes, const std::string& name, const RegionChooser& choose,
+                              DecodedRegion* out) {
+  return Decode(bytes, name, &choose, out);
 }
 
 absl::Status DecodeJpegFull(std::string_view bytes, const std::string& name, DecodedRegion* out) {

@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -34,8 +35,6 @@ struct JpegHeader {
   int components = 0;
 };
 
-// Reads the header only. `name` is used in errors.
-absl::StatusOr<JpegHeader> ReadJpegHeader(std::string_view bytes, const std::string& name);
 
 struct DecodedRegion {
   std::vector<uint8_t> rgb;  // interleaved RGB, height rows of width * 3 bytes
@@ -57,6 +56,11 @@ struct RegionRequest {
 };
 
 absl::Status DecodeJpegRegion(std::string_view bytes, const std::string& name, const RegionRequest& request,
+                              DecodedRegion* out);
+// The same with the region chosen from the header the decoder has just read (one parse per
+// image): `choose` gets the full-resolution size.
+using RegionChooser = std::function<RegionRequest(const JpegHeader& header)>;
+absl::Status DecodeJpegRegion(std::string_view bytes, const std::string& name, const RegionChooser& choose,
                               DecodedRegion* out);
 
 // Full decode at scale 1, accurate IDCT (a reference for tests and tools).
