@@ -96,7 +96,37 @@ std::vector<std::string> JobSpecErrors(const v1::JobSpec& s) {
     bad("model", absl::StrCat("unknown model ", s.model()));
   }
   const auto& d = s.dataset();
-  switch (d.kind()) {
+  const bool evaluate = s.mode() == v1::JOB_MODE_EVALUATE;
+  if (!v1::JobMode_IsValid(s.mode())) bad("mode", "unknown job mode");
+  if (!v1::InitMode_IsValid(s.init_mode())) bad("init_mode", "unknown init mode");
+  if (s.init_checkpoint().size() > 4096) bad("init_checkpoint", "longer than 4096 characters");
+  if (s.init_mode() != v1::INIT_WEIGHTS && s.init_checkpoint().empty()) {
+    bad("init_mode", absl::StrCat(v1::InitMode_Name(s.init_mode()), " needs init_checkpoint"));
+  }
+  if (evaluate) {
+    if (s.init_checkpoint().empty()) bad("init_checkpoint", "required for JOB_MODE_EVALUATE (the weights to evaluate)");
+    if (s.init_mode() != v1::INIT_WEIGHTS) bad("init_mode", "JOB_MODE_EVALUATE reads the weights only (INIT_WEIGHTS)");
+    switch (d.kind()) {
+      case v1::DATASET_IMAGE_FOLDER:
+      case v1::DATASET_TAR_SHARDS:
+        if (d.val_path().empty()) bad("dataset.val_path", "required for JOB_MODE_EVALUATE (the set to evaluate)");
+        break;
+      case v1::DATASET_IDX:
+        if (d.val_path().empty() && d.train_path().empty()) {
+          bad("dataset.val_path", "required for JOB_MODE_EVALUATE (the directory of the t10k IDX files)");
+        }
+        break;
+      case v1::DATASET_SYNTHETIC:
+        if (d.val_examples() == 0) bad("dataset.val_examples", "must be > 0 for JOB_MODE_EVALUATE");
+        break;
+      default:
+        bad("dataset.kind", "must be DATASET_IMAGE_FOLDER, DATASET_TAR_SHARDS, DATASET_IDX or DATASET_SYNTHETIC");
+    }
+  }
+  switch (evaluate ? v1::DATASET_UNSPECIFIED : d.kind()) {
+    case v1::DATASET_UNSPECIFIED:
+      if (!evaluate) bad("dataset.kind", "must be DATASET_IMAGE_FOLDER, DATASET_TAR_SHARDS, DATASET_IDX or DATASET_SYNTHETIC");
+      break;
     case v1::DATASET_IMAGE_FOLDER:
       if (d.train_path().empty()) bad("dataset.train_path", "required for IMAGE_FOLDER");
       if (d.train_examples() == 0) {
@@ -182,7 +212,7 @@ std::vector<std::string> JobSpecErrors(const v1::JobSpec& s) {
     bad("collective_timeout_s", "must be in (0, 86400]");
   }
   if (s.concurrent_allreduces() < 1 || s.concurrent_allreduces() > 8) bad("concurrent_allreduces", "must be in [1, 8]");
-  if (s.world_size() >= 1 && s.per_worker_batch() >= 1 && s.virtual_workers_per_worker() >= 1 &&
+  if (!evaluate && s.world_size() >= 1 && s.per_worker_batch() >= 1 && s.virtual_workers_per_worker() >= 1 &&
       d.train_examples() > 0) {
     uint64_t kn = GlobalBatch(s, std::max(s.world_size(), s.max_workers()));
     if (d.train_examples() < kn) {

@@ -140,7 +140,16 @@ absl::StatusOr<v1::HeartbeatResponse> JobManager::Heartbeat(const v1::HeartbeatR
     if (req.completed()) {
       v1::JobStatus next = Snapshot(*job);
       next.set_state(v1::JOB_STATE_SUCCEEDED);
-      next.set_message(absl::StrCat("finished ", next.spec().epochs(), " epochs"));
+      if (next.spec().mode() == v1::JOB_MODE_EVALUATE) {
+        const auto& e = next.last_evaluation();
+        next.set_message(next.has_last_evaluation()
+                             ? absl::StrFormat("evaluated %s: top-1 error %.2f%%, top-5 error %.2f%% (%d images)",
+                                               next.spec().init_checkpoint(), 100 * e.top1_error(),
+                                               100 * e.top5_error(), e.examples())
+                             : absl::StrCat("evaluated ", next.spec().init_checkpoint()));
+      } else {
+        next.set_message(absl::StrCat("finished ", next.spec().epochs(), " epochs"));
+      }
       RETURN_IF_ERROR(Persist(*job, std::move(next)));
       resp.set_directive(v1::DIRECTIVE_STOP);
       resp.set_message("job succeeded");
@@ -192,7 +201,10 @@ absl::Status JobManager::ReportEpoch(const v1::ReportEpochRequest& req) {
   if (job == nullptr) return absl::NotFoundError(absl::StrCat("no job '", req.job_id(), "'"));
   RETURN_IF_ERROR(CheckGeneration(*job, req.generation()));
   const auto& r = req.record();
-  if (r.epoch() == 0) return absl::InvalidArgumentError("record.epoch: must be >= 1 (epochs are 1-based)");
+  // An evaluation job's record is numbered by its checkpoint's epoch: 0 when the file did not say.
+  if (r.epoch() == 0 && job->status.spec().mode() != v1::JOB_MODE_EVALUATE) {
+    return absl::InvalidArgumentError("record.epoch: must be >= 1 (epochs are 1-based)");
+  }
   if (r.has_evaluation()) {
     const auto& e = r.evaluation();
     if (!(e.top1_error() >= 0 && e.top1_error() <= 1 && e.top5_error() >= 0 && e.top5_error() <= 1)) {

@@ -40,6 +40,12 @@ constexpr char kUsage[] =
     "  watch JOB                 follow a job's progress until it ends\n"
     "  cancel JOB [--reason R]   cancel a job\n"
     "  history JOB               the job's per-epoch history (--output table|json|csv)\n"
+    "  resubmit JOB              a failed or cancelled job again, continuing from its last checkpoint\n"
+    "                            (prints the new job's id)\n"
+    "  evaluate CHECKPOINT [--job JOBFILE] [--dataset KIND:VAL_PATH] [--model M] [--world_size K]\n"
+    "                            evaluate a checkpoint (lmsgd's, or safetensors with torchvision names)\n"
+    "                            on k workers and print top-1 / top-5; the job file gives the model\n"
+    "                            and dataset (KIND: image_folder, tar_shards, idx, synthetic)\n"
     "  experiment run FILE [--out DIR] [--standalone [--threads N]] [--run_timeout SECONDS]\n"
     "                            run every arm x seed (through the coordinator, or in this process),\n"
     "                            resuming a sweep that was interrupted, then write the report to DIR\n"
@@ -66,6 +72,7 @@ struct Options {
   std::string reason;
   std::string out;
   std::string shard_size = "1G";
+  std::string job_file, dataset, model, world_size;  // evaluate
   uint64_t shuffle_seed = 0;
   std::vector<std::string> positional;
 };
@@ -131,7 +138,8 @@ bool ParseArgs(const std::vector<std::string>& args, Options* o, std::string* er
   static const std::map<std::string, std::string Options::*> kStringFlags = {
       {"coordinator", &Options::coordinator}, {"output", &Options::output},
       {"token_file", &Options::token_file}, {"reason", &Options::reason}, {"out", &Options::out},
-      {"shard_size", &Options::shard_size}};
+      {"shard_size", &Options::shard_size}, {"job", &Options::job_file}, {"dataset", &Options::dataset},
+      {"model", &Options::model}, {"world_size", &Options::world_size}};
   for (size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
     if (a.size() < 2 || a[0] != '-' || a[1] != '-') {
@@ -341,6 +349,130 @@ int RunExperimentCommand(const Options& o, std::shared_ptr<grpc::ChannelCredenti
   return 0;
 }
 
+absl::StatusOr<v1::JobStatus> GetJob(Client& c, const std::string& job_id) {
+  v1::GetJobRequest req;
+  req.set_job_id(job_id);
+  v1::JobStatus resp;
+  auto ctx = c.Context();
+  grpc::Status st = c.stub().GetJob(ctx.get(), req, &resp);
+  if (!st.ok()) return absl::Status(static_cast<absl::StatusCode>(st.error_code()), c.Explain(st, "status"));
+  return resp;
+}
+
+absl::StatusOr<std::string> SubmitJob(Client& c, const v1::JobSpec& spec) {
+  v1::JobSpec filled = spec;
+  ApplyDefaults(&filled);
+  RETURN_IF_ERROR(ValidateJobSpec(filled));
+  v1::SubmitJobRequest req;
+  *req.mutable_spec() = spec;
+  v1::SubmitJobResponse resp;
+  auto ctx = c.Context();
+  grpc::Status st = c.stub().SubmitJob(ctx.get(), req, &resp);
+  if (!st.ok()) return absl::Status(static_cast<absl::StatusCode>(st.error_code()), c.Explain(st, "submit"));
+  return resp.job_id();
+}
+
+// The spec of a failed or cancelled job, set to continue its run from its last checkpoint (or
+// to start it again from its own beginning when it has none: `note` says which).
+absl::StatusOr<v1::JobSpec> ResubmitSpec(const v1::JobStatus& old, std::string* note) {
+  const v1::JobState s = old.state();
+  if (s == v1::JOB_STATE_SUCCEEDED) {
+    return absl::FailedPreconditionError(absl::StrCat(old.job_id(), " succeeded: there is nothing to continue"));
+  }
+  if (s != v1::JOB_STATE_FAILED && s != v1::JOB_STATE_CANCELLED) {
+    return absl::FailedPreconditionError(absl::StrCat(old.job_id(), " is ", StateLabel(s),
+                                                      ": only a failed or cancelled job can be resubmitted (cancel it "
+                                                      "first)"));
+  }
+  v1::JobSpec spec = old.spec();
+  const auto& c = old.last_checkpoint();
+  if (c.path().empty() || spec.mode() == v1::JOB_MODE_EVALUATE) {
+    *note = absl::StrCat(old.job_id(), " has no checkpoint: the new job starts it again from the beginning");
+    return spec;
+  }
+  spec.set_init_checkpoint(c.path());
+  spec.set_init_mode(v1::INIT_CONTINUE);
+  *note = absl::StrFormat("continuing %s from %s (epoch %d, iteration %d)", old.job_id(), c.path(), c.epoch(),
+                          c.iteration());
+  return spec;
+}
+
+absl::StatusOr<v1::Model> ParseModel(const std::string& name) {
+  std::string n = absl::AsciiStrToUpper(name);
+  if (!absl::StartsWith(n, "MODEL_")) n = "MODEL_" + n;
+  v1::Model m;
+  if (!v1::Model_Parse(n, &m) || m == v1::MODEL_UNSPECIFIED) {
+    return absl::InvalidArgumentError(absl::StrCat("--model: unknown model '", name,
+                                                   "' (resnet50, resnet34, resnet18, resnet20, resnet8)"));
+  }
+  return m;
+}
+
+// The evaluation job `lmsgdctl evaluate` submits: the job file's model and dataset (or the
+// flags'), mode EVALUATE on `checkpoint`, no checkpoints of its own.
+absl::StatusOr<v1::JobSpec> EvaluateSpec(const Options& o, const std::string& checkpoint) {
+  v1::JobSpec spec;
+  if (!o.job_file.empty()) {
+    ASSIGN_OR_RETURN(spec, ReadJobFile(o.job_file));
+  }
+  if (!o.dataset.empty()) {
+    const auto colon = o.dataset.find(':');
+    if (colon == std::string::npos) {
+      return absl::InvalidArgumentError(absl::StrCat("--dataset: '", o.dataset, "' is not KIND:VAL_PATH"));
+    }
+    std::string kind = absl::AsciiStrToUpper(o.dataset.substr(0, colon));
+    v1::DatasetKind k;
+    if (!v1::DatasetKind_Parse("DATASET_" + kind, &k) || k == v1::DATASET_UNSPECIFIED) {
+      return absl::InvalidArgumentError(absl::StrCat("--dataset: unknown kind '", o.dataset.substr(0, colon),
+                                                     "' (image_folder, tar_shards, idx, synthetic)"));
+    }
+    if (spec.dataset().kind() != k) spec.mutable_dataset()->Clear();
+    spec.mutable_dataset()->set_kind(k);
+    spec.mutable_dataset()->set_val_path(o.dataset.substr(colon + 1));
+  }
+  if (!o.model.empty()) {
+    ASSIGN_OR_RETURN(v1::Model m, ParseModel(o.model));
+    spec.set_model(m);
+  }
+  if (!o.world_size.empty()) {
+    uint32_t k = 0;
+    if (!absl::SimpleAtoi(o.world_size, &k) || k == 0) {
+      return absl::InvalidArgumentError(absl::StrCat("--world_size: '", o.world_size, "' is not a worker count"));
+    }
+    spec.set_world_size(k);
+  }
+  if (spec.dataset().kind() == v1::DATASET_UNSPECIFIED) {
+    return absl::InvalidArgumentError("evaluate: say which validation set, with --job JOBFILE or --dataset KIND:PATH");
+  }
+  if (spec.name().empty()) spec.set_name(absl::StrCat("evaluate ", checkpoint).substr(0, 256));
+  spec.set_mode(v1::JOB_MODE_EVALUATE);
+  spec.set_init_checkpoint(checkpoint);
+  spec.set_init_mode(v1::INIT_WEIGHTS);
+  spec.clear_checkpoint_dir();
+  spec.clear_checkpoint_interval_epochs();
+  spec.clear_min_workers();  // not elastic: exactly world_size workers
+  spec.clear_max_workers();
+  return spec;
+}
+
+// Polls the job until it ends (or `timeout`); its final status.
+absl::StatusOr<v1::JobStatus> WaitForJob(Client& c, const std::string& job_id, absl::Duration timeout) {
+  const absl::Time give_up = absl::Now() + timeout;
+  absl::Status last_error;
+  while (absl::Now() < give_up) {
+    auto j = GetJob(c, job_id);
+    if (j.ok()) {
+      const auto s = j->state();
+      if (s == v1::JOB_STATE_SUCCEEDED || s == v1::JOB_STATE_FAILED || s == v1::JOB_STATE_CANCELLED) return j;
+    } else if (j.status().code() != absl::StatusCode::kUnavailable) {
+      return j.status();
+    }
+    absl::SleepFor(absl::Milliseconds(300));
+  }
+  return absl::DeadlineExceededError(absl::StrCat(job_id, " did not end within ", absl::FormatDuration(timeout),
+                                                  " (--run_timeout)"));
+}
+
 }  // namespace
 
 std::string FormatStatusTable(const v1::JobStatus& j) {
@@ -498,6 +630,56 @@ int RunCtl(const std::vector<std::string>& args, std::ostream& out, std::ostream
     return 0;
   }
   if (cmd == "experiment") return RunExperimentCommand(o, *creds, out, err);
+  if (cmd == "resubmit") {
+    if (!need_args(1, "a job id")) return 2;
+    Client c(o, *creds);
+    auto old = GetJob(c, o.positional[1]);
+    if (!old.ok()) {
+      err << "lmsgdctl: " << old.status().message() << "\n";
+      return 1;
+    }
+    std::string note;
+    auto spec = ResubmitSpec(*old, &note);
+    if (!spec.ok()) {
+      err << "lmsgdctl: resubmit: " << spec.status().message() << "\n";
+      return 1;
+    }
+    auto id = SubmitJob(c, *spec);
+    if (!id.ok()) {
+      err << "lmsgdctl: resubmit " << o.positional[1] << ": " << id.status().message() << "\n";
+      return 1;
+    }
+    out << *id << "\n";
+    err << *id << ": " << note << "\n";
+    return 0;
+  }
+  if (cmd == "evaluate") {
+    if (!need_args(1, "a checkpoint path")) return 2;
+    auto spec = EvaluateSpec(o, o.positional[1]);
+    if (!spec.ok()) {
+      err << "lmsgdctl: evaluate: " << spec.status().message() << "\n";
+      return 1;
+    }
+    Client c(o, *creds);
+    auto id = SubmitJob(c, *spec);
+    if (!id.ok()) {
+      err << "lmsgdctl: evaluate: " << id.status().message() << "\n";
+      return 1;
+    }
+    if (!json) out << *id << ": evaluating " << o.positional[1] << " on " << std::max(1u, spec->world_size())
+                   << " worker(s)" << std::endl;
+    auto end = WaitForJob(c, *id, absl::Seconds(o.run_timeout_s));
+    if (!end.ok()) {
+      err << "lmsgdctl: evaluate: " << end.status().message() << "\n";
+      return 1;
+    }
+    if (json) {
+      out << ToJson(*end, false) << "\n";
+    } else {
+      out << end->job_id() << " " << StateLabel(end->state()) << ": " << end->message() << "\n";
+    }
+    return end->state() == v1::JOB_STATE_SUCCEEDED ? 0 : 3;
+  }
   if (cmd == "status" || cmd == "history") {
     if (!need_args(1, "a job id")) return 2;
     Client c(o, *creds);

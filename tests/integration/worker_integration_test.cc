@@ -20,12 +20,14 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "common/csv.h"
 #include "common/file_util.h"
 #include "common/history.h"
 #include "common/job_spec.h"
 #include "google/protobuf/text_format.h"
+#include "google/protobuf/util/json_util.h"
 #include "lmsgd/v1/experiment.pb.h"
 #include "tests/integration/test_util.h"
 #include "tests/unit/worker/test_data.h"
@@ -598,6 +600,132 @@ TEST_F(WorkerIntegrationTest, KilledWorkerIsReplacedAndTrainingResumesFromTheChe
       << "resumed run differs from the uninterrupted one";
 }
 
+
+v1::JobStatus Status(const std::string& addr, const std::string& job) {
+  v1::JobStatus st;
+  const std::string json = Ctl(addr, {"--output=json", "status", job});
+  EXPECT_TRUE(google::protobuf::util::JsonStringToMessage(json, &st).ok()) << json;
+  return st;
+}
+
+// `lmsgdctl resubmit`: a job cancelled after its second epoch's checkpoint, resubmitted, goes on
+// at that iteration (INIT_CONTINUE) and ends with bitwise the uninterrupted run's weights.
+TEST_F(WorkerIntegrationTest, ACancelledJobResubmittedEndsWithTheUninterruptedRunsWeights) {
+  const int epochs = 5;
+  const std::string addr = coord_->grpc_address();
+  const std::string ref_job = Ctl(addr, {"submit", WriteJob(dir_, BarsJob(data_, dir_ + "/ckpt_ref", 768, epochs))});
+  {
+    auto a = StartWorker(addr, ref_job, 0, dir_ + "/ref0.log");
+    auto b = StartWorker(addr, ref_job, 1, dir_ + "/ref1.log");
+    ASSERT_EQ(WaitForEnd(ref_job, absl::Seconds(120)), "JOB_STATE_SUCCEEDED");
+  }
+  const std::string job = Ctl(addr, {"submit", WriteJob(dir_, BarsJob(data_, dir_ + "/ckpt", 768, epochs))});
+  auto w0 = StartWorker(addr, job, 0, dir_ + "/w0.log");
+  auto w1 = StartWorker(addr, job, 1, dir_ + "/w1.log");
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
+  while (!std::filesystem::exists(dir_ + "/ckpt/ckpt-0000000096.safetensors") && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  Ctl(addr, {"cancel", job, "--reason", "operator"});
+  ASSERT_EQ(WaitForEnd(job, absl::Seconds(30)), "JOB_STATE_CANCELLED");
+  EXPECT_EQ(*w0->Wait(absl::Seconds(30)), 0);
+  EXPECT_EQ(*w1->Wait(absl::Seconds(30)), 0);
+  const v1::JobStatus cancelled = Status(addr, job);
+  ASSERT_FALSE(cancelled.last_checkpoint().path().empty());
+  ASSERT_LT(cancelled.last_checkpoint().epoch(), static_cast<uint32_t>(epochs)) << "cancelled too late to test";
+
+  auto r = testing::RunCommand({LMSGD_CTL_BIN, "--coordinator=" + addr, "resubmit", job});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::string again(absl::StripTrailingAsciiWhitespace(r.out));
+  EXPECT_NE(again, job);
+  EXPECT_TRUE(absl::StrContains(r.err, absl::StrCat("continuing ", job, " from ", cancelled.last_checkpoint().path())))
+      << r.err;
+  const v1::JobStatus submitted = Status(addr, again);
+  EXPECT_EQ(submitted.spec().init_mode(), v1::INIT_CONTINUE);
+  EXPECT_EQ(submitted.spec().init_checkpoint(), cancelled.last_checkpoint().path());
+  auto w2 = StartWorker(addr, again, 0, dir_ + "/w2.log");
+  auto w3 = StartWorker(addr, again, 1, dir_ + "/w3.log");
+  ASSERT_EQ(WaitForEnd(again, absl::Seconds(120)), "JOB_STATE_SUCCEEDED")
+      << ReadFileToString(dir_ + "/w2.log").value_or("");
+  const std::string log2 = ReadFileToString(dir_ + "/w2.log").value_or("");
+  EXPECT_TRUE(absl::StrContains(
+      log2, absl::StrCat("run at epoch ", cancelled.last_checkpoint().epoch(), ", iteration ",
+                         cancelled.last_checkpoint().iteration())))
+      << log2;
+  // It trained only the epochs that were left.
+  const v1::JobStatus done = Status(addr, again);
+  ASSERT_GT(done.history_size(), 0);
+  EXPECT_EQ(done.history(0).epoch(), cancelled.last_checkpoint().epoch() + 1);
+  EXPECT_EQ(done.history(done.history_size() - 1).epoch(), static_cast<uint32_t>(epochs));
+  const std::string last = absl::StrFormat("/ckpt-%010d.safetensors", 48 * epochs);
+  EXPECT_EQ(MaxRelDiff(Params(dir_ + "/ckpt" + last), Params(dir_ + "/ckpt_ref" + last)), 0.0)
+      << "the resubmitted run differs from the uninterrupted one";
+  EXPECT_EQ(MaxRelDiff(Params(dir_ + "/ckpt" + last, true), Params(dir_ + "/ckpt_ref" + last, true)), 0.0);
+  // A job that succeeded has nothing to continue.
+  auto refused = testing::RunCommand({LMSGD_CTL_BIN, "--coordinator=" + addr, "resubmit", ref_job});
+  EXPECT_EQ(refused.exit_code, 1);
+  EXPECT_TRUE(absl::StrContains(refused.err, "succeeded: there is nothing to continue")) << refused.err;
+}
+
+// `lmsgdctl evaluate`: two workers split the validation set of a trained job's final
+// checkpoint; the counts are the training run's own last evaluation of those weights.
+TEST_F(WorkerIntegrationTest, AnEvaluationJobGivesTheTrainingRunsLastEvaluation) {
+  const std::string addr = coord_->grpc_address();
+  const v1::JobSpec spec = BarsJob(data_, dir_ + "/ckpt", 768, 3);
+  const std::string job_file = WriteJob(dir_, spec);
+  const std::string job = Ctl(addr, {"submit", job_file});
+  {
+    auto a = StartWorker(addr, job, 0, dir_ + "/t0.log");
+    auto b = StartWorker(addr, job, 1, dir_ + "/t1.log");
+    ASSERT_EQ(WaitForEnd(job, absl::Seconds(120)), "JOB_STATE_SUCCEEDED");
+  }
+  const v1::JobStatus trained = Status(addr, job);
+  const std::string ckpt = trained.last_checkpoint().path();
+  ASSERT_FALSE(ckpt.empty());
+  ASSERT_EQ(trained.last_evaluation().epoch(), 3u);
+
+  testing::Subprocess ctl;
+  ASSERT_TRUE(ctl.Start({LMSGD_CTL_BIN, "--coordinator=" + addr, "evaluate", ckpt, "--job", job_file,
+                         "--world_size", "2"},
+                        dir_ + "/evaluate.log")
+                  .ok());
+  auto e0 = StartWorker(addr, "", 0, dir_ + "/e0.log");  // the next job that needs workers
+  auto e1 = StartWorker(addr, "", 1, dir_ + "/e1.log");
+  auto rc = ctl.Wait(absl::Seconds(120));
+  const std::string out = ReadFileToString(dir_ + "/evaluate.log").value_or("");
+  ASSERT_TRUE(rc.ok()) << out;
+  ASSERT_EQ(*rc, 0) << out << ReadFileToString(dir_ + "/e0.log").value_or("");
+  const std::string eval_job = out.substr(0, out.find(':'));
+  EXPECT_TRUE(absl::StrContains(out, absl::StrCat(eval_job, " succeeded: evaluated ", ckpt, ": top-1 error "))) << out;
+  const v1::JobStatus evaluated = Status(addr, eval_job);
+  EXPECT_EQ(evaluated.spec().mode(), v1::JOB_MODE_EVALUATE);
+  EXPECT_EQ(evaluated.world_size(), 2u);
+  ASSERT_TRUE(evaluated.has_last_evaluation());
+  EXPECT_EQ(evaluated.last_evaluation().examples(), trained.last_evaluation().examples());
+  EXPECT_EQ(evaluated.last_evaluation().top1_error(), trained.last_evaluation().top1_error());
+  EXPECT_EQ(evaluated.last_evaluation().top5_error(), trained.last_evaluation().top5_error());
+  EXPECT_EQ(evaluated.last_evaluation().epoch(), 3u);  // the checkpoint's epoch
+  EXPECT_TRUE(evaluated.last_checkpoint().path().empty()) << "an evaluation writes no checkpoint";
+  EXPECT_EQ(evaluated.progress().iteration(), 0u) << "an evaluation trains no step";
+  EXPECT_EQ(*e0->Wait(absl::Seconds(30)), 0);
+  EXPECT_EQ(*e1->Wait(absl::Seconds(30)), 0);
+
+  // The same in one process (`lmsgd-worker --standalone` on the same job file).
+  v1::JobSpec one = spec;
+  one.set_world_size(1);
+  one.set_mode(v1::JOB_MODE_EVALUATE);
+  one.set_init_checkpoint(ckpt);
+  one.clear_checkpoint_dir();
+  session::StandaloneOptions so;
+  so.threads = 1;
+  auto r = session::RunStandalone(one, so);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->epochs.size(), 1u);
+  EXPECT_EQ(r->iterations, 0u);
+  EXPECT_EQ(r->epochs[0].eval.examples, trained.last_evaluation().examples());
+  EXPECT_DOUBLE_EQ(1 - static_cast<double>(r->epochs[0].eval.top1_correct) / r->epochs[0].eval.examples,
+                   trained.last_evaluation().top1_error());
+}
 
 // `lmsgdctl experiment run`: a two-arm sweep (kn 8 and 16 through virtual workers) in the
 // ctl's own process, resumed without redoing an arm, re-rendered from its CSVs; then the same

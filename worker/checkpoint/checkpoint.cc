@@ -1,12 +1,15 @@
 #include "worker/checkpoint/checkpoint.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <set>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "common/file_util.h"
 #include "worker/checkpoint/safetensors.h"
@@ -165,6 +168,91 @@ absl::StatusOr<TrainingState> LoadCheckpoint(const std::string& model_path, cons
     RETURN_IF_ERROR(sgd->SetVelocity(velocity));
   }
   return state;
+}
+
+absl::StatusOr<InitState> LoadInitCheckpoint(const std::string& path, const std::string& expected_model,
+                                             model::ParamStore* store, optim::Sgd* sgd) {
+  InitState init;
+  const std::string optim_path = OptimPath(path);
+  std::error_code ec;
+  const bool has_optim = absl::EndsWith(path, ".safetensors") && std::filesystem::exists(optim_path, ec);
+  if (has_optim) {
+    // An lmsgd checkpoint: its own loader checks the pair (CRCs, model, training state) whole.
+    if (sgd != nullptr) {
+      ASSIGN_OR_RETURN(init.state, LoadCheckpoint(path, expected_model, store, sgd));
+      init.has_training_state = true;
+      return init;
+    }
+  } else if (sgd != nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("init checkpoint '", path, "' has no optimizer file ('", optim_path,
+                     "'), so it holds no momentum or iteration; use init_mode INIT_WEIGHTS"));
+  }
+  ASSIGN_OR_RETURN(SafetensorsFile m, ReadSafetensors(path, /*require_crc=*/false));
+  if (auto it = m.metadata.find("lmsgd_model"); it != m.metadata.end() && it->second != expected_model) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("init checkpoint '", path, "' holds a ", it->second, ", the job trains a ", expected_model));
+  }
+  std::vector<std::string> problems;
+  std::set<std::string> expected;
+  auto check = [&](const model::TensorSpec& s) {
+    expected.insert(s.name);
+    auto it = m.tensors.find(s.name);
+    if (it == m.tensors.end()) {
+      problems.push_back(absl::StrCat("missing ", s.name));
+    } else if (it->second.dtype != DType::kF32 || it->second.shape != s.shape) {
+      problems.push_back(absl::StrCat(s.name, " is ", it->second.dtype == DType::kF32 ? "F32" : "I64", " [",
+                                      absl::StrJoin(it->second.shape, ","), "], the model's is F32 [",
+                                      absl::StrJoin(s.shape, ","), "]"));
+    }
+  };
+  for (const auto& s : store->param_specs()) check(s);
+  for (const auto& s : store->buffer_specs()) check(s);
+  int64_t nbt = 0;
+  for (const auto& [name, t] : m.tensors) {
+    if (expected.count(name) > 0) continue;
+    if (absl::EndsWith(name, ".num_batches_tracked") &&
+        expected.count(std::string(absl::StripSuffix(name, ".num_batches_tracked")) + ".running_var") > 0) {
+      if (t.dtype == DType::kI64 && t.i64.size() == 1) nbt = std::max(nbt, t.i64[0]);
+      continue;
+    }
+    problems.push_back(absl::StrCat("unexpected ", name));
+  }
+  if (!problems.empty()) {
+    const size_t shown = std::min<size_t>(problems.size(), 20);
+    return absl::InvalidArgumentError(absl::StrCat(
+        "init checkpoint '", path, "' does not fit a ", expected_model, " of this job's shape (", problems.size(),
+        " mismatch", problems.size() > 1 ? "es" : "", "): ",
+        absl::StrJoin(problems.begin(), problems.begin() + shown, "; "),
+        problems.size() > shown ? absl::StrCat("; and ", problems.size() - shown, " more") : ""));
+  }
+  for (size_t i = 0; i < store->num_params(); ++i) {
+    const auto& v = m.tensors.at(store->param_specs()[i].name).f32;
+    std::copy(v.begin(), v.end(), store->param(i));
+  }
+  for (size_t i = 0; i < store->buffer_specs().size(); ++i) {
+    const auto& v = m.tensors.at(store->buffer_specs()[i].name).f32;
+    std::copy(v.begin(), v.end(), store->buffer(i));
+  }
+  store->set_num_batches_tracked(nbt);
+  if (has_optim) {
+    // The weights only, but the training state is still worth reporting (the evaluated epoch).
+    auto o = ReadSafetensors(optim_path);
+    if (o.ok()) {
+      auto meta = [&](const char* k) {
+        auto it = o->metadata.find(k);
+        return it == o->metadata.end() ? std::string() : it->second;
+      };
+      uint64_t epoch = 0;
+      if (absl::SimpleAtoi(meta("lmsgd_iteration"), &init.state.iteration) &&
+          absl::SimpleAtoi(meta("lmsgd_epoch"), &epoch)) {
+        init.state.epoch = static_cast<uint32_t>(epoch);
+        init.state.model = meta("lmsgd_model");
+        init.has_training_state = true;
+      }
+    }
+  }
+  return init;
 }
 
 }  // namespace lmsgd::checkpoint

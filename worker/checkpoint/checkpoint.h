@@ -50,4 +50,17 @@ absl::StatusOr<std::string> LatestCheckpoint(const std::string& dir);
 absl::StatusOr<TrainingState> LoadCheckpoint(const std::string& model_path, const std::string& expected_model,
                                              model::ParamStore* store, optim::Sgd* sgd);
 
+// Weights to start a job from (JobSpec.init_checkpoint): an lmsgd checkpoint's model file, or
+// any safetensors file with torchvision's names (F32 tensors; num_batches_tracked optional,
+// other tools' files need no CRC). Loads the parameters and BN buffers into `store` only after
+// every tensor checked out; otherwise one INVALID_ARGUMENT lists every missing, unexpected and
+// mis-shaped name. With `sgd` non-null the SGD momentum comes too, from the optimizer file
+// beside an lmsgd checkpoint (FAILED_PRECONDITION naming the file when there is none).
+struct InitState {
+  bool has_training_state = false;  // an lmsgd checkpoint's optimizer file was found (`state` valid)
+  TrainingState state;
+};
+absl::StatusOr<InitState> LoadInitCheckpoint(const std::string& path, const std::string& expected_model,
+                                             model::ParamStore* store, optim::Sgd* sgd);
+
 }  // namespace lmsgd::checkpoint

@@ -98,6 +98,7 @@ class Generation {
   std::unique_ptr<comm::Communicator> comm_;
   std::unique_ptr<Heartbeater> heartbeater_;
   uint64_t start_iteration_ = 0;
+  uint32_t evaluated_epoch_ = 0;  // an evaluation job: the epoch its checkpoint finished
 };
 
 Generation::Rejoin Generation::Failed(const absl::Status& st) {
@@ -174,6 +175,13 @@ Generation::StepResult Generation::ResumeOrBroadcast() {
                           schedule.global_batch(), state.epoch, start_iteration_, schedule.peak_lr()));
     }
     Log(absl::StrCat("resumed from ", path, " at iteration ", start_iteration_));
+  } else if (!join_.spec().init_checkpoint().empty()) {
+    // Every rank reads the same file, as it reads the job's resume checkpoints.
+    ASSIGN_OR_RETURN(train::InitFromCheckpoint init,
+                     train::ApplyInitCheckpoint(join_.spec(), schedule, *trainer_,
+                                                [this](const std::string& line) { Log(line); }));
+    start_iteration_ = init.start_iteration;
+    evaluated_epoch_ = init.epoch;
   } else {
     model::ParamStore& store = trainer_->store();
     auto params = comm_->BroadcastAsync(store.params().data(), store.params().size(), 0);
@@ -196,7 +204,8 @@ absl::StatusOr<End> Generation::Train(std::string* why) {
   lo.rank = static_cast<uint32_t>(rank);
   lo.world_size = static_cast<uint32_t>(k);
   lo.data_threads = train::DataThreads(spec, options_.data_threads);
-  lo.write_checkpoints = rank == 0;
+  lo.write_checkpoints = rank == 0 && spec.mode() != v1::JOB_MODE_EVALUATE;
+  lo.evaluated_epoch = evaluated_epoch_;
   lo.test_data_delay = options_.test_data_delay;
   lo.log = [this](const std::string& line) { Log(line); };
   train::LoopHooks hooks;

@@ -28,14 +28,17 @@ absl::StatusOr<StandaloneResult> RunStandalone(const v1::JobSpec& job, const Sta
   auto log = [&](const std::string& line) {
     if (opt.log) *opt.log << line << std::endl;
   };
+  const uint64_t examples = datasets.train ? datasets.train->size() : datasets.val->size();
   log(absl::StrFormat("lmsgd standalone: %s, %d examples, kn=%d (n=%d, m=%d), peak lr %.4g, %d iterations/epoch, %s",
-                      trainer->spec().name, datasets.train->size(), schedule.global_batch(), spec.per_worker_batch(),
+                      trainer->spec().name, examples, schedule.global_batch(), spec.per_worker_batch(),
                       spec.virtual_workers_per_worker(), schedule.peak_lr(), schedule.iterations_per_epoch(),
                       trainer->Describe()));
 
   uint64_t start_iteration = 0;
+  bool resumed = false;
+  const bool evaluate = spec.mode() == v1::JOB_MODE_EVALUATE;
   const std::string& ckpt_dir = spec.checkpoint_dir();
-  if (opt.resume && !ckpt_dir.empty()) {
+  if (opt.resume && !evaluate && !ckpt_dir.empty()) {
     auto latest = checkpoint::LatestCheckpoint(ckpt_dir);
     if (latest.ok()) {
       ASSIGN_OR_RETURN(checkpoint::TrainingState state,
@@ -46,11 +49,20 @@ absl::StatusOr<StandaloneResult> RunStandalone(const v1::JobSpec& job, const Sta
             state.seed, schedule.global_batch(), spec.seed()));
       }
       start_iteration = state.iteration;
+      resumed = true;
       RETURN_IF_ERROR(trainer->ImportState());
       log(absl::StrFormat("resumed from %s at iteration %d", *latest, start_iteration));
     } else if (latest.status().code() != absl::StatusCode::kNotFound) {
       return latest.status();
     }
+  }
+  // The run's own checkpoint, once there is one, supersedes the weights it started from.
+  uint32_t evaluated_epoch = 0;
+  if (!resumed && !spec.init_checkpoint().empty()) {
+    ASSIGN_OR_RETURN(train::InitFromCheckpoint init, train::ApplyInitCheckpoint(spec, schedule, *trainer, log));
+    start_iteration = init.start_iteration;
+    evaluated_epoch = init.epoch;
+    RETURN_IF_ERROR(trainer->ImportState());
   }
 
   // The history so far: a resumed run keeps the file's epochs up to where it resumes.
@@ -80,6 +92,8 @@ absl::StatusOr<StandaloneResult> RunStandalone(const v1::JobSpec& job, const Sta
   train::LoopOptions lo;
   lo.data_threads = train::DataThreads(spec, opt.data_threads);
   lo.evaluate = opt.evaluate;
+  lo.evaluated_epoch = evaluated_epoch;
+  lo.write_checkpoints = !evaluate;
   lo.stop_after_iterations = opt.stop_after_iterations;
   lo.log_every = opt.log_every;
   lo.log = log;

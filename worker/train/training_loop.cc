@@ -52,6 +52,9 @@ class Loop {
     return (interval > 0 && epochs_done % interval == 0) || epochs_done == spec_.epochs();
   }
   absl::Status Checkpoint(uint32_t epochs_done, double lr);
+  // Evaluates into summary->eval, the counts summed over the ranks; phase and status on failure.
+  absl::Status Evaluate(EpochSummary* summary, LoopPhase* failed_in);
+  LoopResult EvaluateOnly();
 
   const v1::JobSpec& spec_;
   const v1::Schedule& schedule_;
@@ -75,7 +78,42 @@ absl::Status Loop::Checkpoint(uint32_t epochs_done, double lr) {
   return absl::OkStatus();
 }
 
+absl::Status Loop::Evaluate(EpochSummary* summary, LoopPhase* failed_in) {
+  auto counts = trainer_.Evaluate(*datasets_.val, options_.rank, options_.world_size, options_.data_threads);
+  if (!counts.ok()) {
+    *failed_in = LoopPhase::kEvaluate;
+    return counts.status();
+  }
+  summary->eval = *counts;
+  if (hooks_.sum_eval_counts) {
+    if (auto st = hooks_.sum_eval_counts(&summary->eval); !st.ok()) {
+      *failed_in = LoopPhase::kSumEvalCounts;
+      return st;
+    }
+  }
+  summary->evaluated = true;
+  return absl::OkStatus();
+}
+
+LoopResult Loop::EvaluateOnly() {
+  if (!datasets_.val) return Fail(LoopPhase::kEvaluate, absl::InvalidArgumentError("the job has no validation set"));
+  const auto start = SteadyClock::now();
+  EpochSummary summary;
+  summary.epoch = options_.evaluated_epoch;
+  LoopPhase phase = LoopPhase::kNone;
+  if (auto st = Evaluate(&summary, &phase); !st.ok()) return Fail(phase, st);
+  summary.seconds = SecondsSince(start);
+  const double n = std::max<double>(1, summary.eval.examples);
+  Log(absl::StrFormat("evaluated %s: top1_err %.4f top5_err %.4f (%d examples)  %.1f s", spec_.init_checkpoint(),
+                      1 - summary.eval.top1_correct / n, 1 - summary.eval.top5_correct / n, summary.eval.examples,
+                      summary.seconds));
+  if (hooks_.on_epoch_end) hooks_.on_epoch_end(summary);
+  result_.epochs.push_back(summary);
+  return std::move(result_);
+}
+
 LoopResult Loop::Run(uint64_t start_iteration) {
+  if (spec_.mode() == v1::JOB_MODE_EVALUATE) return EvaluateOnly();
   iteration_ = start_iteration;
   const uint64_t iterations_per_epoch = schedule_.iterations_per_epoch();
   const uint64_t k = options_.world_size;
@@ -147,13 +185,8 @@ LoopResult Loop::Run(uint64_t start_iteration) {
     }
 
     if (options_.evaluate && datasets_.val) {
-      auto counts = trainer_.Evaluate(*datasets_.val, options_.rank, options_.world_size, options_.data_threads);
-      if (!counts.ok()) return Fail(LoopPhase::kEvaluate, counts.status());
-      summary.eval = *counts;
-      if (hooks_.sum_eval_counts) {
-        if (auto st = hooks_.sum_eval_counts(&summary.eval); !st.ok()) return Fail(LoopPhase::kSumEvalCounts, st);
-      }
-      summary.evaluated = true;
+      LoopPhase phase = LoopPhase::kNone;
+      if (auto st = Evaluate(&summary, &phase); !st.ok()) return Fail(phase, st);
     }
     summary.seconds = SecondsSince(epoch_start);
     const double n_eval = std::max<double>(1, summary.eval.examples);

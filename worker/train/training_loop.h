@@ -17,6 +17,9 @@
 // Data order and augmentation are functions of (seed, epoch, index), so a run resumed at
 // iteration t computes exactly what the uninterrupted run would have.
 //
+// An evaluation job (JOB_MODE_EVALUATE) runs step 3 alone, once, on the weights it was given:
+// one EpochSummary numbered LoopOptions::evaluated_epoch, with no steps, through on_epoch_end.
+//
 // The hooks let a session report without the loop knowing about coordinators: none of them
 // may block for long (the distributed session queues its RPCs on a background thread).
 #pragma once
@@ -76,6 +79,7 @@ struct LoopOptions {
   bool evaluate = true;
   bool write_checkpoints = true;       // this rank writes them (rank 0); needs spec.checkpoint_dir
   uint64_t stop_after_iterations = 0;  // stop, with a checkpoint, after this many; 0 = the end
+  uint32_t evaluated_epoch = 0;        // an evaluation job: the epoch its weights finished (0: unknown)
   int log_every = 0;                   // iterations between progress lines (0: per epoch only)
   // Tests only: sleep this long while waiting for each batch, as a slow input pipeline would.
   absl::Duration test_data_delay = absl::ZeroDuration();

@@ -107,6 +107,40 @@ TEST(JobSpecTest, CpuTrainsInFp32OrBf16) {
   EXPECT_TRUE(absl::StrContains(ValidateJobSpec(s).message(), "precision")) << ValidateJobSpec(s);
 }
 
+TEST(JobSpecTest, InitCheckpointAndEvaluationJobsAreChecked) {
+  v1::JobSpec s = Synthetic();
+  s.set_init_mode(v1::INIT_CONTINUE);
+  ApplyDefaults(&s);
+  auto errors = JobSpecErrors(s);
+  ASSERT_EQ(errors.size(), 1u);
+  EXPECT_EQ(errors[0], "init_mode: INIT_CONTINUE needs init_checkpoint");
+  s.set_init_checkpoint("/ckpt/ckpt-0000000096.safetensors");
+  EXPECT_TRUE(ValidateJobSpec(s).ok()) << ValidateJobSpec(s);
+
+  // An evaluation job of an ImageFolder needs the checkpoint and the validation set, not the
+  // training set; it may only read weights.
+  v1::JobSpec e;
+  e.set_mode(v1::JOB_MODE_EVALUATE);
+  e.mutable_dataset()->set_kind(v1::DATASET_IMAGE_FOLDER);
+  e.set_init_mode(v1::INIT_WEIGHTS_AND_MOMENTUM);
+  ApplyDefaults(&e);
+  errors = JobSpecErrors(e);
+  std::string all;
+  for (const auto& x : errors) all += x + "\n";
+  EXPECT_EQ(errors.size(), 4u) << all;
+  EXPECT_TRUE(absl::StrContains(all, "init_checkpoint: required for JOB_MODE_EVALUATE")) << all;
+  EXPECT_TRUE(absl::StrContains(all, "init_mode: JOB_MODE_EVALUATE reads the weights only")) << all;
+  EXPECT_TRUE(absl::StrContains(all, "init_mode: INIT_WEIGHTS_AND_MOMENTUM needs init_checkpoint")) << all;
+  EXPECT_TRUE(absl::StrContains(all, "dataset.val_path: required for JOB_MODE_EVALUATE")) << all;
+  EXPECT_FALSE(absl::StrContains(all, "train_")) << all;
+  e.set_init_mode(v1::INIT_WEIGHTS);
+  e.set_init_checkpoint("/ckpt/resnet50.safetensors");
+  e.mutable_dataset()->set_val_path("/data/val");
+  EXPECT_TRUE(ValidateJobSpec(e).ok()) << ValidateJobSpec(e);
+  e.set_mode(static_cast<v1::JobMode>(9));
+  EXPECT_TRUE(absl::StrContains(ValidateJobSpec(e).message(), "mode: unknown job mode"));
+}
+
 TEST(JobSpecTest, ParsesTextAndJson) {
   auto text = ParseJobSpec("a.textproto", "world_size: 4\nmodel: MODEL_RESNET18\n");
   ASSERT_TRUE(text.ok()) << text.status();

@@ -7,6 +7,8 @@
 #include <cstdlib>
 #include <random>
 
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_split.h"
 #include "common/file_util.h"
 #include "tests/unit/worker/test_data.h"
 #include "worker/checkpoint/safetensors.h"
@@ -187,6 +189,184 @@ TEST(CheckpointNamesTest, TorchvisionLoadsOurResNet50CheckpointStrictly) {
   ASSERT_TRUE(text.ok());
   ASSERT_EQ(rc, 0) << *text;
   EXPECT_NE(text->find("torchvision_load=ok keys=320 params=25557032"), std::string::npos) << *text;
+  std::filesystem::remove_all(dir);
+}
+
+// A safetensors file as other tools write it: no lmsgd metadata, no CRC, tensors in the order given.
+std::string ForeignSafetensors(const std::vector<std::pair<std::string, Tensor>>& tensors) {
+  std::string header = "{\"__metadata__\":{\"format\":\"pt\"}", data;
+  for (const auto& [name, t] : tensors) {
+    const size_t begin = data.size();
+    if (t.dtype == DType::kF32) {
+      data.append(reinterpret_cast<const char*>(t.f32.data()), t.f32.size() * 4);
+    } else {
+      data.append(reinterpret_cast<const char*>(t.i64.data()), t.i64.size() * 8);
+    }
+    std::string shape;
+    for (size_t i = 0; i < t.shape.size(); ++i) shape += (i ? "," : "") + std::to_string(t.shape[i]);
+    header += ",\"" + name + "\":{\"dtype\":\"" + (t.dtype == DType::kF32 ? "F32" : "I64") + "\",\"shape\":[" +
+              shape + "],\"data_offsets\":[" + std::to_string(begin) + "," + std::to_string(data.size()) + "]}";
+  }
+  header += "}";
+  std::string out(8, '\0');
+  const uint64_t n = header.size();
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((n >> (8 * i)) & 0xff);
+  return out + header + data;
+}
+
+// The model's tensors under their torchvision names, as torch's state_dict orders them loosely.
+std::vector<std::pair<std::string, Tensor>> StateDict(const model::ParamStore& store) {
+  std::vector<std::pair<std::string, Tensor>> out;
+  auto& ps = const_cast<model::ParamStore&>(store);
+  for (size_t i = 0; i < store.num_params(); ++i) {
+    Tensor t;
+    t.shape = store.param_specs()[i].shape;
+    t.f32.assign(ps.param(i), ps.param(i) + store.param_specs()[i].numel());
+    out.emplace_back(store.param_specs()[i].name, t);
+  }
+  for (size_t i = 0; i < store.buffer_specs().size(); ++i) {
+    Tensor t;
+    t.shape = store.buffer_specs()[i].shape;
+    t.f32.assign(ps.buffer(i), ps.buffer(i) + store.buffer_specs()[i].numel());
+    out.emplace_back(store.buffer_specs()[i].name, t);
+  }
+  return out;
+}
+
+TEST_F(CheckpointTest, InitFromAForeignSafetensorsFileLoadsWeightsAndBuffers) {
+  model::ParamStore src(spec_);
+  ASSERT_TRUE(src.Load(model::InitializeParameters(spec_, {7, true})).ok());
+  for (size_t i = 0; i < src.buffers().size(); ++i) src.buffers()[i] = 0.001f * static_cast<float>(i);
+  auto tensors = StateDict(src);
+  Tensor nbt;
+  nbt.dtype = DType::kI64;
+  nbt.i64 = {42};
+  tensors.emplace_back("bn1.num_batches_tracked", nbt);
+  const std::string path = testing::MakeTempDir("init") + "/tv.safetensors";
+  ASSERT_TRUE(WriteFileAtomically(path, ForeignSafetensors(tensors)).ok());
+
+  model::ParamStore dst(spec_);
+  auto init = LoadInitCheckpoint(path, "resnet8", &dst, nullptr);
+  ASSERT_TRUE(init.ok()) << init.status();
+  EXPECT_FALSE(init->has_training_state);
+  EXPECT_EQ(dst.params(), src.params());
+  EXPECT_EQ(dst.buffers(), src.buffers());
+  EXPECT_EQ(dst.num_batches_tracked(), 42);
+  // Momentum asked of a file that has none: refused, naming the missing optimizer file.
+  optim::Sgd sgd({}, dst.OptimizerParams());
+  auto no_optim = LoadInitCheckpoint(path, "resnet8", &dst, &sgd);
+  EXPECT_EQ(no_optim.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(no_optim.status().message().find("tv.optim.safetensors"), std::string::npos) << no_optim.status();
+}
+
+TEST_F(CheckpointTest, InitMismatchListsEveryNameAndLoadsNothing) {
+  model::ParamStore src(spec_);
+  ASSERT_TRUE(src.Load(model::InitializeParameters(spec_, {7, true})).ok());
+  auto tensors = StateDict(src);
+  std::string missing, reshaped;
+  for (auto it = tensors.begin(); it != tensors.end(); ++it) {
+    if (it->first == "layer2.0.conv1.weight") {
+      missing = it->first;
+      tensors.erase(it);
+      break;
+    }
+  }
+  for (auto& [name, t] : tensors) {
+    if (name == "fc.weight") {  // a 12-class head where the model has 10
+      reshaped = name;
+      t.shape[0] = 12;
+      t.f32.resize(12 * t.shape[1]);
+    }
+  }
+  ASSERT_FALSE(missing.empty());
+  ASSERT_FALSE(reshaped.empty());
+  Tensor extra;
+  extra.shape = {3};
+  extra.f32 = {1, 2, 3};
+  tensors.emplace_back("head.extra.weight", extra);
+  const std::string path = testing::MakeTempDir("init") + "/bad.safetensors";
+  ASSERT_TRUE(WriteFileAtomically(path, ForeignSafetensors(tensors)).ok());
+  model::ParamStore dst(spec_);
+  const auto before = dst.params();
+  auto init = LoadInitCheckpoint(path, "resnet8", &dst, nullptr);
+  ASSERT_EQ(init.status().code(), absl::StatusCode::kInvalidArgument) << init.status();
+  const std::string msg(init.status().message());
+  EXPECT_NE(msg.find("3 mismatches"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("missing layer2.0.conv1.weight"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("fc.weight is F32 [12,"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("unexpected head.extra.weight"), std::string::npos) << msg;
+  EXPECT_NE(msg.find(path), std::string::npos) << msg;
+  EXPECT_EQ(dst.params(), before);
+}
+
+TEST_F(CheckpointTest, InitFromAnLmsgdCheckpointGivesWeightsOrWeightsMomentumAndState) {
+  model::ParamStore store(spec_);
+  ASSERT_TRUE(store.Load(model::InitializeParameters(spec_, {4, true})).ok());
+  optim::Sgd sgd({}, store.OptimizerParams());
+  std::vector<std::vector<float>> vel = sgd.velocity();
+  for (size_t i = 0; i < vel.size(); ++i) std::fill(vel[i].begin(), vel[i].end(), 0.5f + static_cast<float>(i));
+  ASSERT_TRUE(sgd.SetVelocity(vel).ok());
+  auto path = SaveCheckpoint(dir_, store, sgd, {96, 2, "resnet8", 21, 16, 2, 0.05});
+  ASSERT_TRUE(path.ok());
+
+  model::ParamStore w(spec_);
+  auto weights = LoadInitCheckpoint(*path, "resnet8", &w, nullptr);
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  EXPECT_EQ(w.params(), store.params());
+  EXPECT_TRUE(weights->has_training_state);
+  EXPECT_EQ(weights->state.epoch, 2u);
+
+  model::ParamStore m(spec_);
+  optim::Sgd m_sgd({}, m.OptimizerParams());
+  auto full = LoadInitCheckpoint(*path, "resnet8", &m, &m_sgd);
+  ASSERT_TRUE(full.ok()) << full.status();
+  EXPECT_EQ(m_sgd.velocity(), sgd.velocity());
+  EXPECT_EQ(full->state.iteration, 96u);
+  EXPECT_EQ(full->state.seed, 21u);
+  EXPECT_EQ(full->state.global_batch, 16u);
+  // Another model's checkpoint is refused by name.
+  model::ParamStore other(spec_);
+  EXPECT_EQ(LoadInitCheckpoint(*path, "resnet20", &other, nullptr).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+// A file torchvision wrote (its ResNet-18 state_dict, in safetensors' layout) loads into our
+// ResNet-18 with every value where torchvision put it. Needs Debian's python3-torch.
+TEST(CheckpointNamesTest, InitFromATorchvisionResNet18StateDict) {
+  const std::string script = std::string(LMSGD_SOURCE_DIR) + "/tests/bench/torchvision_save_safetensors.py";
+  if (std::system("/usr/bin/python3 -c 'import torch, torchvision' >/dev/null 2>&1") != 0) {
+    GTEST_SKIP() << "Debian python3-torch/python3-torchvision not installed (deploy/setup.sh --with-baselines)";
+  }
+  const std::string dir = testing::MakeTempDir("tvsave");
+  const std::string path = dir + "/resnet18.safetensors", out = dir + "/probes.txt";
+  const int rc = std::system(("/usr/bin/python3 " + script + " " + path + " resnet18 > " + out + " 2>&1").c_str());
+  auto text = ReadFileToString(out);
+  ASSERT_TRUE(text.ok());
+  ASSERT_EQ(rc, 0) << *text;
+  auto spec = *model::MakeResNet(model::Arch::kResNet18, 3, 1000);
+  model::ParamStore store(spec);
+  auto init = LoadInitCheckpoint(path, "resnet18", &store, nullptr);
+  ASSERT_TRUE(init.ok()) << init.status();
+  EXPECT_EQ(store.num_batches_tracked(), 123);
+  int probes = 0;
+  for (absl::string_view line : absl::StrSplit(*text, '\n')) {
+    std::vector<std::string> f = absl::StrSplit(line, ' ');
+    if (f.size() != 4 || f[0] != "probe") continue;
+    size_t index = 0;
+    float want = 0;
+    ASSERT_TRUE(absl::SimpleAtoi(f[2], &index) && absl::SimpleAtof(f[3], &want)) << line;
+    const float* got = nullptr;
+    for (size_t i = 0; i < store.num_params(); ++i) {
+      if (store.param_specs()[i].name == f[1]) got = store.param(i);
+    }
+    for (size_t i = 0; i < store.buffer_specs().size(); ++i) {
+      if (store.buffer_specs()[i].name == f[1]) got = store.buffer(i);
+    }
+    ASSERT_NE(got, nullptr) << f[1];
+    EXPECT_EQ(got[index], want) << f[1] << "[" << index << "]";
+    ++probes;
+  }
+  EXPECT_EQ(probes, 6) << *text;
   std::filesystem::remove_all(dir);
 }
 
