@@ -133,6 +133,7 @@ absl::StatusOr<std::vector<std::string>> JobManager::Recover() {
       job->members[w.worker_id()] = m;
     }
     job->status = std::move(status);
+    job->formed_at = now;  // the formation time is not durable: growth waits a full interval
     const std::string id = job->status.job_id();
     jobs_[id] = std::move(job);
   }
@@ -274,7 +275,8 @@ void JobManager::Tick() {
     }
     // Elastic re-formation is due by time, not by a Join: try it here too (waiting joiners are
     // woken by the transition).
-    if (job.status.state() == v1::JOB_STATE_RECOVERING && job.status.spec().min_workers() < job.status.spec().world_size()) {
+    if (job.status.state() == v1::JOB_STATE_RECOVERING &&
+        (job.status.spec().min_workers() < job.status.spec().world_size() || job.grow_target > 0)) {
       (void)TryForm(job);
     }
   }

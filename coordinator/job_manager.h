@@ -4,6 +4,7 @@
 // Job states (persisted before any transition is acknowledged):
 //   PENDING --first worker ready--> WAITING_FOR_WORKERS --world_size ready--> RUNNING
 //   RUNNING --worker dead / left / restarted / non-fatal failure--> RECOVERING
+//   RUNNING --a checkpoint while standby workers could grow it (elastic)--> RECOVERING
 //   RECOVERING --world_size ready again--> RUNNING (generation + 1)
 //   RUNNING --rank 0 reports completed--> SUCCEEDED
 //   any live state --cancel--> CANCELLED;  --fatal failure / too many recoveries--> FAILED
@@ -17,6 +18,13 @@
 // Liveness: a member is alive while it is inside a JoinJob call or was heard from within the
 // heartbeat timeout. Tick() declares the others dead. Durable writes that Tick() cannot make
 // are retried on the next Tick (the job stays marked dirty).
+//
+// Growth: an elastic job (max_workers > world_size) that is RUNNING with ready standby workers
+// re-forms at the next checkpoint its rank 0 reports (the new generation resumes from it, the
+// rate rescaled with the re-warm ramp of a shrink), at most once per grow_interval. The
+// re-formation waits for the old generation's members and the standby together (up to a
+// heartbeat timeout) so it does not form with whoever re-joins first. Growth is not a recovery
+// (it does not count against max_recoveries).
 //
 // Worker identity: (host, local_device) names a slot; incarnation tells a restarted process
 // from the old one. worker_id = "host/device/incarnation".
@@ -53,6 +61,8 @@ struct JobManagerOptions {
   // above straggler_factor x the median rank's for straggler_heartbeats heartbeats in a row.
   double straggler_factor = 1.5;
   int straggler_heartbeats = 5;
+  // The least time between a job's formation and its growth by standby workers.
+  absl::Duration grow_interval = absl::Minutes(5);
   size_t max_live_jobs = 1000;
   size_t max_bootstrap_bytes = 1 << 20;
   std::string build_version = LMSGD_VERSION;
@@ -125,6 +135,8 @@ class JobManager {
     uint64_t version = 1;
     bool dirty = false;  // the last transition is not yet on disk (Tick retries)
     absl::Time recovering_since = absl::InfinitePast();  // elastic: when the generation broke
+    absl::Time formed_at = absl::InfinitePast();         // when the current generation formed
+    uint32_t grow_target = 0;  // growing: the size to wait for (0: not growing)
   };
 
   static bool IsFinal(v1::JobState state);
@@ -142,6 +154,8 @@ class JobManager {
   void UpdateStragglers(Job& job, const std::string& job_id, Member& reporter);
   // Forms a generation when enough members are ready.
   absl::Status TryForm(Job& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // RUNNING -> RECOVERING to re-form larger, when standby workers are ready (see Growth above).
+  absl::Status MaybeGrow(Job& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // RUNNING -> RECOVERING (or FAILED when out of recoveries). Acknowledged=false: Tick path.
   absl::Status BreakGeneration(Job& job, const std::string& reason, bool acknowledged)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);

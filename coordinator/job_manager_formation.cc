@@ -19,6 +19,10 @@ using internal::DescribeMember;
 using internal::StateName;
 using internal::UnixMillis;
 
+namespace {
+constexpr int kMaxGenerationRecords = 100;
+}  // namespace
+
 absl::Status JobManager::TryForm(Job& job) {
   const v1::JobState state = job.status.state();
   if (state != v1::JOB_STATE_PENDING && state != v1::JOB_STATE_WAITING_FOR_WORKERS &&
@@ -43,6 +47,10 @@ absl::Status JobManager::TryForm(Job& job) {
                now - job.recovering_since >= options_.heartbeat_timeout) {
       need = avail;
     }
+  }
+  if (state == v1::JOB_STATE_RECOVERING && job.grow_target > need &&
+      now - job.recovering_since < options_.heartbeat_timeout) {
+    need = job.grow_target;  // growing: wait for the old generation and the standby together
   }
   if (ready.size() < need) {
     if (state == v1::JOB_STATE_PENDING && !ready.empty()) {
@@ -85,6 +93,19 @@ absl::Status JobManager::TryForm(Job& job) {
               << ", peak lr " << old.peak_lr() << " -> " << sch->peak_lr();
   }
   next.mutable_progress()->set_total_iterations(next.schedule().total_iterations());
+  {
+    v1::GenerationRecord* g = next.add_generations();
+    g->set_generation(generation);
+    g->set_world_size(need);
+    g->set_global_batch(next.schedule().global_batch());
+    g->set_peak_lr(next.schedule().peak_lr());
+    g->set_start_time_unix_ms(UnixMillis(absl::Now()));
+    g->set_reason(state == v1::JOB_STATE_RECOVERING ? job.status.message() : "first formation");
+    g->set_resume_epoch(job.status.last_checkpoint().epoch());
+    if (next.generations_size() > kMaxGenerationRecords) {
+      next.mutable_generations()->DeleteSubrange(0, next.generations_size() - kMaxGenerationRecords);
+    }
+  }
   next.set_message("");
   next.clear_workers();
   std::vector<std::pair<int, int>> ranks;  // rank, local_rank per chosen member
@@ -121,7 +142,39 @@ absl::Status JobManager::TryForm(Job& job) {
     }
   }
   job.bootstrap.clear();
+  job.grow_target = 0;
+  job.formed_at = now;
   Changed(job);
+  return absl::OkStatus();
+}
+
+absl::Status JobManager::MaybeGrow(Job& job) {
+  const v1::JobSpec& spec = job.status.spec();
+  const uint32_t k = job.status.world_size();
+  if (job.status.state() != v1::JOB_STATE_RUNNING || spec.mode() == v1::JOB_MODE_EVALUATE ||
+      spec.max_workers() <= k || job.status.last_checkpoint().epoch() >= spec.epochs()) {
+    return absl::OkStatus();
+  }
+  const absl::Time now = options_.now();
+  if (now - job.formed_at < options_.grow_interval) return absl::OkStatus();
+  uint32_t standby = 0;
+  for (const auto& [id, m] : job.members) {
+    if (m.ready && IsAlive(m, now) && m.generation != job.status.generation()) ++standby;
+  }
+  const uint32_t target = std::min(k + standby, spec.max_workers());
+  if (target <= k) return absl::OkStatus();
+  const std::string reason =
+      absl::StrCat("growing from ", k, " to ", target, " workers at the checkpoint of epoch ",
+                   job.status.last_checkpoint().epoch(), " (", standby, " standby worker", standby > 1 ? "s" : "",
+                   " ready)");
+  LOG(INFO) << "job " << job.status.job_id() << ": " << reason;
+  v1::JobStatus next = Snapshot(job);
+  next.set_state(v1::JOB_STATE_RECOVERING);
+  next.set_message(reason);
+  RETURN_IF_ERROR(Persist(job, std::move(next)));
+  job.bootstrap.clear();
+  job.recovering_since = now;
+  job.grow_target = target;
   return absl::OkStatus();
 }
 
@@ -209,8 +262,9 @@ absl::StatusOr<v1::JoinJobResponse> JobManager::Join(const v1::JoinJobRequest& r
     }
     for (auto& [jid, j] : jobs_) {
       auto s = j->status.state();
+      const bool can_grow = s == v1::JOB_STATE_RUNNING && j->status.world_size() < j->status.spec().max_workers();
       if ((s == v1::JOB_STATE_PENDING || s == v1::JOB_STATE_WAITING_FOR_WORKERS ||
-           s == v1::JOB_STATE_RECOVERING) &&
+           s == v1::JOB_STATE_RECOVERING || can_grow) &&
           j->status.spec().device() == id.device()) {
         job = j.get();
         break;

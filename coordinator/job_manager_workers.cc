@@ -174,7 +174,8 @@ absl::Status JobManager::ReportCheckpoint(const v1::ReportCheckpointRequest& req
   if (next.last_checkpoint().time_unix_ms() == 0) {
     next.mutable_last_checkpoint()->set_time_unix_ms(UnixMillis(absl::Now()));
   }
-  return Persist(*job, std::move(next));
+  RETURN_IF_ERROR(Persist(*job, std::move(next)));
+  return MaybeGrow(*job);
 }
 
 absl::Status JobManager::ReportEvaluation(const v1::ReportEvaluationRequest& req) {

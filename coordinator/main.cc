@@ -36,6 +36,8 @@ ABSL_FLAG(int32_t, straggler_heartbeats, 5, "... for this many heartbeats in a r
 ABSL_FLAG(absl::Duration, restart_grace, absl::Seconds(3),
           "After a restart, members of recovered jobs are alive for --heartbeat_timeout plus this long (the "
           "workers' reconnect backoff)");
+ABSL_FLAG(absl::Duration, grow_interval, absl::Minutes(5),
+          "An elastic job with ready standby workers grows at its next checkpoint, at most once per this long");
 ABSL_FLAG(absl::Duration, heartbeat_interval, absl::Seconds(5), "How often workers are told to heartbeat");
 ABSL_FLAG(std::string, tls_cert, "", "PEM server certificate (enables TLS)");
 ABSL_FLAG(std::string, tls_key, "", "PEM server private key");
@@ -117,6 +119,11 @@ int Run() {
   }
   if (options.restart_grace < absl::ZeroDuration()) {
     LOG(ERROR) << "--restart_grace must not be negative";
+    return 2;
+  }
+  options.grow_interval = absl::GetFlag(FLAGS_grow_interval);
+  if (options.grow_interval < absl::ZeroDuration()) {
+    LOG(ERROR) << "--grow_interval must not be negative";
     return 2;
   }
   options.heartbeat_interval = absl::GetFlag(FLAGS_heartbeat_interval);

@@ -510,6 +510,12 @@ std::string FormatStatusTable(const v1::JobStatus& j) {
                                       FormatTime(c.time_unix_ms())));
   }
   row("recoveries", absl::StrCat(j.recoveries()));
+  for (const auto& g : j.generations()) {
+    row(absl::StrCat("  generation ", g.generation()),
+        absl::StrFormat("%s  k=%d kn=%d peak lr %.4g%s: %s", FormatTime(g.start_time_unix_ms()), g.world_size(),
+                        g.global_batch(), g.peak_lr(),
+                        g.resume_epoch() > 0 ? absl::StrCat(", from epoch ", g.resume_epoch()) : "", g.reason()));
+  }
   row("created", FormatTime(j.create_time_unix_ms()));
   row("updated", FormatTime(j.update_time_unix_ms()));
   for (const auto& w : j.workers()) {

@@ -108,6 +108,13 @@ std::string JobState(const std::string& addr, const std::string& job) {
   return p == std::string::npos ? "" : json.substr(p + 10, json.find('"', p + 10) - p - 10);
 }
 
+v1::JobStatus Status(const std::string& addr, const std::string& job) {
+  v1::JobStatus st;
+  const std::string json = Ctl(addr, {"--output=json", "status", job});
+  EXPECT_TRUE(google::protobuf::util::JsonStringToMessage(json, &st).ok()) << json;
+  return st;
+}
+
 std::vector<float> Params(const std::string& ckpt_path, bool buffers = false) {
   auto spec = *model::MakeResNet(model::Arch::kResNet8, 1, 4);
   model::ParamStore store(spec);
@@ -416,6 +423,62 @@ TEST_F(WorkerIntegrationTest, ElasticJobShrinksAndRescalesTheLearningRate) {
 
 // A worker that cannot serve the job (a CPU worker for a GPU job) is refused with a clear error,
 // and an unavailable device is refused at startup.
+// A running elastic job (2 of up to 3 workers) grows when a third worker joins: at its next
+// checkpoint it re-forms with k = 3, the rate rescaled by the linear rule, and succeeds;
+// `lmsgdctl status` lists both generations with their k and why.
+TEST_F(WorkerIntegrationTest, ARunningElasticJobGrowsWhenAWorkerJoins) {
+  testing::CoordinatorProcess coord(dir_ + "/grow", {"--heartbeat_interval=0.5s", "--heartbeat_timeout=3s",
+                                                     "--grow_interval=0s"});
+  std::filesystem::create_directories(dir_ + "/grow");
+  ASSERT_TRUE(coord.Start().ok());
+  const std::string addr = coord.grpc_address();
+  const int epochs = 10;
+  v1::JobSpec spec = BarsJob(data_, dir_ + "/ckpt", 768, epochs);
+  spec.set_min_workers(2);
+  spec.set_max_workers(3);
+  const std::string job = Ctl(addr, {"submit", WriteJob(dir_, spec)});
+  auto w0 = StartWorker(addr, job, 0, dir_ + "/w0.log");
+  auto w1 = StartWorker(addr, job, 1, dir_ + "/w1.log");
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
+  while (!std::filesystem::exists(dir_ + "/ckpt/ckpt-0000000048.safetensors") && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  ASSERT_EQ(Status(addr, job).world_size(), 2u);
+  auto w2 = StartWorker(addr, job, 2, dir_ + "/w2.log");
+  const absl::Time end = absl::Now() + absl::Seconds(120);
+  std::string state;
+  while (absl::Now() < end) {
+    state = JobState(addr, job);
+    if (state == "JOB_STATE_SUCCEEDED" || state == "JOB_STATE_FAILED" || state == "JOB_STATE_CANCELLED") break;
+    absl::SleepFor(absl::Milliseconds(200));
+  }
+  ASSERT_EQ(state, "JOB_STATE_SUCCEEDED") << ReadFileToString(dir_ + "/w2.log").value_or("") << coord.Log();
+  for (auto* w : {w0.get(), w1.get(), w2.get()}) EXPECT_EQ(*w->Wait(absl::Seconds(30)), 0);
+  const v1::JobStatus st = Status(addr, job);
+  EXPECT_EQ(st.world_size(), 3u);
+  EXPECT_EQ(st.schedule().global_batch(), 24u);
+  EXPECT_DOUBLE_EQ(st.schedule().peak_lr(), 0.1 * 24 / 16);
+  EXPECT_EQ(st.recoveries(), 0u) << "growth is not a recovery";
+  ASSERT_EQ(st.generations_size(), 2) << st.DebugString();
+  EXPECT_EQ(st.generations(0).world_size(), 2u);
+  EXPECT_EQ(st.generations(0).global_batch(), 16u);
+  const v1::GenerationRecord& grown = st.generations(1);
+  EXPECT_EQ(grown.world_size(), 3u);
+  EXPECT_DOUBLE_EQ(grown.peak_lr(), 0.15);
+  EXPECT_GE(grown.resume_epoch(), 1u);
+  EXPECT_LT(grown.resume_epoch(), static_cast<uint32_t>(epochs));
+  EXPECT_TRUE(absl::StrContains(grown.reason(), "growing from 2 to 3 workers at the checkpoint of epoch")) << grown.reason();
+  // The epochs after the growth were trained by 3 workers at kn = 24: 32 iterations each.
+  ASSERT_EQ(st.history_size(), epochs);
+  EXPECT_EQ(st.history(0).world_size(), 2u);
+  EXPECT_EQ(st.history(epochs - 1).world_size(), 3u);
+  EXPECT_EQ(st.history(epochs - 1).iteration(), 32u * epochs);
+  EXPECT_TRUE(std::filesystem::exists(dir_ + absl::StrFormat("/ckpt/ckpt-%010d.safetensors", 32 * epochs)));
+  const std::string table = Ctl(addr, {"status", job});
+  EXPECT_TRUE(absl::StrContains(table, "generation 2")) << table;
+  EXPECT_TRUE(absl::StrContains(table, "k=3 kn=24 peak lr 0.15")) << table;
+}
+
 TEST_F(WorkerIntegrationTest, IncompatibleWorkersAreRefusedClearly) {
   v1::JobSpec spec = BarsJob(data_, dir_ + "/ckpt", 768, 2);
   spec.set_device(v1::DEVICE_CUDA);
@@ -600,13 +663,6 @@ TEST_F(WorkerIntegrationTest, KilledWorkerIsReplacedAndTrainingResumesFromTheChe
       << "resumed run differs from the uninterrupted one";
 }
 
-
-v1::JobStatus Status(const std::string& addr, const std::string& job) {
-  v1::JobStatus st;
-  const std::string json = Ctl(addr, {"--output=json", "status", job});
-  EXPECT_TRUE(google::protobuf::util::JsonStringToMessage(json, &st).ok()) << json;
-  return st;
-}
 
 // `lmsgdctl resubmit`: a job cancelled after its second epoch's checkpoint, resubmitted, goes on
 // at that iteration (INIT_CONTINUE) and ends with bitwise the uninterrupted run's weights.

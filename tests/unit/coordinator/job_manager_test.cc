@@ -4,6 +4,9 @@
 
 #include <gtest/gtest.h>
 
+#include "common/job_spec.h"
+#include "common/lr_schedule.h"
+
 #include <atomic>
 #include <future>
 #include <thread>
@@ -349,6 +352,80 @@ TEST_F(JobManagerTest, ARankSlowForFiveHeartbeatsIsAStraggler) {
   // Back to speed: the flag clears with its next heartbeat.
   for (const auto& j : r) beat(j, 0.10, 0.0);
   EXPECT_TRUE(flagged().empty());
+}
+
+// An elastic job (2 of up to 3) with a standby worker grows at a checkpoint once the grow
+// interval has passed since it formed, waits for all three to re-join (not the first two), and
+// records the generations; growth is not a recovery.
+TEST_F(JobManagerTest, AnElasticJobGrowsAtACheckpointOncePerGrowInterval) {
+  manager_.reset();
+  options_.grow_interval = absl::Seconds(60);
+  manager_ = std::make_unique<JobManager>(options_, &store_, nullptr);
+  v1::JobSpec spec;
+  spec.mutable_dataset()->set_kind(v1::DATASET_SYNTHETIC);
+  spec.set_world_size(2);
+  spec.set_max_workers(3);
+  const std::string job = manager_->Submit(spec)->job_id();
+  auto r = JoinAll(job, {{"h", 0}, {"h", 1}});
+  ASSERT_EQ(r[0].world_size(), 2);
+  const v1::Schedule old = manager_->Get(job)->schedule();
+  auto standby = JoinAsync(JoinReq("h", 2, job), absl::Seconds(30));
+  auto checkpoint = [&](uint32_t epoch) {
+    const v1::Schedule& sc = manager_->Get(job)->schedule();
+    v1::ReportCheckpointRequest c;
+    c.set_job_id(job);
+    c.set_worker_id(r[0].worker_id());
+    c.mutable_checkpoint()->set_path(absl::StrCat("/ckpt/e", epoch));
+    c.mutable_checkpoint()->set_epoch(epoch);
+    c.mutable_checkpoint()->set_iteration(epoch * sc.iterations_per_epoch());
+    c.mutable_checkpoint()->set_generation(1);
+    return manager_->ReportCheckpoint(c);
+  };
+  // The standby is registered (inside its Join) before the first checkpoint.
+  for (int i = 0; i < 200 && manager_->Get(job)->workers_size() < 3; ++i) absl::SleepFor(absl::Milliseconds(5));
+  ASSERT_EQ(manager_->Get(job)->workers_size(), 3);
+  ASSERT_TRUE(checkpoint(1).ok());
+  EXPECT_EQ(State(job), v1::JOB_STATE_RUNNING) << "formed 0 s ago, under the 60 s grow interval";
+  clock_.Advance(absl::Seconds(61));
+  Beat(r[0]);
+  Beat(r[1]);
+  ASSERT_TRUE(checkpoint(2).ok());
+  v1::JobStatus st = *manager_->Get(job);
+  EXPECT_EQ(st.state(), v1::JOB_STATE_RECOVERING);
+  EXPECT_EQ(st.message(), "growing from 2 to 3 workers at the checkpoint of epoch 2 (1 standby worker ready)");
+  EXPECT_EQ(st.recoveries(), 0u);
+  EXPECT_EQ(Beat(r[0]).directive(), v1::DIRECTIVE_ABORT_AND_REJOIN);
+  // Rank 0 re-joins first: with the standby that is world_size, but the growth waits for 3.
+  auto req0 = JoinReq("h", 0, job);
+  req0.set_last_generation(1);
+  auto again0 = JoinAsync(req0, absl::Seconds(30));
+  absl::SleepFor(absl::Milliseconds(200));
+  EXPECT_EQ(State(job), v1::JOB_STATE_RECOVERING);
+  auto req1 = JoinReq("h", 1, job);
+  req1.set_last_generation(1);
+  auto again1 = JoinAsync(req1, absl::Seconds(30));
+  for (auto* f : {&standby, &again0, &again1}) {
+    auto j = f->get();
+    ASSERT_TRUE(j.ok()) << j.status();
+    EXPECT_EQ(j->generation(), 2u);
+    EXPECT_EQ(j->world_size(), 3);
+    EXPECT_EQ(j->resume_from().path(), "/ckpt/e2");
+  }
+  st = *manager_->Get(job);
+  EXPECT_EQ(st.state(), v1::JOB_STATE_RUNNING);
+  EXPECT_EQ(st.schedule().global_batch(), 96u);
+  EXPECT_DOUBLE_EQ(st.schedule().peak_lr(), 0.1 * 96 / 256);
+  // The same re-warm ramp as a shrink: from the old rate at the checkpoint to the new schedule.
+  EXPECT_EQ(st.schedule().rewarm_start_iteration(), 2 * st.schedule().iterations_per_epoch());
+  EXPECT_DOUBLE_EQ(st.schedule().rewarm_from_lr(), LearningRate(ScheduleParams(old), 2 * old.iterations_per_epoch()));
+  ASSERT_EQ(st.generations_size(), 2);
+  EXPECT_EQ(st.generations(0).world_size(), 2u);
+  EXPECT_EQ(st.generations(0).reason(), "first formation");
+  EXPECT_EQ(st.generations(1).generation(), 2u);
+  EXPECT_EQ(st.generations(1).world_size(), 3u);
+  EXPECT_EQ(st.generations(1).global_batch(), 96u);
+  EXPECT_EQ(st.generations(1).resume_epoch(), 2u);
+  EXPECT_TRUE(absl::StrContains(st.generations(1).reason(), "growing from 2 to 3")) << st.generations(1).reason();
 }
 
 TEST_F(JobManagerTest, TooManyRecoveriesFailsTheJob) {
