@@ -273,6 +273,7 @@ void JobManager::Tick() {
     } else if (metrics_ != nullptr) {
       metrics_->SetJob(job.status, AliveCount(job, now));
     }
+    SettleFailureWindow(job, false);
     // Elastic re-formation is due by time, not by a Join: try it here too (waiting joiners are
     // woken by the transition).
     if (job.status.state() == v1::JOB_STATE_RECOVERING &&

@@ -26,6 +26,13 @@
 // heartbeat timeout) so it does not form with whoever re-joins first. Growth is not a recovery
 // (it does not count against max_recoveries).
 //
+// Blame: a non-fatal failure report breaks the generation at once, but the reporter may have
+// waited for another survivor. For a failure window (2 heartbeat intervals + 1 s) the coordinator
+// collects the broken generation's answers: failure reports and heartbeats carry each rank's
+// completed collectives (comm/communicator.h), a re-join counts as an answer. Then, or once every
+// member answered, it names in the job's message the members that never answered (dead or
+// stopped), or else the one rank whose collectives lag the others', before the first report.
+//
 // Worker identity: (host, local_device) names a slot; incarnation tells a restarted process
 // from the old one. worker_id = "host/device/incarnation".
 #pragma once
@@ -33,6 +40,8 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -127,6 +136,16 @@ class JobManager {
     double busy_ratio = 0;
     int slow_beats = 0;
     bool straggler = false;
+    uint64_t collectives_generation = 0;  // the generation collectives_completed was heartbeated in
+    uint64_t collectives_completed = 0;
+  };
+  struct FailureWindow {
+    uint64_t generation = 0;  // the generation being judged; 0: no window open
+    absl::Time opened;
+    std::string first_report;
+    std::map<std::string, int> rank_of;          // the generation's members, by worker_id
+    std::map<std::string, uint64_t> completed;   // collectives completed, by worker_id
+    std::set<std::string> answered;
   };
   struct Job {
     v1::JobStatus status;  // durable record, `workers` rebuilt from members on every save
@@ -137,6 +156,7 @@ class JobManager {
     absl::Time recovering_since = absl::InfinitePast();  // elastic: when the generation broke
     absl::Time formed_at = absl::InfinitePast();         // when the current generation formed
     uint32_t grow_target = 0;  // growing: the size to wait for (0: not growing)
+    FailureWindow window;
   };
 
   static bool IsFinal(v1::JobState state);
@@ -154,6 +174,13 @@ class JobManager {
   void UpdateStragglers(Job& job, const std::string& job_id, Member& reporter);
   // Forms a generation when enough members are ready.
   absl::Status TryForm(Job& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  // Blame (above): opens the window on a failure report; records an answer from `worker_id` of
+  // `generation` (count: its completed collectives, when known); settles when due or `force`.
+  void OpenFailureWindow(Job& job, const std::string& reporter, const std::string& report,
+                         std::optional<uint64_t> count) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void AnswerFailureWindow(Job& job, uint64_t generation, const std::string& worker_id,
+                           std::optional<uint64_t> count) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void SettleFailureWindow(Job& job, bool force) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // RUNNING -> RECOVERING to re-form larger, when standby workers are ready (see Growth above).
   absl::Status MaybeGrow(Job& job) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // RUNNING -> RECOVERING (or FAILED when out of recoveries). Acknowledged=false: Tick path.

@@ -65,6 +65,8 @@ absl::Status JobManager::TryForm(Job& job) {
     }
     return absl::OkStatus();
   }
+  // The re-formation's reason is the job's message: settle who was behind first.
+  if (state == v1::JOB_STATE_RECOVERING) SettleFailureWindow(job, true);
   // The first `need` workers to become ready, then ranks by (host, local_device).
   std::sort(ready.begin(), ready.end(),
             [](const Member* a, const Member* b) { return a->ready_seq < b->ready_seq; });
@@ -353,6 +355,8 @@ absl::StatusOr<v1::JoinJobResponse> JobManager::Join(const v1::JoinJobRequest& r
                            job->status.generation(), " and re-joined"),
         true));
   }
+  AnswerFailureWindow(*job, req.last_generation(), worker_id, std::nullopt);
+  SettleFailureWindow(*job, false);
   Member* m = &it->second;
   if (!m->ready) {
     m->ready = true;

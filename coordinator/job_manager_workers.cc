@@ -113,8 +113,16 @@ absl::StatusOr<v1::HeartbeatResponse> JobManager::Heartbeat(const v1::HeartbeatR
   }
   Member& m = it->second;
   m.last_seen = options_.now();
+  std::optional<uint64_t> count;
+  if (req.has_collectives_completed()) count = req.collectives_completed();
+  if (count.has_value() && req.generation() == m.generation) {
+    m.collectives_generation = m.generation;
+    m.collectives_completed = *count;
+  }
   if (req.generation() != job->status.generation() || m.generation != job->status.generation() ||
       job->status.state() != v1::JOB_STATE_RUNNING) {
+    AnswerFailureWindow(*job, req.generation(), req.worker_id(), count);
+    SettleFailureWindow(*job, false);
     resp.set_directive(v1::DIRECTIVE_ABORT_AND_REJOIN);
     resp.set_message(absl::StrCat("generation ", req.generation(), " is over (job ",
                                   StateName(job->status.state()), ", generation ",
@@ -249,10 +257,96 @@ absl::Status JobManager::ReportFailure(const v1::ReportFailureRequest& req) {
     next.set_message(msg);
     return Persist(*job, std::move(next));
   }
+  std::optional<uint64_t> count;
+  if (req.has_collectives_completed()) count = req.collectives_completed();
   if (req.generation() == job->status.generation() && job->status.state() == v1::JOB_STATE_RUNNING) {
-    return BreakGeneration(*job, msg, true);
+    OpenFailureWindow(*job, req.worker_id(), msg, count);
+    RETURN_IF_ERROR(BreakGeneration(*job, msg, true));
+    SettleFailureWindow(*job, false);
+    return absl::OkStatus();
   }
+  AnswerFailureWindow(*job, req.generation(), req.worker_id(), count);
+  SettleFailureWindow(*job, false);
   return absl::OkStatus();
+}
+
+void JobManager::OpenFailureWindow(Job& job, const std::string& reporter, const std::string& report,
+                                   std::optional<uint64_t> count) {
+  FailureWindow w;
+  w.generation = job.status.generation();
+  w.opened = options_.now();
+  w.first_report = report;
+  for (const auto& [id, m] : job.members) {
+    if (m.generation != w.generation) continue;
+    w.rank_of[id] = m.info.rank();
+    if (m.collectives_generation == w.generation) w.completed[id] = m.collectives_completed;
+  }
+  job.window = std::move(w);
+  AnswerFailureWindow(job, job.window.generation, reporter, count);
+}
+
+void JobManager::AnswerFailureWindow(Job& job, uint64_t generation, const std::string& worker_id,
+                                     std::optional<uint64_t> count) {
+  FailureWindow& w = job.window;
+  if (w.generation == 0 || generation != w.generation || w.rank_of.count(worker_id) == 0) return;
+  w.answered.insert(worker_id);
+  if (count.has_value()) w.completed[worker_id] = *count;
+}
+
+void JobManager::SettleFailureWindow(Job& job, bool force) {
+  FailureWindow& w = job.window;
+  if (w.generation == 0) return;
+  std::vector<std::string> silent;
+  for (const auto& [id, rank] : w.rank_of) {
+    if (w.answered.count(id) == 0) silent.push_back(id);
+  }
+  const absl::Duration length = 2 * options_.heartbeat_interval + absl::Seconds(1);
+  if (!force && !silent.empty() && options_.now() - w.opened < length) return;
+  auto count_of = [&](const std::string& id) -> std::optional<uint64_t> {
+    auto it = w.completed.find(id);
+    if (it == w.completed.end()) return std::nullopt;
+    return it->second;
+  };
+  uint64_t most = 0;
+  for (const auto& [id, c] : w.completed) most = std::max(most, c);
+  std::string blame;
+  if (!silent.empty() && silent.size() < w.rank_of.size()) {
+    std::vector<std::string> names;
+    for (const auto& id : silent) {
+      auto c = count_of(id);
+      names.push_back(absl::StrCat("rank ", w.rank_of[id], " (", id, c ? absl::StrCat(", last heard at collective #", *c)
+                                                                         : std::string(), ")"));
+    }
+    blame = absl::StrCat(absl::StrJoin(names, ", "), " stopped responding: no failure report, heartbeat or re-join within ",
+                         absl::FormatDuration(length), " of the failure (the others completed collectives up to #",
+                         most, ")");
+  } else if (silent.empty()) {
+    // Everyone answered: a single rank whose collectives lag every other's is the one behind.
+    std::string low;
+    uint64_t low_count = 0;
+    int at_low = 0;
+    for (const auto& [id, c] : w.completed) {
+      if (low.empty() || c < low_count) {
+        low = id;
+        low_count = c;
+        at_low = 1;
+      } else if (c == low_count) {
+        ++at_low;
+      }
+    }
+    if (!low.empty() && at_low == 1 && low_count < most && w.completed.size() == w.rank_of.size()) {
+      blame = absl::StrCat("rank ", w.rank_of[low], " (", low, ") fell behind: its collectives succeeded up to #",
+                           low_count, ", the others' up to #", most);
+    }
+  }
+  const std::string first = w.first_report;
+  w = FailureWindow();
+  if (blame.empty()) return;
+  LOG(WARNING) << "job " << job.status.job_id() << ": " << blame;
+  if (job.status.state() != v1::JOB_STATE_RECOVERING) return;
+  v1::JobStatus next = Snapshot(job);
+  next.set_message(absl::StrCat(blame, "; first report: ", first));
+  PersistOrRetryLater(job, std::move(next));
 }
 
 }  // namespace lmsgd::coordinator

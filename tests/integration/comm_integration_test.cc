@@ -216,13 +216,29 @@ TEST(CommTest, AStalledRankTimesOutTheOthersNamingIt) {
     const absl::Time start = absl::Now();
     auto runs = RunRanks(3, {"--mode=stall", "--victim=2", "--timeout_s=3", "--algo=" + algo}, absl::Seconds(60));
     EXPECT_LT(absl::Now() - start, absl::Seconds(25));
-    int named = 0;
+    int named = 0, named_live = 0;
     for (int r : {0, 1}) {
-      EXPECT_EQ(runs[r].exit_code, 3) << algo << " rank " << r << ":\n" << runs[r].log;
-      EXPECT_NE(runs[r].log.find("DEADLINE_EXCEEDED"), std::string::npos) << runs[r].log;
-      named += runs[r].log.find("waiting for rank 2") != std::string::npos;
+      const std::string& log = runs[r].log;
+      EXPECT_EQ(runs[r].exit_code, 3) << algo << " rank " << r << ":\n" << log;
+      EXPECT_NE(log.find("DEADLINE_EXCEEDED"), std::string::npos) << log;
+      named += log.find("timed out waiting for rank 2") != std::string::npos;
+      // The flight recorder: the first collective succeeded, the second is the stuck one; a wait
+      // shorter than the timeout sees it running (and, over a transport, whom it waits for).
+      EXPECT_NE(log.find("completed=1"), std::string::npos) << log;
+      EXPECT_NE(log.find(absl::StrCat("flight recorder of rank ", r)), std::string::npos) << log;
+      EXPECT_NE(log.find("#1 allreduce of 65536 floats (262.1 KB)"), std::string::npos) << log;
+      EXPECT_NE(log.find("#2 allreduce of 65536 floats (262.1 KB)"), std::string::npos) << log;
+      EXPECT_NE(log.find(": FAILED after"), std::string::npos) << log;
+      const size_t early = log.find("early wait: DEADLINE_EXCEEDED: waiting for #2 allreduce");
+      EXPECT_NE(early, std::string::npos) << log;
+      if (early != std::string::npos) {
+        const std::string line = log.substr(early, log.find('\n', early) - early);
+        EXPECT_TRUE(absl::StrContains(line, ": running 1.")) << line;
+        named_live += absl::StrContains(line, "waiting for rank 2");
+      }
     }
     EXPECT_GE(named, 1) << algo;
+    if (algo != "shm") EXPECT_GE(named_live, 1) << algo << ": the live record names the stalled rank";
   }
 }
 

@@ -240,6 +240,11 @@ int Run(int argc, char** argv) {
     std::vector<std::vector<float>> bufs(lanes, d);
     std::vector<std::shared_ptr<Work>> works;
     for (auto& b : bufs) works.push_back((*comm)->AllreduceAsync(b.data(), b.size()));
+    if (mode == "stall") {
+      // A wait shorter than the collective's timeout names the collective's live state.
+      auto early = works[0]->Wait(absl::Now() + absl::Seconds(1));
+      std::cout << "early wait: " << early.ToString() << std::endl;
+    }
     auto st = works[0]->Wait(far);
     if (st.ok()) return Fail("the collective succeeded although a rank was gone");
     for (size_t w = 1; w < works.size(); ++w) {
@@ -247,6 +252,7 @@ int Run(int argc, char** argv) {
       if (other != st) return Fail(absl::StrCat("collective ", w, " failed differently: ", other.ToString()));
     }
     std::cout << "error after " << absl::ToDoubleSeconds(absl::Now() - start) << " s: " << st.ToString() << std::endl;
+    std::cout << "completed=" << (*comm)->completed() << std::endl;
     // Broken for good: the next collective fails at once with the same error.
     auto again = (*comm)->AllreduceAsync(d.data(), d.size())->Wait(absl::Now() + absl::Seconds(5));
     if (again.ok()) return Fail("a broken communicator accepted another collective");

@@ -479,6 +479,56 @@ TEST_F(WorkerIntegrationTest, ARunningElasticJobGrowsWhenAWorkerJoins) {
   EXPECT_TRUE(absl::StrContains(table, "k=3 kn=24 peak lr 0.15")) << table;
 }
 
+// The flight recorder's verdict: in a 4-rank job (one host: the shared-memory allreduce) one rank
+// is killed mid-training; the survivors' collectives fail and report, the killed rank never
+// answers, and the job's message names it, not a survivor. A replacement then finishes the job.
+TEST_F(WorkerIntegrationTest, AKilledRankIsNamedInTheJobsMessageNotASurvivor) {
+  const std::string addr = coord_->grpc_address();
+  v1::JobSpec spec = BarsJob(data_, dir_ + "/ckpt", 768, 4);
+  spec.set_world_size(4);
+  const std::string job = Ctl(addr, {"submit", WriteJob(dir_, spec)});
+  std::vector<std::unique_ptr<testing::Subprocess>> w;
+  for (int d = 0; d < 4; ++d) w.push_back(StartWorker(addr, job, d, absl::StrCat(dir_, "/w", d, ".log")));
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
+  while (!std::filesystem::exists(dir_ + "/ckpt/ckpt-0000000024.safetensors") && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  const v1::JobStatus running = Status(addr, job);
+  std::string victim;
+  for (const auto& wi : running.workers()) {
+    if (wi.rank() == 2) victim = wi.worker_id();
+  }
+  ASSERT_FALSE(victim.empty()) << running.DebugString();
+  absl::SleepFor(absl::Milliseconds(150));  // into the next epoch's collectives
+  w[2]->Signal(SIGKILL);
+  (void)w[2]->Wait(absl::Seconds(10));
+  std::string msg;
+  const absl::Time until = absl::Now() + absl::Seconds(20);
+  while (absl::Now() < until) {
+    msg = Status(addr, job).message();
+    if (absl::StartsWith(msg, "rank ")) break;
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  RecordProperty("job_message", msg);
+  EXPECT_TRUE(absl::StartsWith(msg, absl::StrCat("rank 2 (", victim))) << msg;
+  EXPECT_TRUE(absl::StrContains(msg, "stopped responding")) << msg;
+  for (int r : {0, 1, 3}) EXPECT_FALSE(absl::StartsWith(msg, absl::StrCat("rank ", r, " ("))) << msg;
+  w[2] = StartWorker(addr, job, 2, dir_ + "/w2b.log");
+  ASSERT_EQ(WaitForEnd(job, absl::Seconds(120)), "JOB_STATE_SUCCEEDED")
+      << ReadFileToString(dir_ + "/w2b.log").value_or("");
+  const v1::JobStatus done = Status(addr, job);
+  ASSERT_EQ(done.generations_size(), 2);
+  EXPECT_TRUE(absl::StartsWith(done.generations(1).reason(), absl::StrCat("rank 2 (", victim)))
+      << done.generations(1).reason();
+  // Each survivor logged its flight recorder when its collective failed or its wait ended.
+  int logged = 0;
+  for (int d : {0, 1, 3}) {
+    logged += absl::StrContains(ReadFileToString(absl::StrCat(dir_, "/w", d, ".log")).value_or(""),
+                                "flight recorder of rank");
+  }
+  EXPECT_GE(logged, 1);
+}
+
 TEST_F(WorkerIntegrationTest, IncompatibleWorkersAreRefusedClearly) {
   v1::JobSpec spec = BarsJob(data_, dir_ + "/ckpt", 768, 2);
   spec.set_device(v1::DEVICE_CUDA);

@@ -5,8 +5,37 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/logging.h"
 
 namespace lmsgd::comm {
+
+std::string FormatCollectiveRecord(const CollectiveRecord& r, absl::Time now) {
+  std::string s = absl::StrFormat("#%d %s (%.1f KB)", r.issue, r.what, r.bytes / 1e3);
+  if (!r.algorithm.empty()) absl::StrAppend(&s, " ", r.algorithm);
+  if (r.seq > 0) absl::StrAppend(&s, " lane ", r.lane, " seq ", r.seq);
+  auto seconds = [](absl::Duration d) { return absl::StrFormat("%.3f s", absl::ToDoubleSeconds(d)); };
+  switch (r.state) {
+    case CollectiveRecord::kQueued: absl::StrAppend(&s, ": queued ", seconds(now - r.enqueued)); break;
+    case CollectiveRecord::kRunning: absl::StrAppend(&s, ": running ", seconds(now - r.started)); break;
+    case CollectiveRecord::kOk: absl::StrAppend(&s, ": ok in ", seconds(r.finished - r.started)); break;
+    case CollectiveRecord::kFailed:
+      absl::StrAppend(&s, ": FAILED after ", seconds(r.finished - r.started), " (", r.error, ")");
+      break;
+  }
+  if (r.waited_for >= 0) {
+    absl::StrAppend(&s, r.state == CollectiveRecord::kRunning ? ", waiting for rank " : ", last waited for rank ",
+                    r.waited_for);
+  }
+  return s;
+}
+
+CollectiveRecord Work::Trace::Snapshot() {
+  std::lock_guard<std::mutex> lock(mu);
+  CollectiveRecord r = record;
+  if (r.state == CollectiveRecord::kRunning) r.waited_for = waiting.load(std::memory_order_relaxed);
+  return r;
+}
 
 absl::Status Work::Wait(absl::Time deadline) {
   std::unique_lock<std::mutex> lock(mu_);
@@ -14,7 +43,8 @@ absl::Status Work::Wait(absl::Time deadline) {
   const absl::Duration left = std::clamp(deadline - absl::Now(), absl::ZeroDuration(), absl::Hours(24 * 365));
   const auto until = std::chrono::system_clock::now() + absl::ToChronoNanoseconds(left);
   if (!cv_.wait_until(lock, until, [&] { return done_; })) {
-    return absl::DeadlineExceededError(absl::StrCat("waiting for ", what_));
+    return absl::DeadlineExceededError(
+        absl::StrCat("waiting for ", FormatCollectiveRecord(trace_->Snapshot(), absl::Now())));
   }
   return status_;
 }
@@ -123,18 +153,66 @@ void Communicator::Abort() {
   cv_.notify_all();
 }
 
-std::shared_ptr<Work> Communicator::Enqueue(std::string what,
-                                            std::function<absl::Status(Lane&, uint64_t, absl::Time)> fn) {
+std::shared_ptr<Work> Communicator::Enqueue(std::string what, size_t bytes, OpFn fn) {
   auto work = std::make_shared<Work>();
-  work->what_ = std::move(what);
+  work->trace_ = std::make_shared<Work::Trace>();
+  CollectiveRecord& r = work->trace_->record;  // nobody else sees the trace yet
+  r.what = std::move(what);
+  r.bytes = bytes;
+  r.enqueued = absl::Now();
   std::lock_guard<std::mutex> lock(mu_);
   if (!broken_.ok() || stop_) {
     work->Complete(broken_.ok() ? absl::AbortedError("communicator shut down") : broken_);
     return work;
   }
+  r.issue = next_issue_ + 1;
+  r.lane = static_cast<int>(next_issue_ % lanes_.size());
   lanes_[next_issue_++ % lanes_.size()]->queue.push_back(Op{work, std::move(fn)});
+  recent_.push_back(work->trace_);
+  if (recent_.size() > kFlightRecorderSize) recent_.pop_front();
   cv_.notify_all();
   return work;
+}
+
+void Communicator::Finished(const Work::Trace& trace, bool ok) {
+  if (!ok) return;
+  completed_ahead_.insert(trace.record.issue);
+  while (!completed_ahead_.empty() && *completed_ahead_.begin() == completed_ + 1) {
+    completed_ahead_.erase(completed_ahead_.begin());
+    ++completed_;
+  }
+}
+
+bool Communicator::failed() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return !broken_.ok();
+}
+
+uint64_t Communicator::completed() {
+  std::lock_guard<std::mutex> lock(mu_);
+  return completed_;
+}
+
+std::vector<CollectiveRecord> Communicator::Recent() {
+  std::vector<std::shared_ptr<Work::Trace>> traces;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    traces.assign(recent_.begin(), recent_.end());
+  }
+  std::vector<CollectiveRecord> out;
+  for (const auto& t : traces) out.push_back(t->Snapshot());
+  return out;
+}
+
+std::string Communicator::FlightRecord(size_t n) {
+  const std::vector<CollectiveRecord> recent = Recent();
+  const absl::Time now = absl::Now();
+  std::string s = absl::StrCat("flight recorder of rank ", rank(), ": the last ", std::min(n, recent.size()),
+                               " collectives (every one up to #", completed(), " succeeded)");
+  for (size_t i = recent.size() > n ? recent.size() - n : 0; i < recent.size(); ++i) {
+    absl::StrAppend(&s, "\n  ", FormatCollectiveRecord(recent[i], now));
+  }
+  return s;
 }
 
 void Communicator::Loop(Lane& lane) {
@@ -151,18 +229,43 @@ void Communicator::Loop(Lane& lane) {
       seq = lane.next_seq++;
       broken = broken_;
     }
+    Work::Trace& trace = *op.work->trace_;
     if (!broken.ok()) {
+      {
+        std::lock_guard<std::mutex> tl(trace.mu);
+        trace.record.state = CollectiveRecord::kFailed;
+        trace.record.error = "not run: the communicator had failed";
+        trace.record.started = trace.record.finished = absl::Now();
+      }
       op.work->Complete(broken);
       continue;
     }
-    absl::Status st = op.fn(lane, seq, absl::Now() + options_.collective_timeout);
+    {
+      std::lock_guard<std::mutex> tl(trace.mu);
+      trace.record.seq = seq;
+      trace.record.started = absl::Now();
+      trace.record.state = CollectiveRecord::kRunning;
+    }
+    std::string algorithm;
+    lane.transport->set_wait_observer(&trace.waiting);
+    absl::Status st = op.fn(lane, seq, absl::Now() + options_.collective_timeout, &algorithm);
+    lane.transport->set_wait_observer(nullptr);
+    {
+      std::lock_guard<std::mutex> tl(trace.mu);
+      trace.record.algorithm = algorithm;
+      trace.record.finished = absl::Now();
+      trace.record.waited_for = trace.waiting.load(std::memory_order_relaxed);
+      trace.record.state = st.ok() ? CollectiveRecord::kOk : CollectiveRecord::kFailed;
+      if (!st.ok()) trace.record.error = std::string(st.message());
+    }
     if (!st.ok()) {
       bool first = false;
       {
         std::lock_guard<std::mutex> lock(mu_);
         if (broken_.ok()) {
-          broken_ = absl::Status(st.code(), absl::StrCat("rank ", lane.transport->rank(), ": ", op.work->what_, " #",
-                                                         seq, lanes_.size() > 1 ? absl::StrCat(" on lane ", lane.index) : "",
+          broken_ = absl::Status(st.code(), absl::StrCat("rank ", lane.transport->rank(), ": ", trace.record.what,
+                                                         " #", seq,
+                                                         lanes_.size() > 1 ? absl::StrCat(" on lane ", lane.index) : "",
                                                          ": ", st.message()));
           first = true;
         }
@@ -173,7 +276,11 @@ void Communicator::Loop(Lane& lane) {
         for (auto& other : lanes_) {
           if (other.get() != &lane) other->AbortTransport();
         }
+        LOG(WARNING) << FlightRecord();
       }
+    } else {
+      std::lock_guard<std::mutex> lock(mu_);
+      Finished(trace, true);
     }
     op.work->Complete(st);
   }
@@ -182,8 +289,8 @@ void Communicator::Loop(Lane& lane) {
 std::shared_ptr<Work> Communicator::AllreduceAsync(float* data, size_t count) {
   const CommunicatorOptions& o = options_;
   const int hosts = num_hosts_;
-  return Enqueue(absl::StrCat("allreduce of ", count, " floats"),
-                 [data, count, &o, hosts](Lane& l, uint64_t seq, absl::Time deadline) {
+  return Enqueue(absl::StrCat("allreduce of ", count, " floats"), count * sizeof(float),
+                 [data, count, &o, hosts](Lane& l, uint64_t seq, absl::Time deadline, std::string* name) {
                    Algorithm choice = o.algorithm;
                    if (choice == Algorithm::kAuto) {
                      choice = ChooseAlgorithm(count * sizeof(float), l.transport->size(), hosts,
@@ -193,19 +300,22 @@ std::shared_ptr<Work> Communicator::AllreduceAsync(float* data, size_t count) {
                    if (choice == Algorithm::kHalvingDoubling) algo = l.halving_doubling.get();
                    if (choice == Algorithm::kHierarchical) algo = l.hierarchical.get();
                    if (choice == Algorithm::kSharedMemory && l.shared_memory) algo = l.shared_memory.get();
+                   *name = AlgorithmName(algo == l.ring.get() ? Algorithm::kRing : choice);
                    return algo->Run(data, count, seq, deadline);
                  });
 }
 
 std::shared_ptr<Work> Communicator::BroadcastAsync(float* data, size_t count, int root) {
-  return Enqueue(absl::StrCat("broadcast of ", count, " floats from rank ", root),
-                 [data, count, root](Lane& l, uint64_t seq, absl::Time deadline) {
+  return Enqueue(absl::StrCat("broadcast of ", count, " floats from rank ", root), count * sizeof(float),
+                 [data, count, root](Lane& l, uint64_t seq, absl::Time deadline, std::string* name) {
+                   *name = "broadcast";
                    return Broadcast(l.transport.get(), data, count, root, seq, deadline);
                  });
 }
 
 std::shared_ptr<Work> Communicator::BarrierAsync() {
-  return Enqueue("barrier", [](Lane& l, uint64_t seq, absl::Time deadline) {
+  return Enqueue("barrier", 0, [](Lane& l, uint64_t seq, absl::Time deadline, std::string* name) {
+    *name = "barrier";
     return Barrier(l.transport.get(), seq, deadline);
   });
 }

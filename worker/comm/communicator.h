@@ -12,9 +12,18 @@
 // flight there returns at once), and every collective not yet finished, and every new call,
 // returns the first failure. Abort() unblocks everything (ABORTED). A new generation builds a
 // new Communicator; nothing is reused.
+//
+// Flight recorder (after NCCL's and PyTorch's): the last kFlightRecorderSize collectives are kept
+// with their issue number (the same collective has the same number on every rank), lane and
+// sequence, algorithm, bytes, times, outcome and the peer each waited for (live while it runs).
+// The first failure logs the recent ones; a Work that times out names its collective's state.
+// completed() is the issue number up to which every collective succeeded: comparing it across
+// ranks tells which rank fell behind (the worker reports it with a failure).
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
+#include <set>
 #include <deque>
 #include <functional>
 #include <memory>
@@ -36,6 +45,23 @@
 
 namespace lmsgd::comm {
 
+// One collective as the flight recorder holds it.
+struct CollectiveRecord {
+  enum State { kQueued, kRunning, kOk, kFailed };
+  uint64_t issue = 0;      // 1-based place in the order collectives were issued
+  std::string what;        // "allreduce of 77754 floats", "broadcast of ...", "barrier"
+  std::string algorithm;   // "ring", "halving_doubling", "hierarchical", "shared_memory", ... ("" while queued)
+  size_t bytes = 0;
+  int lane = 0;
+  uint64_t seq = 0;        // its sequence on its lane (its message tags); 0 while queued
+  absl::Time enqueued = absl::InfinitePast(), started = absl::InfinitePast(), finished = absl::InfinitePast();
+  int waited_for = -1;     // running: the peer it waits for; finished: the last it waited for (-1: none known)
+  State state = kQueued;
+  std::string error;       // kFailed
+};
+// "#412 allreduce of 77754 floats (311.0 KB) ring lane 0 seq 137: running 40.02 s, waiting for rank 1"
+std::string FormatCollectiveRecord(const CollectiveRecord& record, absl::Time now);
+
 class Work {
  public:
   absl::Status Wait(absl::Time deadline);
@@ -43,12 +69,18 @@ class Work {
 
  private:
   friend class Communicator;
+  struct Trace {
+    std::mutex mu;
+    CollectiveRecord record;
+    std::atomic<int> waiting{-1};  // written by the transport while the collective runs
+    CollectiveRecord Snapshot();
+  };
   void Complete(absl::Status status);
   std::mutex mu_;
   std::condition_variable cv_;
   bool done_ = false;
   absl::Status status_;
-  std::string what_;
+  std::shared_ptr<Trace> trace_;
 };
 
 struct CommunicatorOptions {
@@ -90,15 +122,26 @@ class Communicator {
   std::shared_ptr<Work> AllreduceAsync(float* data, size_t count);
   std::shared_ptr<Work> BroadcastAsync(float* data, size_t count, int root);
   std::shared_ptr<Work> BarrierAsync();
+  // Every collective up to this issue number succeeded (0: none yet).
+  uint64_t completed();
+  // A collective failed or Abort() was called: every later one fails.
+  bool failed();
+  // The flight recorder: the last kFlightRecorderSize collectives, oldest first; and the last
+  // `n` of them, one formatted line each.
+  static constexpr size_t kFlightRecorderSize = 64;
+  std::vector<CollectiveRecord> Recent();
+  std::string FlightRecord(size_t n = 16);
   // Fails every pending and future collective with ABORTED; returns without waiting for peers.
   void Abort();
 
  private:
   Communicator() = default;
   struct Lane;
+  // Runs the collective on its lane with its sequence; names the algorithm it chose.
+  using OpFn = std::function<absl::Status(Lane&, uint64_t seq, absl::Time deadline, std::string* algorithm)>;
   struct Op {
     std::shared_ptr<Work> work;
-    std::function<absl::Status(Lane&, uint64_t, absl::Time)> fn;
+    OpFn fn;
   };
   // A transport with its algorithms, queue and thread. Sequence numbers (message tags) count per
   // lane: each lane's transport has its own tag space.
@@ -114,9 +157,9 @@ class Communicator {
     void AbortTransport();  // thread-safe
   };
   // `fn` runs on the lane the collective falls to.
-  std::shared_ptr<Work> Enqueue(std::string what,
-                                std::function<absl::Status(Lane&, uint64_t seq, absl::Time deadline)> fn);
+  std::shared_ptr<Work> Enqueue(std::string what, size_t bytes, OpFn fn);
   void Loop(Lane& lane);
+  void Finished(const Work::Trace& trace, bool ok);  // under mu_
 
   CommunicatorOptions options_;
   std::vector<std::unique_ptr<Lane>> lanes_;
@@ -126,6 +169,9 @@ class Communicator {
   bool stop_ = false;
   absl::Status broken_;    // first failure; sticky
   uint64_t next_issue_ = 0;  // collectives issued so far: the next goes to lane next_issue_ % c
+  std::deque<std::shared_ptr<Work::Trace>> recent_;  // the flight recorder, oldest first
+  uint64_t completed_ = 0;             // every collective up to this issue succeeded
+  std::set<uint64_t> completed_ahead_;  // succeeded ones beyond completed_ + 1 (other lanes)
 };
 
 }  // namespace lmsgd::comm

@@ -6,6 +6,7 @@
 // the protocol step into `tag`, so messages of different collectives or steps never mix.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -49,6 +50,18 @@ class Transport {
   }
   // Makes every pending and future SendRecv fail promptly (ABORTED). Thread-safe.
   virtual void Abort() = 0;
+  // Where Exchange reports whom it waits for (the communicator's flight recorder): while an
+  // Exchange waits, the peer of its first unfinished operation; when it ends, the peer of the
+  // operation that finished last, or that failed. Null: no reports. Set between Exchanges.
+  void set_wait_observer(std::atomic<int>* observer) { wait_observer_ = observer; }
+
+ protected:
+  void ReportWaitingFor(int peer) {
+    if (wait_observer_ != nullptr) wait_observer_->store(peer, std::memory_order_relaxed);
+  }
+
+ private:
+  std::atomic<int>* wait_observer_ = nullptr;
 };
 
 // tag = collective sequence (32 bits) | step (16 bits).

@@ -296,6 +296,7 @@ absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time de
         ucp_request_free(pe.req);
         pe.req = nullptr;
         if (st != UCS_OK) {
+          ReportWaitingFor(op.peer);
           result = absl::UnavailableError(absl::StrCat(what, ": ", describe(op), " rank ", op.peer, ": ",
                                                        ucs_status_string(st)));
           break;
@@ -319,11 +320,19 @@ absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time de
       pe.finished = true;
       --remaining;
       any = true;
+      ReportWaitingFor(op.peer);
     }
     if (!result.ok() || remaining == 0) break;
+    for (size_t i = 0; i < ops.size(); ++i) {
+      if (!pend[i].finished) {
+        ReportWaitingFor(ops[i].peer);
+        break;
+      }
+    }
     // Failure checks, then progress.
     for (size_t i = 0; i < ops.size() && result.ok(); ++i) {
       if (!pend[i].finished && im.peer_status[ops[i].peer] != UCS_OK) {
+        ReportWaitingFor(ops[i].peer);
         result = absl::UnavailableError(absl::StrCat(what, ": rank ", ops[i].peer, " failed (",
                                                      ucs_status_string(im.peer_status[ops[i].peer]), ")"));
       }
@@ -336,6 +345,7 @@ absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time de
     if (absl::Now() > deadline) {
       for (size_t i = 0; i < ops.size(); ++i) {
         if (pend[i].finished) continue;
+        ReportWaitingFor(ops[i].peer);
         result = absl::DeadlineExceededError(absl::StrCat(what, ": timed out waiting for rank ", ops[i].peer,
                                                           ops[i].kind == P2POp::kSend ? " to receive" : " to send"));
         break;

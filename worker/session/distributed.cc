@@ -29,14 +29,16 @@ namespace {
 // Why a generation ended.
 enum class End { kJobDone, kStop, kRejoin };
 
+// `comm` (null before one exists): its completed collectives go with the report.
 absl::Status ReportFailureTo(CoordinatorClient* client, const v1::JoinJobResponse& join, bool fatal,
-                             const absl::Status& st) {
+                             const absl::Status& st, comm::Communicator* comm = nullptr) {
   v1::ReportFailureRequest r;
   r.set_job_id(join.job_id());
   r.set_worker_id(join.worker_id());
   r.set_generation(join.generation());
   r.set_fatal(fatal);
   r.set_message(st.ToString());
+  if (comm != nullptr) r.set_collectives_completed(comm->completed());
   return client->ReportFailure(r);
 }
 
@@ -106,7 +108,9 @@ Generation::Rejoin Generation::Failed(const absl::Status& st) {
   if (heartbeater_ && (heartbeater_->abort() || heartbeater_->stop())) {
     return Rejoin{absl::StrCat("coordinator: ", heartbeater_->message())};
   }
-  (void)ReportFailureTo(client_, join_, /*fatal=*/false, st);
+  // A collective that failed logged the recorder itself; a wait that timed out did not.
+  if (comm_ && !comm_->failed()) Log(comm_->FlightRecord());
+  (void)ReportFailureTo(client_, join_, /*fatal=*/false, st, comm_.get());
   return Rejoin{std::string(st.message())};
 }
 

@@ -75,6 +75,7 @@ absl::StatusOr<v1::HeartbeatResponse> Heartbeater::Beat(bool completed) {
     }
   }
   r.set_completed(completed);
+  r.set_collectives_completed(comm_->completed());
   auto resp = client_->Heartbeat(r);
   if (resp.ok()) Act(*resp);
   return resp;

@@ -428,6 +428,85 @@ TEST_F(JobManagerTest, AnElasticJobGrowsAtACheckpointOncePerGrowInterval) {
   EXPECT_TRUE(absl::StrContains(st.generations(1).reason(), "growing from 2 to 3")) << st.generations(1).reason();
 }
 
+// Blame: the first failure report may name a survivor (rank 0 waited for rank 3, which waited
+// for the dead rank 2). The coordinator waits for the generation's answers and names the rank
+// that never answered; when all answer, the one whose collectives lag.
+TEST_F(JobManagerTest, TheRankBehindAFailureIsNamedNotTheSurvivorTheReporterWaitedFor) {
+  manager_.reset();
+  options_.heartbeat_interval = absl::Seconds(1);  // a failure window of 3 s
+  manager_ = std::make_unique<JobManager>(options_, &store_, nullptr);
+  const std::string job = manager_->Submit([] {
+                                     v1::JobSpec s;
+                                     s.mutable_dataset()->set_kind(v1::DATASET_SYNTHETIC);
+                                     s.set_world_size(4);
+                                     return s;
+                                   }())->job_id();
+  auto r = JoinAll(job, {{"h", 0}, {"h", 1}, {"h", 2}, {"h", 3}});
+  auto beat = [&](const v1::JoinJobResponse& j, uint64_t completed) {
+    v1::HeartbeatRequest req;
+    req.set_job_id(j.job_id());
+    req.set_worker_id(j.worker_id());
+    req.set_generation(j.generation());
+    req.set_rank(j.rank());
+    req.set_collectives_completed(completed);
+    return manager_->Heartbeat(req)->directive();
+  };
+  auto fail = [&](const v1::JoinJobResponse& j, uint64_t completed, const std::string& msg) {
+    v1::ReportFailureRequest f;
+    f.set_job_id(job);
+    f.set_worker_id(j.worker_id());
+    f.set_generation(j.generation());
+    f.set_message(msg);
+    f.set_collectives_completed(completed);
+    ASSERT_TRUE(manager_->ReportFailure(f).ok());
+  };
+  for (const auto& j : r) beat(j, 40);
+  fail(r[0], 41, "allreduce #42: timed out waiting for rank 3 to send");
+  EXPECT_EQ(State(job), v1::JOB_STATE_RECOVERING);
+  EXPECT_TRUE(absl::StrContains(manager_->Get(job)->message(), "waiting for rank 3")) << "the first report, for now";
+  fail(r[1], 41, "allreduce #42: rank 2 failed");
+  EXPECT_EQ(beat(r[3], 41), v1::DIRECTIVE_ABORT_AND_REJOIN);  // rank 3 answers with its heartbeat
+  manager_->Tick();
+  EXPECT_FALSE(absl::StartsWith(manager_->Get(job)->message(), "rank ")) << "the window is still open";
+  clock_.Advance(absl::Seconds(4));
+  manager_->Tick();
+  std::string msg = manager_->Get(job)->message();
+  EXPECT_TRUE(absl::StartsWith(msg, absl::StrCat("rank 2 (", r[2].worker_id(), ", last heard at collective #40)")))
+      << msg;
+  EXPECT_TRUE(absl::StrContains(msg, "stopped responding")) << msg;
+  EXPECT_TRUE(absl::StrContains(msg, "the others completed collectives up to #41")) << msg;
+  EXPECT_TRUE(absl::StrContains(msg, "first report: worker " + r[0].worker_id())) << msg;
+  EXPECT_FALSE(absl::StrContains(msg, "rank 3 (")) << msg;
+
+  // The next generation; this time every rank answers and rank 1's collectives lag.
+  std::vector<v1::JoinJobResponse> r2;
+  {
+    std::vector<std::future<absl::StatusOr<v1::JoinJobResponse>>> fs;
+    for (uint32_t d : {0u, 1u, 2u, 3u}) {
+      auto req = JoinReq("h", d, job, d == 2 ? "i2" : "i1");
+      req.set_last_generation(1);
+      if (d == 2) req.mutable_identity()->set_replaces_incarnation("i1");
+      fs.push_back(JoinAsync(req));
+    }
+    for (auto& f : fs) r2.push_back(*f.get());
+  }
+  ASSERT_EQ(r2[0].generation(), 2u);
+  const v1::JobStatus formed = *manager_->Get(job);
+  ASSERT_EQ(formed.generations_size(), 2);
+  EXPECT_TRUE(absl::StartsWith(formed.generations(1).reason(), "rank 2 (")) << formed.generations(1).reason();
+  for (const auto& j : r2) beat(j, 100);
+  fail(r2[0], 120, "allreduce #121: timed out waiting for rank 3 to send");
+  fail(r2[2], 120, "allreduce #121: timed out waiting for rank 1 to send");
+  fail(r2[3], 120, "allreduce #121: timed out waiting for rank 2 to send");
+  EXPECT_FALSE(absl::StartsWith(manager_->Get(job)->message(), "rank ")) << "rank 1 has not answered";
+  fail(r2[1], 117, "allreduce #118: aborted");
+  msg = manager_->Get(job)->message();
+  EXPECT_TRUE(absl::StartsWith(msg, absl::StrCat("rank 1 (", r2[1].worker_id(),
+                                                    ") fell behind: its collectives succeeded up to #117, the "
+                                                    "others' up to #120")))
+      << msg;
+}
+
 TEST_F(JobManagerTest, TooManyRecoveriesFailsTheJob) {
   auto job = SubmitJob(1, /*max_recoveries=*/1);
   JoinAll(job.job_id(), {{"h", 0}});
