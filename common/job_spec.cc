@@ -98,6 +98,9 @@ std::vector<std::string> JobSpecErrors(const v1::JobSpec& s) {
   const auto& d = s.dataset();
   const bool evaluate = s.mode() == v1::JOB_MODE_EVALUATE;
   if (!v1::JobMode_IsValid(s.mode())) bad("mode", "unknown job mode");
+  if (!v1::GradientExchangeDtype_IsValid(s.gradient_exchange_dtype())) {
+    bad("gradient_exchange_dtype", "must be GRADIENT_EXCHANGE_FP32 or GRADIENT_EXCHANGE_BF16");
+  }
   if (!v1::InitMode_IsValid(s.init_mode())) bad("init_mode", "unknown init mode");
   if (s.init_checkpoint().size() > 4096) bad("init_checkpoint", "longer than 4096 characters");
   if (s.init_mode() != v1::INIT_WEIGHTS && s.init_checkpoint().empty()) {

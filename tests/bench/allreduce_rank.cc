@@ -21,6 +21,7 @@
 #include "worker/comm/algorithms/hierarchical.h"
 #include "worker/comm/algorithms/ring.h"
 #include "worker/comm/algorithms/shared_memory.h"
+#include "worker/comm/bf16_wire.h"
 #include "worker/comm/communicator.h"
 #include "worker/comm/store.h"
 #include "worker/comm/ucx_transport.h"
@@ -73,6 +74,20 @@ absl::StatusOr<std::vector<double>> TimeInTurns(size_t n, int units, std::mt1993
   return seconds;
 }
 
+// An algorithm on the bf16 wire as the Communicator runs it (JobSpec gradient_exchange_dtype
+// BF16): over a Bf16WireTransport, or the shared-memory one in its bf16 mode.
+class Bf16Allreduce final : public comm::AllreduceAlgorithm {
+ public:
+  explicit Bf16Allreduce(std::function<absl::Status(float*, size_t, uint64_t, absl::Time)> run)
+      : run_(std::move(run)) {}
+  absl::Status Run(float* data, size_t count, uint64_t seq, absl::Time deadline) override {
+    return run_(data, count, seq, deadline);
+  }
+
+ private:
+  std::function<absl::Status(float*, size_t, uint64_t, absl::Time)> run_;
+};
+
 // `wire`: "shm" (UCX's choice on one host: shared memory) or "tcp" (UCX_TLS=tcp: the wire between
 // hosts, here on loopback, where ring and halving/doubling are what AUTO picks from). Rows are
 // reported as impl "lmsgd" and "lmsgd-tcp"; the shared-memory algorithm, which does not use the
@@ -95,14 +110,30 @@ int RunLmsgdRank(int rank, int k, const std::string& store_dir, size_t min_bytes
   uint64_t seq = 1;
   // Every collective has its own deadline: a peer that fails ends the run within a minute.
   auto deadline = [] { return absl::Now() + absl::Seconds(60); };
+  comm::Bf16WireTransport bf16_wire(t->get());
+  comm::RingAllreduce bf16_ring_inner(&bf16_wire);
+  comm::HalvingDoublingAllreduce bf16_hd_inner(&bf16_wire);
+  Bf16Allreduce bf16_ring([&](float* d, size_t n, uint64_t q, absl::Time dl) { return bf16_ring_inner.Run(d, n, q, dl); });
+  Bf16Allreduce bf16_hd([&](float* d, size_t n, uint64_t q, absl::Time dl) {
+    RETURN_IF_ERROR(bf16_hd_inner.Run(d, n, q, dl));
+    comm::RoundToBf16(d, n);  // as the Communicator does after halving/doubling
+    return absl::OkStatus();
+  });
   std::vector<std::pair<const char*, comm::AllreduceAlgorithm*>> algos = {
-      {"ring", &ring}, {"halving_doubling", &hd}, {"hd_halving_only", &halving_only}};
+      {"ring", &ring}, {"halving_doubling", &hd}, {"hd_halving_only", &halving_only},
+      {"ring_bf16", &bf16_ring}, {"halving_doubling_bf16", &bf16_hd}};
   absl::StatusOr<std::unique_ptr<comm::SharedMemoryAllreduce>> shm = absl::UnimplementedError("not on this wire");
   if (wire != "tcp") {
     shm = comm::SharedMemoryAllreduce::Create(t->get(), seq++, deadline());
     if (!shm.ok()) std::cerr << "rank " << rank << ": no shared-memory allreduce: " << shm.status() << "\n";
   }
-  if (shm.ok()) algos.push_back({"shared_memory", shm->get()});
+  Bf16Allreduce bf16_shm([&](float* d, size_t n, uint64_t q, absl::Time dl) {
+    return (*shm)->Run(d, n, q, dl, comm::WireDtype::kBf16);
+  });
+  if (shm.ok()) {
+    algos.push_back({"shared_memory", shm->get()});
+    algos.push_back({"shared_memory_bf16", &bf16_shm});
+  }
   // Per size, the algorithms take turns (TimeInTurns); halving/doubling without its
   // recursive-doubling switch only up to 256 KiB.
   std::mt19937 rng(12345);

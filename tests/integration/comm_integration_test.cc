@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <set>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -79,6 +80,36 @@ TEST_P(AllreduceTest, ExactSumIdenticalOnAllRanks) {
 
 INSTANTIATE_TEST_SUITE_P(Worlds, AllreduceTest,
                          ::testing::Combine(::testing::Values(1, 2, 3, 4, 5, 7, 8),
+                                            ::testing::Values("ring", "hd", "hier", "shm", "auto")),
+                         [](const auto& info) {
+                           return absl::StrCat("k", std::get<0>(info.param), "_", std::get<1>(info.param));
+                         });
+
+// The bf16 wire (JobSpec gradient_exchange_dtype BF16): every algorithm's sum within bf16's bound
+// of the float64 sum and bitwise the same on every rank; halving/doubling both by
+// recursive doubling (small counts) and by halving (large), the shared-memory segment across
+// several chunks.
+class Bf16AllreduceTest : public ::testing::TestWithParam<std::tuple<int, std::string>> {};
+
+TEST_P(Bf16AllreduceTest, WithinBf16BoundsOfTheFloat64SumAndIdenticalOnAllRanks) {
+  const auto [k, algo] = GetParam();
+  std::vector<std::string> flags = {"--mode=bf16", "--algo=" + algo, "--counts=1,7,1023,65537,3000000",
+                                    "--timeout_s=120"};
+  if (algo == "hier") flags.push_back(Hosts(k));
+  auto runs = RunRanks(k, flags, absl::Seconds(300));
+  const auto distinct = DistinctResults(runs, absl::StrCat("bf16 k=", k, " ", algo));
+  EXPECT_EQ(distinct.size(), 1u) << "ranks disagree";
+  // The sums went through bf16: most of the 3M are not the float32 rounding of the exact sum.
+  const size_t at = runs[0].log.find("result count=3000000 ");
+  ASSERT_NE(at, std::string::npos) << runs[0].log;
+  const std::string line = runs[0].log.substr(at, runs[0].log.find('\n', at) - at);
+  size_t inexact = 0;
+  ASSERT_TRUE(absl::SimpleAtoi(line.substr(line.find("inexact=") + 8), &inexact)) << line;
+  EXPECT_GT(inexact, 1000000u) << line;
+}
+
+INSTANTIATE_TEST_SUITE_P(Worlds, Bf16AllreduceTest,
+                         ::testing::Combine(::testing::Values(2, 3, 4, 5),
                                             ::testing::Values("ring", "hd", "hier", "shm", "auto")),
                          [](const auto& info) {
                            return absl::StrCat("k", std::get<0>(info.param), "_", std::get<1>(info.param));

@@ -10,7 +10,8 @@
 //             [--ucx_rndv_thresh=N] (UCX_RNDV_THRESH: messages above N bytes go by rendezvous)
 //
 // Modes: allreduce (integer-valued data, checked exact; prints a CRC of each result so the test
-// can compare ranks), broadcast, barrier, bucketed (a ResNet-8 training step with gradient
+// can compare ranks), bf16 (the same over the bf16 wire: non-integer data checked against the
+// float64 sum within bf16's bound, a CRC per result), broadcast, barrier, bucketed (a ResNet-8 training step with gradient
 // buckets allreduced during backward vs. one allreduce after it), die (rank V exits abruptly
 // at the second collective; the others must fail naming it), stall (rank V stops responding),
 // regen (a K-rank generation is aborted, then ranks 0..K-2 form a new one and allreduce).
@@ -18,6 +19,7 @@
 #include <unistd.h>
 
 #include <cmath>
+#include <cstring>
 #include <iostream>
 #include <map>
 #include <string>
@@ -137,6 +139,41 @@ int Run(int argc, char** argv) {
       }
       std::cout << "result count=" << n << " crc="
                 << Crc32(absl::string_view(reinterpret_cast<const char*>(d.data()), n * sizeof(float))) << std::endl;
+    }
+  } else if (mode == "bf16") {
+    // Non-integer data with mixed signs and magnitudes; every rank can make every rank's, so each
+    // checks its result against the float64 sum within bf16's bound: at most k roundings of a
+    // partial sum (one per hop, and the last), each within 2^-8 of it, and |partial| <= sum |x|.
+    auto value = [](int r, size_t i) {
+      const double x = std::sin(0.37 * static_cast<double>(i) + 1.3 * r) * std::pow(2.0, static_cast<int>(i % 7) - 3);
+      return static_cast<float>(x);
+    };
+    for (size_t n : counts) {
+      std::vector<float> d(n);
+      for (size_t i = 0; i < n; ++i) d[i] = value(rank, i);
+      if (auto st = (*comm)->AllreduceAsync(d.data(), n, WireDtype::kBf16)->Wait(far); !st.ok()) {
+        return Fail(st.ToString());
+      }
+      double worst = 0;
+      size_t inexact = 0;
+      for (size_t i = 0; i < n; ++i) {
+        double ref = 0, mag = 0;
+        for (int q = 0; q < size; ++q) {
+          ref += value(q, i);
+          mag += std::abs(value(q, i));
+        }
+        const double bound = size * (std::ldexp(1.0, -8) + std::ldexp(1.0, -23)) * mag;
+        const double err = std::abs(static_cast<double>(d[i]) - ref);
+        if (err > bound) {
+          return Fail(absl::StrCat("count ", n, " element ", i, " = ", d[i], ", float64 sum ", ref, ": error ", err,
+                                   " above the bf16 bound ", bound));
+        }
+        worst = std::max(worst, bound > 0 ? err / bound : 0.0);
+        inexact += static_cast<float>(ref) != d[i];
+      }
+      std::cout << "result count=" << n << " crc="
+                << Crc32(absl::string_view(reinterpret_cast<const char*>(d.data()), n * sizeof(float)))
+                << " worst_error_over_bound=" << worst << " inexact=" << inexact << std::endl;
     }
   } else if (mode == "broadcast") {
     for (size_t n : counts) {

@@ -270,6 +270,33 @@ TEST_F(WorkerIntegrationTest, TwoWorkersTrainToSuccessAndMatchOneProcessWithTwoV
   }
 }
 
+// gradient_exchange_dtype BF16: the job trains to success with its buckets on the wire as bf16
+// (the worker says so; its weights are not the float32 run's), and its error stays near the
+// float32 run's.
+TEST_F(WorkerIntegrationTest, TwoWorkersTrainWithBf16GradientExchange) {
+  const std::string addr = coord_->grpc_address();
+  auto run = [&](const std::string& name, v1::GradientExchangeDtype dtype) {
+    v1::JobSpec spec = BarsJob(data_, dir_ + "/ckpt_" + name, 768, 3);
+    spec.set_gradient_exchange_dtype(dtype);
+    const std::string job = Ctl(addr, {"submit", WriteJob(dir_, spec)});
+    auto a = StartWorker(addr, job, 0, dir_ + "/" + name + "0.log");
+    auto b = StartWorker(addr, job, 1, dir_ + "/" + name + "1.log");
+    EXPECT_EQ(WaitForEnd(job, absl::Seconds(120)), "JOB_STATE_SUCCEEDED")
+        << ReadFileToString(dir_ + "/" + name + "0.log").value_or("");
+    return Status(addr, job);
+  };
+  const v1::JobStatus fp32 = run("fp32", v1::GRADIENT_EXCHANGE_FP32);
+  const v1::JobStatus bf16 = run("bf16", v1::GRADIENT_EXCHANGE_BF16);
+  const std::string log = ReadFileToString(dir_ + "/bf160.log").value_or("");
+  EXPECT_TRUE(absl::StrContains(log, ", bf16 on the wire")) << log;
+  ASSERT_TRUE(fp32.has_last_evaluation() && bf16.has_last_evaluation());
+  EXPECT_LE(std::abs(bf16.last_evaluation().top1_error() - fp32.last_evaluation().top1_error()), 4.0 / 64)
+      << "bf16 " << bf16.last_evaluation().top1_error() << " fp32 " << fp32.last_evaluation().top1_error();
+  const std::string last = "/ckpt-0000000144.safetensors";
+  EXPECT_GT(MaxRelDiff(Params(dir_ + "/ckpt_bf16" + last), Params(dir_ + "/ckpt_fp32" + last)), 0.0)
+      << "the bf16 sums changed nothing";
+}
+
 TEST_F(WorkerIntegrationTest, WorkerMetricsAreScrapedWhileTraining) {
   const v1::JobSpec spec = BarsJob(data_, dir_ + "/ckpt", 768, 20);
   const std::string job = Ctl(coord_->grpc_address(), {"submit", WriteJob(dir_, spec)});

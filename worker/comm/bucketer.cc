@@ -5,8 +5,8 @@
 namespace lmsgd::comm {
 
 GradientBuckets::GradientBuckets(Communicator* comm, model::ParamStore* store, size_t bucket_bytes,
-                                 size_t first_bucket_bytes, absl::Duration finish_timeout)
-    : comm_(comm), store_(store), finish_timeout_(finish_timeout) {
+                                 size_t first_bucket_bytes, absl::Duration finish_timeout, WireDtype wire)
+    : comm_(comm), store_(store), finish_timeout_(finish_timeout), wire_(wire) {
   buckets_ = model::MakeBuckets(*store, bucket_bytes, first_bucket_bytes);
   bucket_of_param_.assign(store->num_params(), -1);
   for (size_t b = 0; b < buckets_.size(); ++b) {
@@ -20,8 +20,8 @@ void GradientBuckets::GradReady(size_t p) {
   const int b = bucket_of_param_[p];
   if (--pending_[b] != 0) return;
   const model::Bucket& bk = buckets_[b];
-  works_.push_back(comm_->AllreduceAsync(store_->grads().data() + bk.offset, bk.count));
-  bytes_reduced_ += bk.count * sizeof(float);
+  works_.push_back(comm_->AllreduceAsync(store_->grads().data() + bk.offset, bk.count, wire_));
+  bytes_reduced_ += bk.count * (wire_ == WireDtype::kBf16 ? sizeof(uint16_t) : sizeof(float));
 }
 
 absl::Status GradientBuckets::Finish() {

@@ -27,7 +27,8 @@ namespace lmsgd::comm {
 class GradientBuckets {
  public:
   GradientBuckets(Communicator* comm, model::ParamStore* store, size_t bucket_bytes, size_t first_bucket_bytes,
-                  absl::Duration finish_timeout = absl::Seconds(120));
+                  absl::Duration finish_timeout = absl::Seconds(120), WireDtype wire = WireDtype::kFp32);
+  WireDtype wire() const { return wire_; }
   // Parameter `param_index`'s gradient is final: its bucket starts once all of it is.
   void GradReady(size_t param_index);
   // Waits (finish_timeout) for every bucket of the step; the first error, naming what failed.
@@ -40,6 +41,7 @@ class GradientBuckets {
   Communicator* comm_;
   model::ParamStore* store_;
   absl::Duration finish_timeout_;
+  WireDtype wire_;
   std::vector<model::Bucket> buckets_;
   std::vector<int> bucket_of_param_;
   std::vector<size_t> pending_;  // per bucket: parameters not yet ready this step

@@ -100,6 +100,10 @@ absl::StatusOr<std::unique_ptr<Communicator>> Communicator::Create(std::vector<s
     l.transport = std::move(transports[i]);
     l.ring = std::make_unique<RingAllreduce>(l.transport.get());
     l.halving_doubling = std::make_unique<HalvingDoublingAllreduce>(l.transport.get(), options.recursive_doubling_max_bytes);
+    l.bf16_wire = std::make_unique<Bf16WireTransport>(l.transport.get());
+    l.bf16_ring = std::make_unique<RingAllreduce>(l.bf16_wire.get());
+    l.bf16_halving_doubling =
+        std::make_unique<HalvingDoublingAllreduce>(l.bf16_wire.get(), options.recursive_doubling_max_bytes);
     auto h = HierarchicalAllreduce::Create(l.transport.get(), hosts, absl::Now() + options.collective_timeout,
                                            options.halving_doubling_max_bytes, options.recursive_doubling_max_bytes);
     if (!h.ok()) return h.status();
@@ -286,22 +290,36 @@ void Communicator::Loop(Lane& lane) {
   }
 }
 
-std::shared_ptr<Work> Communicator::AllreduceAsync(float* data, size_t count) {
+std::shared_ptr<Work> Communicator::AllreduceAsync(float* data, size_t count, WireDtype wire) {
   const CommunicatorOptions& o = options_;
   const int hosts = num_hosts_;
-  return Enqueue(absl::StrCat("allreduce of ", count, " floats"), count * sizeof(float),
-                 [data, count, &o, hosts](Lane& l, uint64_t seq, absl::Time deadline, std::string* name) {
+  const bool bf16 = wire == WireDtype::kBf16;
+  // The choice is by the bytes on the wire.
+  const size_t bytes = count * (bf16 ? sizeof(uint16_t) : sizeof(float));
+  return Enqueue(absl::StrCat("allreduce of ", count, bf16 ? " floats as bf16" : " floats"), bytes,
+                 [data, count, bytes, wire, bf16, &o, hosts](Lane& l, uint64_t seq, absl::Time deadline,
+                                                           std::string* name) {
                    Algorithm choice = o.algorithm;
                    if (choice == Algorithm::kAuto) {
-                     choice = ChooseAlgorithm(count * sizeof(float), l.transport->size(), hosts,
-                                              l.shared_memory != nullptr, o.halving_doubling_max_bytes);
+                     choice = ChooseAlgorithm(bytes, l.transport->size(), hosts, l.shared_memory != nullptr,
+                                              o.halving_doubling_max_bytes);
                    }
-                   AllreduceAlgorithm* algo = l.ring.get();
-                   if (choice == Algorithm::kHalvingDoubling) algo = l.halving_doubling.get();
-                   if (choice == Algorithm::kHierarchical) algo = l.hierarchical.get();
-                   if (choice == Algorithm::kSharedMemory && l.shared_memory) algo = l.shared_memory.get();
-                   *name = AlgorithmName(algo == l.ring.get() ? Algorithm::kRing : choice);
-                   return algo->Run(data, count, seq, deadline);
+                   if (choice == Algorithm::kSharedMemory && !l.shared_memory) choice = Algorithm::kRing;
+                   *name = AlgorithmName(choice);
+                   absl::Status st;
+                   switch (choice) {
+                     case Algorithm::kHalvingDoubling:
+                       st = (bf16 ? l.bf16_halving_doubling : l.halving_doubling)->Run(data, count, seq, deadline);
+                       // Recursive doubling ends with partners adding the same two values (the
+                       // same sum, unrounded), and a folded-in rank gets it rounded: every rank
+                       // takes that rounding. (Ring, shared memory and hierarchical end rounded.)
+                       if (st.ok() && bf16) RoundToBf16(data, count);
+                       break;
+                     case Algorithm::kHierarchical: st = l.hierarchical->Run(data, count, seq, deadline, wire); break;
+                     case Algorithm::kSharedMemory: st = l.shared_memory->Run(data, count, seq, deadline, wire); break;
+                     default: st = (bf16 ? l.bf16_ring : l.ring)->Run(data, count, seq, deadline); break;
+                   }
+                   return st;
                  });
 }
 

@@ -40,6 +40,7 @@
 #include "worker/comm/algorithms/hierarchical.h"
 #include "worker/comm/algorithms/ring.h"
 #include "worker/comm/algorithms/shared_memory.h"
+#include "worker/comm/bf16_wire.h"
 #include "worker/comm/store.h"
 #include "worker/comm/transport.h"
 
@@ -119,7 +120,9 @@ class Communicator {
   int size() const { return lanes_[0]->transport->size(); }
   int lanes() const { return static_cast<int>(lanes_.size()); }
 
-  std::shared_ptr<Work> AllreduceAsync(float* data, size_t count);
+  // kBf16: on the wire as bf16 (bf16_wire.h), float32 additions; the result is bitwise the same
+  // on every rank.
+  std::shared_ptr<Work> AllreduceAsync(float* data, size_t count, WireDtype wire = WireDtype::kFp32);
   std::shared_ptr<Work> BroadcastAsync(float* data, size_t count, int root);
   std::shared_ptr<Work> BarrierAsync();
   // Every collective up to this issue number succeeded (0: none yet).
@@ -149,6 +152,8 @@ class Communicator {
     int index = 0;
     std::unique_ptr<Transport> transport;
     std::unique_ptr<AllreduceAlgorithm> ring, halving_doubling;
+    std::unique_ptr<Transport> bf16_wire;  // over `transport`
+    std::unique_ptr<AllreduceAlgorithm> bf16_ring, bf16_halving_doubling;
     std::unique_ptr<HierarchicalAllreduce> hierarchical;
     std::unique_ptr<SharedMemoryAllreduce> shared_memory;  // null unless every rank is on one host
     std::deque<Op> queue;  // guarded by mu_

@@ -1,5 +1,7 @@
 #include "worker/comm/nccl_communicator.h"
 
+#include "worker/backend/cuda/kernels.h"
+
 #include <chrono>
 #include <thread>
 
@@ -86,9 +88,19 @@ void NcclCommunicator::Abort() {
   }
 }
 
-absl::Status NcclCommunicator::AllreduceAsync(float* buf, size_t count, cudaEvent_t ready, cudaEvent_t done) {
+absl::Status NcclCommunicator::AllreduceAsync(float* buf, size_t count, cudaEvent_t ready, cudaEvent_t done,
+                                              uint16_t* bf16_scratch) {
   if (aborted_) return absl::AbortedError("NCCL communicator aborted");
   CUDA_RETURN_IF_ERROR(cudaStreamWaitEvent(stream_, ready, 0));
+  if (bf16_scratch != nullptr) {
+    using backend::cuda::DType;
+    RETURN_IF_ERROR(backend::cuda::CastFromFloat(DType::kBF16, count, buf, bf16_scratch, stream_));
+    NCCL_RETURN_IF_ERROR(comm_, ncclAllReduce(bf16_scratch, bf16_scratch, count, ncclBfloat16, ncclSum, comm_,
+                                              stream_));
+    RETURN_IF_ERROR(backend::cuda::CastToFloat(DType::kBF16, count, bf16_scratch, buf, /*accumulate=*/false, stream_));
+    CUDA_RETURN_IF_ERROR(cudaEventRecord(done, stream_));
+    return absl::OkStatus();
+  }
   NCCL_RETURN_IF_ERROR(comm_, ncclAllReduce(buf, buf, count, ncclFloat32, ncclSum, comm_, stream_));
   CUDA_RETURN_IF_ERROR(cudaEventRecord(done, stream_));
   return absl::OkStatus();

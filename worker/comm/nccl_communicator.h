@@ -36,8 +36,11 @@ class NcclCommunicator {
   cudaStream_t stream() const { return stream_; }
 
   // Sums `count` floats at `device_buffer` over all ranks, in place, after `ready` (recorded on
-  // the producer's stream) and records `done` on completion. Returns at once.
-  absl::Status AllreduceAsync(float* device_buffer, size_t count, cudaEvent_t ready, cudaEvent_t done);
+  // the producer's stream) and records `done` on completion. Returns at once. With
+  // `bf16_scratch` (count bf16 on the device) the sum goes as ncclBfloat16: cast into it, summed,
+  // cast back, all on the communicator's stream.
+  absl::Status AllreduceAsync(float* device_buffer, size_t count, cudaEvent_t ready, cudaEvent_t done,
+                              uint16_t* bf16_scratch = nullptr);
   // Broadcast from `root` (initial weights), same ordering rules.
   absl::Status BroadcastAsync(float* device_buffer, size_t count, int root, cudaEvent_t ready, cudaEvent_t done);
   // Waits for `done` with a deadline, checking NCCL's async error; aborts the communicator on

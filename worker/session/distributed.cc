@@ -157,6 +157,8 @@ Generation::StepResult Generation::Bootstrap() {
   peers.bucket_bytes = spec.bucket_bytes();
   peers.first_bucket_bytes = spec.first_bucket_bytes();
   peers.collective_timeout = comm_options_.collective_timeout;
+  peers.gradient_wire =
+      spec.gradient_exchange_dtype() == v1::GRADIENT_EXCHANGE_BF16 ? comm::WireDtype::kBf16 : comm::WireDtype::kFp32;
   if (auto st = trainer_->ConnectPeers(peers); !st.ok()) return Failed(Annotate(st, "gradient exchange bootstrap"));
   heartbeater_ = std::make_unique<Heartbeater>(client_, join_, comm_.get());
   if (options_.metrics) options_.metrics->SetIdentity(join_.job_id(), rank, join_.generation());

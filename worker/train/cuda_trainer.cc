@@ -74,6 +74,7 @@ absl::Status CudaTrainer::RebuildStep(size_t bucket_bytes, size_t first_bucket_b
   so.sgd = config_.sgd;
   if (bucket_bytes > 0) so.bucket_bytes = bucket_bytes;
   if (first_bucket_bytes > 0) so.first_bucket_bytes = first_bucket_bytes;
+  so.bf16_gradients = bf16_gradients_;
   step_.reset();
   ASSIGN_OR_RETURN(step_, backend::cuda::DeviceStep::Create(net_.get(), nccl_.get(), so));
   return step_->UploadVelocity(velocity);
@@ -88,6 +89,7 @@ absl::Status CudaTrainer::ConnectPeers(const PeerGroup& peers) {
   if (peers.store == nullptr) return absl::InvalidArgumentError("ConnectPeers: no store for the NCCL bootstrap");
   // The old communicator (if any) goes only after the step that uses it.
   std::unique_ptr<comm::NcclCommunicator> old = std::move(nccl_);
+  bf16_gradients_ = peers.gradient_wire == comm::WireDtype::kBf16;
   ASSIGN_OR_RETURN(nccl_, comm::NcclCommunicator::Create(static_cast<int>(peers.rank),
                                                          static_cast<int>(peers.world_size), config_.cuda_device,
                                                          peers.store, peers.key_prefix, peers.bootstrap_deadline));
@@ -96,7 +98,8 @@ absl::Status CudaTrainer::ConnectPeers(const PeerGroup& peers) {
 
 std::string CudaTrainer::DescribeExchange() const {
   if (!nccl_) return "gradients of this worker alone (k = 1)";
-  return absl::StrFormat("gradients in %d NCCL buckets on the device", step_->buckets().size());
+  return absl::StrFormat("gradients in %d NCCL buckets on the device%s", step_->buckets().size(),
+                         bf16_gradients_ ? " (ncclBfloat16)" : "");
 }
 
 absl::StatusOr<StepStats> CudaTrainer::Step(uint64_t iteration, const float* images, const int32_t* labels) {

@@ -54,6 +54,7 @@ class CudaTrainer final : public Trainer {
   std::unique_ptr<backend::cuda::DeviceStep> step_;
   std::unique_ptr<backend::cuda::GpuResNet> eval_;
   std::unique_ptr<comm::NcclCommunicator> nccl_;
+  bool bf16_gradients_ = false;  // PeerGroup::gradient_wire: NCCL sums the buckets as bf16
   uint64_t bytes_reduced_ = 0;
 };
 

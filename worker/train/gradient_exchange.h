@@ -19,6 +19,7 @@
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
+#include "worker/comm/algorithms/allreduce.h"
 #include "worker/model/param_store.h"
 
 namespace lmsgd::comm {
@@ -39,6 +40,7 @@ struct PeerGroup {
   size_t bucket_bytes = 25u << 20;             // 0: the default
   size_t first_bucket_bytes = 1u << 20;        // 0: the default
   absl::Duration collective_timeout = absl::Seconds(60);  // also bounds a step's wait for its buckets
+  comm::WireDtype gradient_wire = comm::WireDtype::kFp32;  // JobSpec gradient_exchange_dtype
 };
 
 // Sums host gradients across workers. GradReady(i) is called once per parameter per step, in

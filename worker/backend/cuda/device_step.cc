@@ -32,6 +32,9 @@ absl::StatusOr<std::unique_ptr<DeviceStep>> DeviceStep::Create(GpuResNet* net, c
   // (optim::DecaysKind, the CPU optimizer's rule).
   const size_t n = net->param_floats();
   CUDA_RETURN_IF_ERROR(cudaMalloc(reinterpret_cast<void**>(&t->velocity_), n * sizeof(float)));
+  if (nccl != nullptr && options.bf16_gradients) {
+    CUDA_RETURN_IF_ERROR(cudaMalloc(reinterpret_cast<void**>(&t->wire_), n * sizeof(uint16_t)));
+  }
   // Setup copies go on the network's stream (non-blocking: the legacy default stream would not
   // order against it) and are waited for.
   CUDA_RETURN_IF_ERROR(cudaMemsetAsync(t->velocity_, 0, n * sizeof(float), net->stream()));
@@ -64,6 +67,7 @@ DeviceStep::~DeviceStep() {
     if (e) cudaEventDestroy(e);
   }
   if (velocity_) cudaFree(velocity_);
+  if (wire_) cudaFree(wire_);
   if (chunks_) cudaFree(chunks_);
 }
 
@@ -84,7 +88,10 @@ absl::Status DeviceStep::Step(double normalizer, double lr, double correction) {
     const model::Bucket& bk = buckets_[b];
     absl::Status st = ::lmsgd::backend::cuda::CudaStatus(cudaEventRecord(ready_[b], compute), "cudaEventRecord(bucket ready)",
                                                 __FILE__, __LINE__);
-    if (st.ok()) st = nccl_->AllreduceAsync(net_->device_grads() + bk.offset, bk.count, ready_[b], done_[b]);
+    if (st.ok()) {
+      st = nccl_->AllreduceAsync(net_->device_grads() + bk.offset, bk.count, ready_[b], done_[b],
+                                 wire_ != nullptr ? wire_ + bk.offset : nullptr);
+    }
     if (!st.ok()) {
       step_status_ = Annotate(st, absl::StrCat("allreduce of gradient bucket ", b));
       return;

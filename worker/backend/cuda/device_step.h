@@ -31,6 +31,9 @@ struct DeviceStepOptions {
   optim::SgdConfig sgd;
   size_t bucket_bytes = 25u << 20;
   size_t first_bucket_bytes = 1u << 20;
+  // Buckets go to NCCL as bf16 (ncclBfloat16): cast into a bf16 copy on the communicator's
+  // stream, summed, cast back; the update stays fp32.
+  bool bf16_gradients = false;
 };
 
 class DeviceStep {
@@ -62,6 +65,7 @@ class DeviceStep {
   std::vector<int> bucket_of_param_;
   std::vector<size_t> pending_;
   std::vector<cudaEvent_t> ready_, done_;
+  uint16_t* wire_ = nullptr;  // bf16_gradients: the bf16 copy of the gradients
   size_t started_ = 0;
   float* velocity_ = nullptr;
   ::lmsgd::backend::cuda::SgdChunk* chunks_ = nullptr;

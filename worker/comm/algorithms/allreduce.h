@@ -41,6 +41,9 @@ inline size_t BlockStart(size_t count, int blocks, int i) {
   return base * i + (static_cast<size_t>(i) < extra ? static_cast<size_t>(i) : extra);
 }
 
+// What an allreduce puts on the wire: float32, or bf16 with float32 additions (bf16_wire.h).
+enum class WireDtype { kFp32, kBf16 };
+
 class AllreduceAlgorithm {
  public:
   virtual ~AllreduceAlgorithm() = default;

@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "worker/comm/algorithms/tags.h"
+#include "worker/comm/bf16_wire.h"
 
 namespace lmsgd::comm {
 
@@ -61,6 +62,11 @@ absl::StatusOr<std::unique_ptr<HierarchicalAllreduce>> HierarchicalAllreduce::Cr
   h->leader_ring_ = std::make_unique<RingAllreduce>(h->leader_view_.get());
   h->leader_halving_doubling_ = std::make_unique<HalvingDoublingAllreduce>(h->leader_view_.get(), doubling_max_bytes);
   h->halving_doubling_max_bytes_ = halving_doubling_max_bytes;
+  h->bf16_ = std::make_unique<Bf16WireTransport>(t);
+  h->bf16_leader_view_ = std::make_unique<Bf16WireTransport>(h->leader_view_.get());
+  h->bf16_leader_ring_ = std::make_unique<RingAllreduce>(h->bf16_leader_view_.get());
+  h->bf16_leader_halving_doubling_ =
+      std::make_unique<HalvingDoublingAllreduce>(h->bf16_leader_view_.get(), doubling_max_bytes);
   // Several hosts with several ranks on this one: the intra-host phases go through shared memory
   // when this host's ranks can map it (decided by them alone; other hosts decide for themselves).
   if (h->leaders_.size() > 1 && h->local_size_ > 1) {
@@ -82,15 +88,29 @@ void HierarchicalAllreduce::Abort() {
 }
 
 // Phase 2 (on the leaders only), in its own tag space: the collective's sequence with a high bit.
-absl::Status HierarchicalAllreduce::RunAmongLeaders(float* data, size_t count, uint64_t seq, absl::Time deadline) {
+absl::Status HierarchicalAllreduce::RunAmongLeaders(float* data, size_t count, uint64_t seq, absl::Time deadline,
+                                                    WireDtype wire) {
   const uint64_t leader_seq = seq | tags::kLeaderSequenceBit;
-  if (InterHostAlgorithm(count * sizeof(float)) == Algorithm::kHalvingDoubling) {
-    return leader_halving_doubling_->Run(data, count, leader_seq, deadline);
+  if (wire == WireDtype::kFp32) {
+    if (InterHostAlgorithm(count * sizeof(float)) == Algorithm::kHalvingDoubling) {
+      return leader_halving_doubling_->Run(data, count, leader_seq, deadline);
+    }
+    return leader_ring_->Run(data, count, leader_seq, deadline);
   }
-  return leader_ring_->Run(data, count, leader_seq, deadline);
+  if (InterHostAlgorithm(count * sizeof(uint16_t)) == Algorithm::kHalvingDoubling) {
+    RETURN_IF_ERROR(bf16_leader_halving_doubling_->Run(data, count, leader_seq, deadline));
+  } else {
+    RETURN_IF_ERROR(bf16_leader_ring_->Run(data, count, leader_seq, deadline));
+  }
+  // Every leader holds the same sum, not necessarily bf16 (recursive doubling adds last); the
+  // hosts' ranks get it through bf16, so the leaders take the same rounding.
+  RoundToBf16(data, count);
+  return absl::OkStatus();
 }
 
-absl::Status HierarchicalAllreduce::Run(float* data, size_t count, uint64_t seq, absl::Time deadline) {
+absl::Status HierarchicalAllreduce::Run(float* data, size_t count, uint64_t seq, absl::Time deadline,
+                                        WireDtype wire) {
+  Transport* const t = wire == WireDtype::kBf16 ? bf16_.get() : t_;
   const int me = t_->rank();
   if (t_->size() == 1 || count == 0) return absl::OkStatus();
   const size_t bytes = count * sizeof(float);
@@ -98,32 +118,32 @@ absl::Status HierarchicalAllreduce::Run(float* data, size_t count, uint64_t seq,
     // 1. Every rank of the host gets the host's sum (shared memory); 2. the leaders allreduce
     // it over the transport; 3. the leader's result reaches the others as a shared-memory
     // allreduce in which they contribute zeros (x + 0 = x: the result is the leader's, bitwise).
-    RETURN_IF_ERROR(Annotate(local_shm_->Run(data, count, seq, deadline), "hierarchical allreduce (intra-host reduce)"));
-    if (me == leader_) RETURN_IF_ERROR(RunAmongLeaders(data, count, seq, deadline));
+    RETURN_IF_ERROR(Annotate(local_shm_->Run(data, count, seq, deadline, wire), "hierarchical allreduce (intra-host reduce)"));
+    if (me == leader_) RETURN_IF_ERROR(RunAmongLeaders(data, count, seq, deadline, wire));
     if (me != leader_) std::memset(data, 0, bytes);
-    return Annotate(local_shm_->Run(data, count, seq, deadline), "hierarchical allreduce (intra-host broadcast)");
+    return Annotate(local_shm_->Run(data, count, seq, deadline, wire), "hierarchical allreduce (intra-host broadcast)");
   }
   // Phase 1: reduce inside the host to the leader, in local-rank order.
   if (me != leader_) {
-    RETURN_IF_ERROR(t_->SendRecv(leader_, data, bytes, -1, nullptr, 0, MakeTag(seq, tags::kToLeader), deadline, "hierarchical allreduce (intra-host reduce)"));
+    RETURN_IF_ERROR(t->SendRecv(leader_, data, bytes, -1, nullptr, 0, MakeTag(seq, tags::kToLeader), deadline, "hierarchical allreduce (intra-host reduce)"));
   } else {
     for (int l = 1; l < local_size_; ++l) {  // one at a time: the sum in rank order
-      if (auto st = t_->Exchange({{P2POp::kRecvAdd, leader_ + l, data, bytes, MakeTag(seq, tags::kToLeader)}}, deadline,
+      if (auto st = t->Exchange({{P2POp::kRecvAdd, leader_ + l, data, bytes, MakeTag(seq, tags::kToLeader)}}, deadline,
                                  "hierarchical allreduce (intra-host reduce)");
           !st.ok()) {
         return st;
       }
     }
     // Phase 2: allreduce among the host leaders.
-    RETURN_IF_ERROR(RunAmongLeaders(data, count, seq, deadline));
+    RETURN_IF_ERROR(RunAmongLeaders(data, count, seq, deadline, wire));
   }
   // Phase 3: broadcast inside the host.
   if (me == leader_) {
     for (int l = 1; l < local_size_; ++l) {
-      RETURN_IF_ERROR(t_->SendRecv(leader_ + l, data, bytes, -1, nullptr, 0, MakeTag(seq, tags::kFromLeader), deadline, "hierarchical allreduce (intra-host broadcast)"));
+      RETURN_IF_ERROR(t->SendRecv(leader_ + l, data, bytes, -1, nullptr, 0, MakeTag(seq, tags::kFromLeader), deadline, "hierarchical allreduce (intra-host broadcast)"));
     }
   } else {
-    RETURN_IF_ERROR(t_->SendRecv(-1, nullptr, 0, leader_, data, bytes, MakeTag(seq, tags::kFromLeader), deadline, "hierarchical allreduce (intra-host broadcast)"));
+    RETURN_IF_ERROR(t->SendRecv(-1, nullptr, 0, leader_, data, bytes, MakeTag(seq, tags::kFromLeader), deadline, "hierarchical allreduce (intra-host broadcast)"));
   }
   return absl::OkStatus();
 }

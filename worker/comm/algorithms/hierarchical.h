@@ -23,7 +23,12 @@ class HierarchicalAllreduce final : public AllreduceAlgorithm {
       Transport* t, const std::vector<std::string>& host_of_rank, absl::Time deadline,
       size_t halving_doubling_max_bytes = kHalvingDoublingMaxBytes,
       size_t doubling_max_bytes = HalvingDoublingAllreduce::kDefaultDoublingMaxBytes);
-  absl::Status Run(float* data, size_t count, uint64_t sequence, absl::Time deadline) override;
+  absl::Status Run(float* data, size_t count, uint64_t sequence, absl::Time deadline) override {
+    return Run(data, count, sequence, deadline, WireDtype::kFp32);
+  }
+  // kBf16: every phase on the bf16 wire (bf16_wire.h), the intra-host one through shared memory
+  // in bf16 too.
+  absl::Status Run(float* data, size_t count, uint64_t sequence, absl::Time deadline, WireDtype wire);
   void Abort();  // a Run in progress on shared memory returns ABORTED promptly
   bool intra_host_shared_memory() const { return local_shm_ != nullptr; }
   int num_hosts() const { return static_cast<int>(leaders_.size()); }
@@ -36,7 +41,7 @@ class HierarchicalAllreduce final : public AllreduceAlgorithm {
  private:
   class LeaderView;
   HierarchicalAllreduce() = default;
-  absl::Status RunAmongLeaders(float* data, size_t count, uint64_t sequence, absl::Time deadline);
+  absl::Status RunAmongLeaders(float* data, size_t count, uint64_t sequence, absl::Time deadline, WireDtype wire);
   Transport* t_ = nullptr;
   int leader_ = 0, local_size_ = 1;  // this host's first rank and rank count
   std::vector<int> leaders_;          // first rank of every host
@@ -45,6 +50,10 @@ class HierarchicalAllreduce final : public AllreduceAlgorithm {
   std::unique_ptr<RingAllreduce> leader_ring_;
   std::unique_ptr<HalvingDoublingAllreduce> leader_halving_doubling_;
   std::unique_ptr<SharedMemoryAllreduce> local_shm_;
+  // The same over the bf16 wire.
+  std::unique_ptr<Transport> bf16_, bf16_leader_view_;
+  std::unique_ptr<RingAllreduce> bf16_leader_ring_;
+  std::unique_ptr<HalvingDoublingAllreduce> bf16_leader_halving_doubling_;
 };
 
 }  // namespace lmsgd::comm

@@ -1,5 +1,7 @@
 #include "worker/comm/algorithms/shared_memory.h"
 
+#include "worker/comm/bf16_wire.h"
+
 #include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
@@ -235,7 +237,9 @@ absl::Status SharedMemoryAllreduce::WaitAll(int phase, uint64_t step, absl::Time
   return absl::OkStatus();
 }
 
-absl::Status SharedMemoryAllreduce::Run(float* data, size_t count, uint64_t /*sequence*/, absl::Time deadline) {
+absl::Status SharedMemoryAllreduce::Run(float* data, size_t count, uint64_t /*sequence*/, absl::Time deadline,
+                                        WireDtype wire) {
+  const bool bf16 = wire == WireDtype::kBf16;
   const int k = size_, r = rank_;
   if (k == 1 || count == 0) return absl::OkStatus();
   if (aborted_.load()) return absl::AbortedError("shared-memory allreduce aborted");
@@ -258,8 +262,17 @@ absl::Status SharedMemoryAllreduce::Run(float* data, size_t count, uint64_t /*se
     //    must have copied that result out first.
     if (step > 2) RETURN_IF_ERROR(WaitAll(2, step - 2, deadline));
     float* my_in = in + static_cast<size_t>(r) * chunk_;
-    std::memcpy(my_in, mine, lo * sizeof(float));
-    std::memcpy(my_in + hi, mine + hi, (n - hi) * sizeof(float));
+    // bf16: the same slots hold twice the values; a rank's input q sits at in16 + q * 2 chunk_.
+    uint16_t* in16 = reinterpret_cast<uint16_t*>(in);
+    uint16_t* out16 = reinterpret_cast<uint16_t*>(out);
+    if (bf16) {
+      uint16_t* my16 = in16 + static_cast<size_t>(r) * 2 * chunk_;
+      FloatsToBf16(mine, my16, lo);
+      FloatsToBf16(mine + hi, my16 + hi, n - hi);
+    } else {
+      std::memcpy(my_in, mine, lo * sizeof(float));
+      std::memcpy(my_in + hi, mine + hi, (n - hi) * sizeof(float));
+    }
     header_->flags[0][r].v.store(step, std::memory_order_release);
     RETURN_IF_ERROR(WaitAll(0, step, deadline));
     // B. This rank's slice summed in rank order (each element by one rank: identical results
@@ -268,6 +281,22 @@ absl::Status SharedMemoryAllreduce::Run(float* data, size_t count, uint64_t /*se
     constexpr size_t kTile = 2048;
     for (size_t t = lo; t < hi; t += kTile) {
       const size_t len = std::min(kTile, hi - t);
+      if (bf16) {
+        float acc[kTile];
+        uint16_t own[kTile];
+        FloatsToBf16(mine + t, own, len);
+        for (int q = 0; q < k; ++q) {
+          const uint16_t* src = q == r ? own : in16 + static_cast<size_t>(q) * 2 * chunk_ + t;
+          if (q == 0) {
+            Bf16ToFloats(src, acc, len);
+          } else {
+            AddBf16(acc, src, len);
+          }
+        }
+        FloatsToBf16(acc, out16 + t, len);
+        Bf16ToFloats(out16 + t, mine + t, len);
+        continue;
+      }
       float* acc = out + t;
       std::memcpy(acc, r == 0 ? mine + t : in + t, len * sizeof(float));
       for (int q = 1; q < k; ++q) AddFloats(acc, q == r ? mine + t : in + static_cast<size_t>(q) * chunk_ + t, len);
@@ -280,7 +309,11 @@ absl::Status SharedMemoryAllreduce::Run(float* data, size_t count, uint64_t /*se
       RETURN_IF_ERROR(WaitOne(1, q, step, deadline));
       size_t qlo = 0, qhi = 0;
       slice(q, &qlo, &qhi);
-      std::memcpy(mine + qlo, out + qlo, (qhi - qlo) * sizeof(float));
+      if (bf16) {
+        Bf16ToFloats(out16 + qlo, mine + qlo, qhi - qlo);
+      } else {
+        std::memcpy(mine + qlo, out + qlo, (qhi - qlo) * sizeof(float));
+      }
     }
     header_->flags[2][r].v.store(step, std::memory_order_release);
   }

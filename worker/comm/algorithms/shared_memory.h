@@ -26,7 +26,13 @@ class SharedMemoryAllreduce final : public AllreduceAlgorithm {
   static absl::StatusOr<std::unique_ptr<SharedMemoryAllreduce>> Create(Transport* t, uint64_t tag_sequence,
                                                                         absl::Time deadline, size_t chunk_floats = 0);
   ~SharedMemoryAllreduce() override;
-  absl::Status Run(float* data, size_t count, uint64_t sequence, absl::Time deadline) override;
+  absl::Status Run(float* data, size_t count, uint64_t sequence, absl::Time deadline) override {
+    return Run(data, count, sequence, deadline, WireDtype::kFp32);
+  }
+  // kBf16: each rank publishes its values as bf16 (half the bytes through the segment), each
+  // slice is summed in float32 from the bf16 values in rank order and published as bf16, which
+  // every rank (its owner too) takes as its result.
+  absl::Status Run(float* data, size_t count, uint64_t sequence, absl::Time deadline, WireDtype wire);
   // Makes a Run in progress (and every later one) return ABORTED promptly. Thread-safe.
   void Abort();
 
