@@ -63,11 +63,11 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void RoundAndPackBf
 absl::Status Bf16WireTransport::Exchange(const std::vector<P2POp>& ops, absl::Time deadline, const char* what) {
   size_t total = 0;
   for (const P2POp& op : ops) {
-    if (op.bytes % sizeof(float) != 0) {
+    if (op.bytes % sizeof(float) != 0 || op.kind == P2POp::kRecvAddBf16) {
       return absl::InvalidArgumentError(
           absl::StrCat(what, ": a bf16 wire carries float32 data; ", op.bytes, " bytes is not whole floats"));
     }
-    total += op.bytes / sizeof(float);
+    if (op.kind != P2POp::kRecvAdd) total += op.bytes / sizeof(float);
   }
   if (staging_.size() < total) staging_.resize(total);
   std::vector<P2POp> wire;
@@ -75,19 +75,23 @@ absl::Status Bf16WireTransport::Exchange(const std::vector<P2POp>& ops, absl::Ti
   size_t at = 0;
   for (const P2POp& op : ops) {
     const size_t n = op.bytes / sizeof(float);
+    if (op.kind == P2POp::kRecvAdd) {  // added by the transport as it arrives, widened
+      wire.push_back({P2POp::kRecvAddBf16, op.peer, op.buf, n * sizeof(uint16_t), op.tag});
+      continue;
+    }
     uint16_t* s = staging_.data() + at;
     if (op.kind == P2POp::kSend) {
       RoundAndPackBf16(static_cast<float*>(op.buf), s, n);  // the sender keeps what its peer receives
     }
-    wire.push_back({op.kind == P2POp::kSend ? P2POp::kSend : P2POp::kRecv, op.peer, s, n * sizeof(uint16_t), op.tag});
+    wire.push_back({op.kind, op.peer, s, n * sizeof(uint16_t), op.tag});
     at += n;
   }
   if (auto st = inner_->Exchange(wire, deadline, what); !st.ok()) return st;
   at = 0;
   for (const P2POp& op : ops) {
+    if (op.kind == P2POp::kRecvAdd) continue;
     const size_t n = op.bytes / sizeof(float);
     if (op.kind == P2POp::kRecv) Bf16ToFloats(staging_.data() + at, static_cast<float*>(op.buf), n);
-    if (op.kind == P2POp::kRecvAdd) AddBf16(static_cast<float*>(op.buf), staging_.data() + at, n);
     at += n;
   }
   return absl::OkStatus();

@@ -4,8 +4,9 @@
 // Bf16WireTransport carries another transport's float32 messages as bf16 (the upper half of an
 // IEEE float, rounded to nearest even). A send first rounds its float32 values to bf16 in place,
 // so the sender holds exactly what its peer receives, then sends them packed; a receive unpacks;
-// a receive-and-add adds the widened values in float32. So every hop of an algorithm adds in
-// float32 and rounds once, when it sends its partial sum on. The algorithms compute each final
+// a receive-and-add becomes the inner transport's kRecvAddBf16, which adds the widened values in
+// float32 as they arrive. So every hop of an algorithm adds in float32 and rounds once, when it
+// sends its partial sum on. The algorithms compute each final
 // element on one rank and send it from there (rounded as it goes: the owner keeps the rounded
 // value), or (recursive doubling) on partners adding the same two values, both rounded, to the
 // same unrounded sum: after the Communicator rounds a halving/doubling result once more

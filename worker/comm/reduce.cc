@@ -1,6 +1,7 @@
 #include "worker/comm/reduce.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 namespace lmsgd::comm {
@@ -23,8 +24,22 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void AddFloatBytes(
   }
 }
 
-void StreamAdder::Reset(float* dst, size_t bytes) {
+__attribute__((target_clones("avx512f", "avx2", "default"))) void AddBf16Bytes(float* __restrict dst,
+                                                                                const unsigned char* __restrict src,
+                                                                                size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    uint16_t h;
+    std::memcpy(&h, src + 2 * i, sizeof(h));
+    const uint32_t u = static_cast<uint32_t>(h) << 16;
+    float v;
+    std::memcpy(&v, &u, sizeof(v));
+    dst[i] += v;
+  }
+}
+
+void StreamAdder::Reset(float* dst, size_t bytes, bool bf16) {
   dst_ = dst;
+  elem_ = bf16 ? 2 : 4;
   bytes_ = bytes;
   received_ = 0;
   overflow_ = false;
@@ -32,15 +47,17 @@ void StreamAdder::Reset(float* dst, size_t bytes) {
 }
 
 void StreamAdder::Byte(size_t pos, unsigned char v) {
-  const size_t index = pos / 4;
+  const size_t index = pos / elem_;
   auto it = std::find_if(partials_.begin(), partials_.end(), [&](const Partial& p) { return p.index == index; });
   if (it == partials_.end()) it = partials_.insert(partials_.end(), Partial{index, {0, 0, 0, 0}, 0});
-  it->b[pos % 4] = v;
-  it->mask |= 1u << (pos % 4);
-  if (it->mask == 0xf) {
-    float f;
-    std::memcpy(&f, it->b, sizeof(f));
-    dst_[index] += f;
+  it->b[pos % elem_] = v;
+  it->mask |= 1u << (pos % elem_);
+  if (it->mask == (1u << elem_) - 1) {
+    if (elem_ == 4) {
+      AddFloatBytes(dst_ + index, it->b, 1);
+    } else {
+      AddBf16Bytes(dst_ + index, it->b, 1);
+    }
     partials_.erase(it);
   }
 }
@@ -53,10 +70,14 @@ void StreamAdder::Add(size_t offset, const unsigned char* src, size_t length) {
   }
   const size_t end = offset + length;
   size_t pos = offset;
-  for (; pos < end && pos % 4 != 0; ++pos) Byte(pos, src[pos - offset]);
-  const size_t whole = (end - pos) / 4;
-  AddFloatBytes(dst_ + pos / 4, src + (pos - offset), whole);
-  pos += 4 * whole;
+  for (; pos < end && pos % elem_ != 0; ++pos) Byte(pos, src[pos - offset]);
+  const size_t whole = (end - pos) / elem_;
+  if (elem_ == 4) {
+    AddFloatBytes(dst_ + pos / 4, src + (pos - offset), whole);
+  } else {
+    AddBf16Bytes(dst_ + pos / 2, src + (pos - offset), whole);
+  }
+  pos += elem_ * whole;
   for (; pos < end; ++pos) Byte(pos, src[pos - offset]);
   received_ += length;
 }

@@ -11,15 +11,18 @@ namespace lmsgd::comm {
 void AddFloats(float* __restrict dst, const float* __restrict src, size_t n);
 // The same with `src` given as bytes at any alignment (n float32 values in host byte order).
 void AddFloatBytes(float* __restrict dst, const unsigned char* __restrict src, size_t n);
+// dst[i] += the bf16 value at src + 2i (any alignment), widened: the bf16 wire's addition.
+void AddBf16Bytes(float* __restrict dst, const unsigned char* __restrict src, size_t n);
 
-// Adds a message of float32 values into `dst` as it arrives in pieces (a transport's fragments)
-// at any byte offsets, in any order: whole floats are added straight from the piece; the bytes
-// of a float split across pieces are gathered until all four have arrived. Each float is added
-// exactly once, with the same addition as AddFloats.
+// Adds a message of float32 (or bf16) values into `dst` as it arrives in pieces (a transport's
+// fragments) at any byte offsets, in any order: whole values are added straight from the piece;
+// the bytes of a value split across pieces are gathered until all have arrived. Each value is
+// added exactly once, with the same addition as AddFloats.
 class StreamAdder {
  public:
-  // Starts a message of `bytes` (a multiple of 4) to be added into dst[0 .. bytes / 4).
-  void Reset(float* dst, size_t bytes);
+  // Starts a message of `bytes` (a multiple of 4) to be added into dst[0 .. bytes / 4); with
+  // `bf16`, of bf16 values (a multiple of 2) added, widened, into dst[0 .. bytes / 2).
+  void Reset(float* dst, size_t bytes, bool bf16 = false);
   // Later pieces are ignored (the receive failed; the destination is no longer ours).
   void Detach() { dst_ = nullptr; }
   // The piece of the message at byte `offset`. A piece reaching past the end is not added and
@@ -39,6 +42,7 @@ class StreamAdder {
     unsigned mask;
   };
   float* dst_ = nullptr;
+  size_t elem_ = 4;  // bytes per value on the wire: 4 (float32) or 2 (bf16)
   size_t bytes_ = 0, received_ = 0;
   bool overflow_ = false;
   std::vector<Partial> partials_;

@@ -22,8 +22,10 @@ namespace lmsgd::comm {
 // buffers, sparing the copy into a scratch buffer and the second pass over it. `buf` must not
 // be read by a send of the same Exchange (the addition may happen while that send is still
 // reading it).
+// kRecvAddBf16 is the same for a message of `bytes` / 2 bf16 values, each widened and added into
+// float32 `buf` (the bf16 wire's receive, bf16_wire.h).
 struct P2POp {
-  enum Kind { kSend, kRecv, kRecvAdd } kind;
+  enum Kind { kSend, kRecv, kRecvAdd, kRecvAddBf16 } kind;
   int peer;
   void* buf;
   size_t bytes;

@@ -221,9 +221,10 @@ absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time de
   Impl& im = *impl_;
   for (const P2POp& op : ops) {
     if (op.peer < 0 || op.peer >= size_) return absl::InvalidArgumentError(absl::StrCat(what, ": bad peer ", op.peer));
-    if (op.kind == P2POp::kRecvAdd && op.bytes % sizeof(float) != 0) {
-      return absl::InvalidArgumentError(absl::StrCat(what, ": receive-and-add of ", op.bytes,
-                                                     " bytes from rank ", op.peer, " (not whole floats)"));
+    if ((op.kind == P2POp::kRecvAdd && op.bytes % sizeof(float) != 0) ||
+        (op.kind == P2POp::kRecvAddBf16 && op.bytes % sizeof(uint16_t) != 0)) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": receive-and-add of ", op.bytes, " bytes from rank ",
+                                                     op.peer, " (not whole values)"));
     }
   }
   auto describe = [](const P2POp& op) { return op.kind == P2POp::kSend ? "send to" : "receive from"; };
@@ -238,14 +239,15 @@ absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time de
   std::vector<Pending> pend(ops.size());
   size_t fused = 0, staged_floats = 0;
   for (size_t i = 0; i < ops.size(); ++i) {
-    if (ops[i].kind != P2POp::kRecvAdd) continue;
+    const bool bf16 = ops[i].kind == P2POp::kRecvAddBf16;
+    if (ops[i].kind != P2POp::kRecvAdd && !bf16) continue;
     if (ops[i].bytes <= kFusedAddMaxBytes) {
       if (fused == im.add_states.size()) im.add_states.push_back(std::make_unique<StreamAdder>());
       pend[i].adder = im.add_states[fused++].get();
-      pend[i].adder->Reset(static_cast<float*>(ops[i].buf), ops[i].bytes);
+      pend[i].adder->Reset(static_cast<float*>(ops[i].buf), ops[i].bytes, bf16);
     } else {
       pend[i].staged_at = staged_floats;
-      staged_floats += ops[i].bytes / sizeof(float);
+      staged_floats += (ops[i].bytes + sizeof(float) - 1) / sizeof(float);
     }
   }
   if (im.add_staging.size() < staged_floats) im.add_staging.resize(staged_floats);
@@ -259,11 +261,12 @@ absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time de
       const uint64_t recv_tag = (op.tag << 16) | static_cast<uint64_t>(op.peer);
       if (pass == 0 && op.kind == P2POp::kRecv) {
         req = ucp_tag_recv_nbx(im.worker, op.buf, op.bytes, recv_tag, ~uint64_t{0}, &p);
-      } else if (pass == 0 && op.kind == P2POp::kRecvAdd && pend[i].adder != nullptr) {
+      } else if (pass == 0 && (op.kind == P2POp::kRecvAdd || op.kind == P2POp::kRecvAddBf16) &&
+                 pend[i].adder != nullptr) {
         p.op_attr_mask = UCP_OP_ATTR_FIELD_DATATYPE;
         p.datatype = im.add_dt;
         req = ucp_tag_recv_nbx(im.worker, pend[i].adder, op.bytes, recv_tag, ~uint64_t{0}, &p);
-      } else if (pass == 0 && op.kind == P2POp::kRecvAdd) {
+      } else if (pass == 0 && (op.kind == P2POp::kRecvAdd || op.kind == P2POp::kRecvAddBf16)) {
         req = ucp_tag_recv_nbx(im.worker, im.add_staging.data() + pend[i].staged_at, op.bytes, recv_tag, ~uint64_t{0},
                                &p);
       } else if (pass == 1 && op.kind == P2POp::kSend) {
@@ -314,8 +317,12 @@ absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time de
                                                   pe.adder->overflow() ? ", a fragment beyond its end" : "", ")"));
         break;
       }
-      if (pe.staged_at != SIZE_MAX) {
+      if (pe.staged_at != SIZE_MAX && op.kind == P2POp::kRecvAdd) {
         AddFloats(static_cast<float*>(op.buf), im.add_staging.data() + pe.staged_at, op.bytes / sizeof(float));
+      } else if (pe.staged_at != SIZE_MAX) {
+        AddBf16Bytes(static_cast<float*>(op.buf),
+                     reinterpret_cast<const unsigned char*>(im.add_staging.data() + pe.staged_at),
+                     op.bytes / sizeof(uint16_t));
       }
       pe.finished = true;
       --remaining;

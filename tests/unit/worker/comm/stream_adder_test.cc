@@ -9,6 +9,8 @@
 
 #include "worker/comm/reduce.h"
 
+#include "worker/comm/bf16_wire.h"
+
 namespace lmsgd::comm {
 namespace {
 
@@ -58,6 +60,35 @@ TEST(StreamAdderTest, AnyFragmentationInAnyOrderGivesExactlyAddFloatsResult) {
       }
       EXPECT_TRUE(adder.complete()) << "n=" << n << " cuts=" << cuts;
       EXPECT_EQ(adder.received(), n * sizeof(float));
+      ASSERT_EQ(std::memcmp(dst.data(), want.data(), n * sizeof(float)), 0) << "n=" << n << " cuts=" << cuts;
+    }
+  }
+}
+
+// The bf16 wire's receive-and-add: 2-byte values, split anywhere, each widened and added once,
+// exactly as AddBf16 adds the whole message.
+TEST(StreamAdderTest, Bf16ValuesInAnyFragmentationAreWidenedAndAddedOnce) {
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> value(-3.0f, 3.0f);
+  for (size_t n : {1u, 3u, 1023u, 65537u}) {
+    for (int cuts : {0, 1, 7, 40}) {
+      std::vector<float> dst(n), want;
+      std::vector<uint16_t> message(n);
+      for (size_t i = 0; i < n; ++i) {
+        dst[i] = value(rng);
+        message[i] = FloatToBf16(value(rng));
+      }
+      want = dst;
+      AddBf16(want.data(), message.data(), n);
+      StreamAdder adder;
+      adder.Reset(dst.data(), n * sizeof(uint16_t), /*bf16=*/true);
+      const auto* bytes = reinterpret_cast<const unsigned char*>(message.data());
+      for (const Piece& p : RandomPieces(n * sizeof(uint16_t), cuts, &rng)) {
+        std::vector<unsigned char> odd(p.length + 1);
+        std::memcpy(odd.data() + 1, bytes + p.offset, p.length);
+        adder.Add(p.offset, odd.data() + 1, p.length);
+      }
+      EXPECT_TRUE(adder.complete()) << "n=" << n << " cuts=" << cuts;
       ASSERT_EQ(std::memcmp(dst.data(), want.data(), n * sizeof(float)), 0) << "n=" << n << " cuts=" << cuts;
     }
   }
