@@ -212,28 +212,35 @@ bool ParseArgs(const std::vector<std::string>& args, Options* o, std::string* er
   return true;
 }
 
+absl::StatusOr<v1::JobStatus> GetJob(Client& c, const std::string& job_id) {
+  v1::GetJobRequest req;
+  req.set_job_id(job_id);
+  v1::JobStatus resp;
+  auto ctx = c.Context();
+  grpc::Status st = c.stub().GetJob(ctx.get(), req, &resp);
+  if (!st.ok()) return absl::Status(static_cast<absl::StatusCode>(st.error_code()), c.Explain(st, "status"));
+  return resp;
+}
+
+absl::StatusOr<std::string> SubmitJob(Client& c, const v1::JobSpec& spec) {
+  v1::JobSpec filled = spec;
+  ApplyDefaults(&filled);
+  RETURN_IF_ERROR(ValidateJobSpec(filled));
+  v1::SubmitJobRequest req;
+  *req.mutable_spec() = spec;
+  v1::SubmitJobResponse resp;
+  auto ctx = c.Context();
+  grpc::Status st = c.stub().SubmitJob(ctx.get(), req, &resp);
+  if (!st.ok()) return absl::Status(static_cast<absl::StatusCode>(st.error_code()), c.Explain(st, "submit"));
+  return resp.job_id();
+}
+
 // The coordinator for the experiment runner, over lmsgdctl's channel.
 class CoordinatorJobs final : public JobService {
  public:
   explicit CoordinatorJobs(Client& c) : c_(c) {}
-  absl::StatusOr<std::string> Submit(const v1::JobSpec& spec) override {
-    v1::SubmitJobRequest req;
-    *req.mutable_spec() = spec;
-    v1::SubmitJobResponse resp;
-    auto ctx = c_.Context();
-    grpc::Status st = c_.stub().SubmitJob(ctx.get(), req, &resp);
-    if (!st.ok()) return absl::Status(static_cast<absl::StatusCode>(st.error_code()), c_.Explain(st, "submit"));
-    return resp.job_id();
-  }
-  absl::StatusOr<v1::JobStatus> Get(const std::string& job_id) override {
-    v1::GetJobRequest req;
-    req.set_job_id(job_id);
-    v1::JobStatus resp;
-    auto ctx = c_.Context();
-    grpc::Status st = c_.stub().GetJob(ctx.get(), req, &resp);
-    if (!st.ok()) return absl::Status(static_cast<absl::StatusCode>(st.error_code()), c_.Explain(st, "status"));
-    return resp;
-  }
+  absl::StatusOr<std::string> Submit(const v1::JobSpec& spec) override { return SubmitJob(c_, spec); }
+  absl::StatusOr<v1::JobStatus> Get(const std::string& job_id) override { return GetJob(c_, job_id); }
 
  private:
   Client& c_;
@@ -347,29 +354,6 @@ int RunExperimentCommand(const Options& o, std::shared_ptr<grpc::ChannelCredenti
   }
   out << "report: " << eo.dir << "/table.md, error_vs_kn.png, curves_*.png (and .svg)\n";
   return 0;
-}
-
-absl::StatusOr<v1::JobStatus> GetJob(Client& c, const std::string& job_id) {
-  v1::GetJobRequest req;
-  req.set_job_id(job_id);
-  v1::JobStatus resp;
-  auto ctx = c.Context();
-  grpc::Status st = c.stub().GetJob(ctx.get(), req, &resp);
-  if (!st.ok()) return absl::Status(static_cast<absl::StatusCode>(st.error_code()), c.Explain(st, "status"));
-  return resp;
-}
-
-absl::StatusOr<std::string> SubmitJob(Client& c, const v1::JobSpec& spec) {
-  v1::JobSpec filled = spec;
-  ApplyDefaults(&filled);
-  RETURN_IF_ERROR(ValidateJobSpec(filled));
-  v1::SubmitJobRequest req;
-  *req.mutable_spec() = spec;
-  v1::SubmitJobResponse resp;
-  auto ctx = c.Context();
-  grpc::Status st = c.stub().SubmitJob(ctx.get(), req, &resp);
-  if (!st.ok()) return absl::Status(static_cast<absl::StatusCode>(st.error_code()), c.Explain(st, "submit"));
-  return resp.job_id();
 }
 
 // The spec of a failed or cancelled job, set to continue its run from its last checkpoint (or

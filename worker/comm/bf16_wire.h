@@ -19,24 +19,13 @@
 #include <cstring>
 #include <vector>
 
+#include "common/bf16.h"
 #include "worker/comm/transport.h"
 
 namespace lmsgd::comm {
 
-// Round to nearest even; NaN stays NaN, infinities stay.
-inline uint16_t FloatToBf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-inline float Bf16ToFloat(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
+using ::lmsgd::Bf16ToFloat;  // common/bf16.h: round to nearest even
+using ::lmsgd::FloatToBf16;
 void FloatsToBf16(const float* __restrict src, uint16_t* __restrict dst, size_t n);
 void Bf16ToFloats(const uint16_t* __restrict src, float* __restrict dst, size_t n);
 // dst[i] += widened src[i] (float32 addition).

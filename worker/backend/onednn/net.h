@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/bf16.h"
 #include "dnnl.hpp"
 #include "worker/backend/bn_running_stats.h"
 
@@ -64,20 +65,8 @@ inline Tag PreferredActivationTag(const dnnl::engine& eng, Dt dt) {
   return Tag::nchw;
 }
 
-// bf16 is the upper half of an IEEE float; conversion rounds to nearest even (NaN stays NaN).
-inline float Bf16ToFloat(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-inline uint16_t FloatToBf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
+using ::lmsgd::Bf16ToFloat;  // common/bf16.h
+using ::lmsgd::FloatToBf16;
 
 // Offset of element (n, c, hw) in an activation of the given layout.
 struct LayoutIndex {
