@@ -15,6 +15,11 @@ inline float Bf16ToFloat(uint16_t h) {
   return f;
 }
 
+// The bits of float `u` rounded to nearest even in its upper half (the lower half is garbage:
+// mask it or shift it away). Branch-free, for loops the compiler vectorizes; a NaN whose payload
+// sits only in the lower half would become an infinity (gradients hold none in a run that goes on).
+inline uint32_t RoundedBf16Bits(uint32_t u) { return u + 0x7fffu + ((u >> 16) & 1u); }
+
 inline uint16_t FloatToBf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));

@@ -17,6 +17,7 @@
 #include "common/job_spec.h"
 #include "common/logging.h"
 #include "prometheus/exposer.h"
+#include "worker/comm/ucx_transport.h"
 #include "worker/session/distributed.h"
 #include "worker/session/standalone.h"
 #include "worker/train/trainer_factory.h"
@@ -52,6 +53,7 @@ ABSL_FLAG(bool, serve, false,
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("lmsgd-worker --standalone --job_file FILE [--threads N]");
   absl::ParseCommandLine(argc, argv);
+  lmsgd::comm::SetUcxEnvironmentDefaults();  // before any thread starts
   // --device: cpu, or cuda:N (the cuDNN backend; a machine without a GPU gets a clear error
   // when the trainer is built, and the CPU stays available).
   const std::string device = absl::GetFlag(FLAGS_device);

@@ -95,6 +95,7 @@ class Bf16Allreduce final : public comm::AllreduceAlgorithm {
 int RunLmsgdRank(int rank, int k, const std::string& store_dir, size_t min_bytes, size_t max_bytes,
                  const std::string& wire) {
   if (wire == "tcp") setenv("UCX_TLS", "tcp", 1);
+  comm::SetUcxEnvironmentDefaults();
   const std::string impl = wire == "tcp" ? "lmsgd-tcp" : "lmsgd";
   comm::FileStore store(store_dir);
   auto t = comm::UcxTransport::Create(rank, k, &store, "bench", absl::Now() + absl::Seconds(60), /*single_host=*/true);
@@ -169,6 +170,7 @@ int RunLmsgdRank(int rank, int k, const std::string& store_dir, size_t min_bytes
 int RunLanesRank(int rank, int k, const std::string& store_dir, size_t min_bytes, size_t max_bytes,
                  const std::string& wire) {
   if (wire == "tcp") setenv("UCX_TLS", "tcp", 1);
+  comm::SetUcxEnvironmentDefaults();
   const std::string impl = wire == "tcp" ? "lmsgd-tcp-lanes" : "lmsgd-lanes";
   constexpr int kInFlight = 4;
   const std::vector<int> lane_counts = {1, 2, 4};

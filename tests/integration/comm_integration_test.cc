@@ -165,8 +165,9 @@ TEST(CommTest, LanesRunAllreducesConcurrently) {
 }
 
 // Over UCX's TCP transport (the wire between hosts) instead of shared memory: the transport's
-// receive-and-add then unpacks TCP's fragments (and stages messages above its fused limit). With
-// a 1 KiB rendezvous threshold (on TCP and on shared memory) it unpacks rendezvous data too.
+// receive-and-add then unpacks TCP's fragments (and stages messages above its fused limit), and
+// the bf16 wire packs and unpacks them. With a 1 KiB rendezvous threshold (on TCP and on shared
+// memory) it does so for rendezvous data too.
 TEST(CommTest, RingAndHalvingDoublingOverTcpAndByRendezvous) {
   struct Wire {
     int k;
@@ -177,13 +178,15 @@ TEST(CommTest, RingAndHalvingDoublingOverTcpAndByRendezvous) {
                                    {4, {"--ucx_tls=tcp", "--ucx_rndv_thresh=1024"}},
                                    {4, {"--ucx_rndv_thresh=1024"}}};
   for (const Wire& w : wires) {
-    for (const std::string algo : {"ring", "hd"}) {
-      std::vector<std::string> flags = {"--mode=allreduce", "--algo=" + algo, "--doubling_max_bytes=0",
-                                        "--counts=1,7,1023,8193,100000,1048576"};
-      flags.insert(flags.end(), w.flags.begin(), w.flags.end());
-      const std::string context = absl::StrCat("k=", w.k, " ", algo, " ", absl::StrJoin(w.flags, " "));
-      auto runs = RunRanks(w.k, flags, absl::Seconds(120));
-      EXPECT_EQ(DistinctResults(runs, context).size(), 1u) << context << ": ranks disagree";
+    for (const std::string mode : {"allreduce", "bf16"}) {
+      for (const std::string algo : {"ring", "hd"}) {
+        std::vector<std::string> flags = {"--mode=" + mode, "--algo=" + algo, "--doubling_max_bytes=0",
+                                          "--counts=1,7,1023,8193,100000,1048576"};
+        flags.insert(flags.end(), w.flags.begin(), w.flags.end());
+        const std::string context = absl::StrCat("k=", w.k, " ", mode, " ", algo, " ", absl::StrJoin(w.flags, " "));
+        auto runs = RunRanks(w.k, flags, absl::Seconds(120));
+        EXPECT_EQ(DistinctResults(runs, context).size(), 1u) << context << ": ranks disagree";
+      }
     }
   }
 }
@@ -269,7 +272,9 @@ TEST(CommTest, AStalledRankTimesOutTheOthersNamingIt) {
       }
     }
     EXPECT_GE(named, 1) << algo;
-    if (algo != "shm") EXPECT_GE(named_live, 1) << algo << ": the live record names the stalled rank";
+    if (algo != "shm") {
+      EXPECT_GE(named_live, 1) << algo << ": the live record names the stalled rank";
+    }
   }
 }
 

@@ -323,4 +323,7 @@ int Run(int argc, char** argv) {
 }  // namespace
 }  // namespace lmsgd::comm
 
-int main(int argc, char** argv) { return lmsgd::comm::Run(argc, argv); }
+int main(int argc, char** argv) {
+  lmsgd::comm::SetUcxEnvironmentDefaults();
+  return lmsgd::comm::Run(argc, argv);
+}

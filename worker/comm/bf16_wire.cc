@@ -6,10 +6,10 @@
 
 namespace lmsgd::comm {
 
-// The loops are written for the vectorizer: NaN inputs (gradients never hold them in a run that
-// goes on) take the same integer path and stay NaN unless their payload sits in the low half only.
+// The loops are written for the vectorizer (RoundedBf16Bits: NaN inputs take the same integer
+// path).
 namespace {
-inline uint32_t RoundedBits(uint32_t u) { return u + 0x7fffu + ((u >> 16) & 1u); }
+inline uint32_t RoundedBits(uint32_t u) { return RoundedBf16Bits(u); }
 }  // namespace
 
 __attribute__((target_clones("avx512f", "avx2", "default"))) void FloatsToBf16(const float* __restrict src,
@@ -60,41 +60,106 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void RoundAndPackBf
   }
 }
 
+namespace {
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "bf16 pieces assume a little-endian float layout");
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void PackValues(float* __restrict src,
+                                                                              unsigned char* __restrict dst, size_t n,
+                                                                              bool round) {
+  if (round) {
+    for (size_t i = 0; i < n; ++i) {
+      uint32_t u;
+      std::memcpy(&u, src + i, sizeof(u));
+      const uint32_t r = RoundedBits(u) & 0xffff0000u;
+      const uint16_t h = static_cast<uint16_t>(r >> 16);
+      std::memcpy(dst + 2 * i, &h, sizeof(h));
+      std::memcpy(src + i, &r, sizeof(r));
+    }
+  } else {
+    for (size_t i = 0; i < n; ++i) {
+      uint32_t u;
+      std::memcpy(&u, src + i, sizeof(u));
+      const uint16_t h = static_cast<uint16_t>(RoundedBits(u) >> 16);
+      std::memcpy(dst + 2 * i, &h, sizeof(h));
+    }
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void UnpackValues(const unsigned char* __restrict src,
+                                                                                float* __restrict dst, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    uint16_t h;
+    std::memcpy(&h, src + 2 * i, sizeof(h));
+    const uint32_t u = static_cast<uint32_t>(h) << 16;
+    std::memcpy(dst + i, &u, sizeof(u));
+  }
+}
+
+// One byte of value i's bf16 (byte j: 0 low, 1 high), rounding it in place with `round`.
+unsigned char PackByte(float* src, size_t i, size_t j, bool round) {
+  uint32_t u;
+  std::memcpy(&u, src + i, sizeof(u));
+  const uint32_t r = RoundedBits(u) & 0xffff0000u;
+  if (round) std::memcpy(src + i, &r, sizeof(r));
+  return static_cast<unsigned char>(r >> (16 + 8 * j));
+}
+
+void UnpackByte(unsigned char v, size_t i, size_t j, float* dst) {
+  unsigned char* f = reinterpret_cast<unsigned char*>(dst + i);
+  f[0] = 0;
+  f[1] = 0;
+  f[2 + j] = v;
+}
+}  // namespace
+
+void PackBf16Piece(float* src, size_t offset, unsigned char* dst, size_t length, bool round) {
+  size_t pos = offset;
+  const size_t end = offset + length;
+  if (pos < end && pos % 2 != 0) {
+    *dst++ = PackByte(src, pos / 2, 1, round);
+    ++pos;
+  }
+  const size_t whole = (end - pos) / 2;
+  PackValues(src + pos / 2, dst, whole, round);
+  dst += 2 * whole;
+  pos += 2 * whole;
+  if (pos < end) *dst = PackByte(src, pos / 2, 0, round);
+}
+
+void UnpackBf16Piece(const unsigned char* src, size_t offset, size_t length, float* dst) {
+  size_t pos = offset;
+  const size_t end = offset + length;
+  if (pos < end && pos % 2 != 0) {
+    UnpackByte(*src++, pos / 2, 1, dst);
+    ++pos;
+  }
+  const size_t whole = (end - pos) / 2;
+  UnpackValues(src, dst + pos / 2, whole);
+  src += 2 * whole;
+  pos += 2 * whole;
+  if (pos < end) UnpackByte(*src, pos / 2, 0, dst);
+}
+
 absl::Status Bf16WireTransport::Exchange(const std::vector<P2POp>& ops, absl::Time deadline, const char* what) {
-  size_t total = 0;
+  std::vector<P2POp> wire;
+  wire.reserve(ops.size());
   for (const P2POp& op : ops) {
-    if (op.bytes % sizeof(float) != 0 || op.kind == P2POp::kRecvAddBf16) {
+    P2POp w = op;
+    switch (op.kind) {
+      case P2POp::kSend: w.kind = P2POp::kSendBf16; break;
+      case P2POp::kRecv: w.kind = P2POp::kRecvBf16; break;
+      case P2POp::kRecvAdd: w.kind = P2POp::kRecvAddBf16; break;
+      default:
+        return absl::InvalidArgumentError(absl::StrCat(what, ": a bf16 wire carries float32 messages, not bf16 ones"));
+    }
+    if (op.bytes % sizeof(float) != 0) {
       return absl::InvalidArgumentError(
           absl::StrCat(what, ": a bf16 wire carries float32 data; ", op.bytes, " bytes is not whole floats"));
     }
-    if (op.kind != P2POp::kRecvAdd) total += op.bytes / sizeof(float);
+    w.bytes = op.bytes / sizeof(float) * sizeof(uint16_t);
+    wire.push_back(w);
   }
-  if (staging_.size() < total) staging_.resize(total);
-  std::vector<P2POp> wire;
-  wire.reserve(ops.size());
-  size_t at = 0;
-  for (const P2POp& op : ops) {
-    const size_t n = op.bytes / sizeof(float);
-    if (op.kind == P2POp::kRecvAdd) {  // added by the transport as it arrives, widened
-      wire.push_back({P2POp::kRecvAddBf16, op.peer, op.buf, n * sizeof(uint16_t), op.tag});
-      continue;
-    }
-    uint16_t* s = staging_.data() + at;
-    if (op.kind == P2POp::kSend) {
-      RoundAndPackBf16(static_cast<float*>(op.buf), s, n);  // the sender keeps what its peer receives
-    }
-    wire.push_back({op.kind, op.peer, s, n * sizeof(uint16_t), op.tag});
-    at += n;
-  }
-  if (auto st = inner_->Exchange(wire, deadline, what); !st.ok()) return st;
-  at = 0;
-  for (const P2POp& op : ops) {
-    if (op.kind == P2POp::kRecvAdd) continue;
-    const size_t n = op.bytes / sizeof(float);
-    if (op.kind == P2POp::kRecv) Bf16ToFloats(staging_.data() + at, static_cast<float*>(op.buf), n);
-    at += n;
-  }
-  return absl::OkStatus();
+  return inner_->Exchange(wire, deadline, what);
 }
 
 }  // namespace lmsgd::comm

@@ -2,10 +2,11 @@
 // float32 allreduce, with float32 arithmetic.
 //
 // Bf16WireTransport carries another transport's float32 messages as bf16 (the upper half of an
-// IEEE float, rounded to nearest even). A send first rounds its float32 values to bf16 in place,
-// so the sender holds exactly what its peer receives, then sends them packed; a receive unpacks;
-// a receive-and-add becomes the inner transport's kRecvAddBf16, which adds the widened values in
-// float32 as they arrive. So every hop of an algorithm adds in float32 and rounds once, when it
+// IEEE float, rounded to nearest even): a send becomes the inner transport's kSendBf16, which
+// rounds each value in place as it packs it into its send buffers (so the sender holds exactly
+// what its peer receives), a receive its kRecvBf16, which widens the values as they arrive, and
+// a receive-and-add its kRecvAddBf16, which adds the widened values in float32 as they arrive:
+// no pass of its own over the data, no staging. So every hop of an algorithm adds in float32 and rounds once, when it
 // sends its partial sum on. The algorithms compute each final
 // element on one rank and send it from there (rounded as it goes: the owner keeps the rounded
 // value), or (recursive doubling) on partners adding the same two values, both rounded, to the
@@ -35,6 +36,18 @@ void RoundToBf16(float* data, size_t n);
 // Both at once, in one pass: dst[i] = bf16 of data[i], and data[i] rounded to it.
 void RoundAndPackBf16(float* __restrict data, uint16_t* __restrict dst, size_t n);
 
+// A transport's piece of a bf16 message, at any byte offset and length (UCX packs and unpacks
+// generic datatypes fragment by fragment). The message of n values is 2n bytes, value i's bf16
+// at bytes 2i (low) and 2i + 1 (high). Each is a pure function of the position, so pieces may come
+// in any order, and a value split over two pieces comes out whole.
+// Packs message bytes [offset, offset + length) from float32 `src` into `dst`; with `round`,
+// every value touched is also rounded in place (idempotent: a value split over two pieces, or a
+// piece packed twice, packs the same bytes).
+void PackBf16Piece(float* src, size_t offset, unsigned char* dst, size_t length, bool round);
+// Widens message bytes [offset, offset + length) at `src` into float32 `dst` (a split value's
+// bytes are written one at a time into its upper half, its lower half zeroed).
+void UnpackBf16Piece(const unsigned char* src, size_t offset, size_t length, float* dst);
+
 class Bf16WireTransport final : public Transport {
  public:
   explicit Bf16WireTransport(Transport* inner) : inner_(inner) {}
@@ -45,7 +58,6 @@ class Bf16WireTransport final : public Transport {
 
  private:
   Transport* inner_;
-  std::vector<uint16_t> staging_;  // every op's bf16 message, grown to the largest Exchange
 };
 
 }  // namespace lmsgd::comm

@@ -4,6 +4,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/bf16.h"
+
 namespace lmsgd::comm {
 
 // Compiled for AVX-512, AVX2 and baseline x86-64; the loader picks the best.
@@ -26,20 +28,32 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void AddFloatBytes(
 
 __attribute__((target_clones("avx512f", "avx2", "default"))) void AddBf16Bytes(float* __restrict dst,
                                                                                 const unsigned char* __restrict src,
-                                                                                size_t n) {
-  for (size_t i = 0; i < n; ++i) {
+                                                                                size_t n, bool round) {
+  auto widened = [src](size_t i) {
     uint16_t h;
     std::memcpy(&h, src + 2 * i, sizeof(h));
     const uint32_t u = static_cast<uint32_t>(h) << 16;
     float v;
     std::memcpy(&v, &u, sizeof(v));
-    dst[i] += v;
+    return v;
+  };
+  if (!round) {
+    for (size_t i = 0; i < n; ++i) dst[i] += widened(i);
+    return;
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const float sum = dst[i] + widened(i);
+    uint32_t u;
+    std::memcpy(&u, &sum, sizeof(u));
+    u = RoundedBf16Bits(u) & 0xffff0000u;
+    std::memcpy(dst + i, &u, sizeof(u));
   }
 }
 
-void StreamAdder::Reset(float* dst, size_t bytes, bool bf16) {
+void StreamAdder::Reset(float* dst, size_t bytes, bool bf16, bool round) {
   dst_ = dst;
   elem_ = bf16 ? 2 : 4;
+  round_ = bf16 && round;
   bytes_ = bytes;
   received_ = 0;
   overflow_ = false;
@@ -56,7 +70,7 @@ void StreamAdder::Byte(size_t pos, unsigned char v) {
     if (elem_ == 4) {
       AddFloatBytes(dst_ + index, it->b, 1);
     } else {
-      AddBf16Bytes(dst_ + index, it->b, 1);
+      AddBf16Bytes(dst_ + index, it->b, 1, round_);
     }
     partials_.erase(it);
   }
@@ -75,7 +89,7 @@ void StreamAdder::Add(size_t offset, const unsigned char* src, size_t length) {
   if (elem_ == 4) {
     AddFloatBytes(dst_ + pos / 4, src + (pos - offset), whole);
   } else {
-    AddBf16Bytes(dst_ + pos / 2, src + (pos - offset), whole);
+    AddBf16Bytes(dst_ + pos / 2, src + (pos - offset), whole, round_);
   }
   pos += elem_ * whole;
   for (; pos < end; ++pos) Byte(pos, src[pos - offset]);

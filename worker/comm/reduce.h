@@ -11,8 +11,9 @@ namespace lmsgd::comm {
 void AddFloats(float* __restrict dst, const float* __restrict src, size_t n);
 // The same with `src` given as bytes at any alignment (n float32 values in host byte order).
 void AddFloatBytes(float* __restrict dst, const unsigned char* __restrict src, size_t n);
-// dst[i] += the bf16 value at src + 2i (any alignment), widened: the bf16 wire's addition.
-void AddBf16Bytes(float* __restrict dst, const unsigned char* __restrict src, size_t n);
+// dst[i] += the bf16 value at src + 2i (any alignment), widened: the bf16 wire's addition; with
+// `round`, each sum is then rounded to bf16 (to nearest even).
+void AddBf16Bytes(float* __restrict dst, const unsigned char* __restrict src, size_t n, bool round = false);
 
 // Adds a message of float32 (or bf16) values into `dst` as it arrives in pieces (a transport's
 // fragments) at any byte offsets, in any order: whole values are added straight from the piece;
@@ -21,8 +22,9 @@ void AddBf16Bytes(float* __restrict dst, const unsigned char* __restrict src, si
 class StreamAdder {
  public:
   // Starts a message of `bytes` (a multiple of 4) to be added into dst[0 .. bytes / 4); with
-  // `bf16`, of bf16 values (a multiple of 2) added, widened, into dst[0 .. bytes / 2).
-  void Reset(float* dst, size_t bytes, bool bf16 = false);
+  // `bf16`, of bf16 values (a multiple of 2) added, widened, into dst[0 .. bytes / 2), each sum
+  // rounded to bf16 with `round`.
+  void Reset(float* dst, size_t bytes, bool bf16 = false, bool round = false);
   // Later pieces are ignored (the receive failed; the destination is no longer ours).
   void Detach() { dst_ = nullptr; }
   // The piece of the message at byte `offset`. A piece reaching past the end is not added and
@@ -43,6 +45,7 @@ class StreamAdder {
   };
   float* dst_ = nullptr;
   size_t elem_ = 4;  // bytes per value on the wire: 4 (float32) or 2 (bf16)
+  bool round_ = false;
   size_t bytes_ = 0, received_ = 0;
   bool overflow_ = false;
   std::vector<Partial> partials_;

@@ -22,14 +22,25 @@ namespace lmsgd::comm {
 // buffers, sparing the copy into a scratch buffer and the second pass over it. `buf` must not
 // be read by a send of the same Exchange (the addition may happen while that send is still
 // reading it).
-// kRecvAddBf16 is the same for a message of `bytes` / 2 bf16 values, each widened and added into
-// float32 `buf` (the bf16 wire's receive, bf16_wire.h).
+// The bf16 wire (bf16_wire.h): a message of `bytes` / 2 bf16 values, `buf` holding float32 ones.
+// kSendBf16 rounds each float32 value of `buf` to bf16 in place and sends the bf16 (the transport
+// converts as it fills its send buffers; with a hint, kFinal or kDiscard, it leaves `buf` as it
+// is); kRecvBf16 widens the values into `buf`; kRecvAddBf16 adds the widened values into `buf`
+// (float32 addition), with kFinal rounding each sum to bf16.
 struct P2POp {
-  enum Kind { kSend, kRecv, kRecvAdd, kRecvAddBf16 } kind;
+  enum Kind { kSend, kRecv, kRecvAdd, kSendBf16, kRecvBf16, kRecvAddBf16 } kind;
+  bool is_send() const { return kind == kSend || kind == kSendBf16; }
   int peer;
   void* buf;
   size_t bytes;
   uint64_t tag;
+  // What the algorithm knows of the values; a bf16 wire uses it to skip work, other transports
+  // ignore it. kFinal: a receive-and-add's sums are final results of the allreduce (nothing more
+  // is added to them); a send's values are final results that this rank received or summed with
+  // a kFinal receive-and-add. kDiscard: a send's values are overwritten by this rank before it
+  // reads them again.
+  enum Hint : uint8_t { kNoHint = 0, kFinal = 1, kDiscard = 2 };
+  uint8_t hint = kNoHint;
 };
 
 class Transport {

@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "worker/comm/bf16_wire.h"
 #include "worker/comm/reduce.h"
 #include "common/status_macros.h"
 
@@ -45,6 +46,83 @@ struct AddOps {
   static void Finish(void*) {}
 };
 
+// The bf16 wire's sends and receives (kSendBf16, kRecvBf16): float32 values converted as UCX
+// packs them into its send buffers and unpacks them out of its receive buffers, so the
+// conversion rides on the copy UCX makes anyway. `buf`: the float32 values; `bytes`: the
+// message's (bf16) size. Detached after a failure: the buffer is no longer ours.
+struct Bf16Message {
+  float* buf = nullptr;
+  size_t bytes = 0, done = 0;
+  bool overflow = false;
+  bool round_in_place = true;  // a send without a hint: the sender keeps what it sent
+  void Reset(float* b, size_t n, bool round) {
+    buf = b;
+    bytes = n;
+    done = 0;
+    overflow = false;
+    round_in_place = round;
+  }
+  bool complete() const { return !overflow && done == bytes; }
+};
+
+struct Bf16Ops {
+  static void* Start(void*, const void* buffer, size_t) { return const_cast<void*>(buffer); }
+  static void* StartUnpack(void*, void* buffer, size_t) { return buffer; }
+  static size_t PackedSize(void* state) { return static_cast<Bf16Message*>(state)->bytes; }
+  static size_t Pack(void* state, size_t offset, void* dest, size_t max_length) {
+    auto* m = static_cast<Bf16Message*>(state);
+    if (offset >= m->bytes) return 0;
+    const size_t n = std::min(max_length, m->bytes - offset);
+    if (m->buf == nullptr) {
+      std::memset(dest, 0, n);
+    } else {
+      PackBf16Piece(m->buf, offset, static_cast<unsigned char*>(dest), n, m->round_in_place);
+    }
+    m->done += n;
+    return n;
+  }
+  static ucs_status_t Unpack(void* state, size_t offset, const void* src, size_t length) {
+    auto* m = static_cast<Bf16Message*>(state);
+    if (m->buf == nullptr) return UCS_OK;
+    if (offset > m->bytes || length > m->bytes - offset) {
+      m->overflow = true;
+      return UCS_OK;
+    }
+    UnpackBf16Piece(static_cast<const unsigned char*>(src), offset, length, m->buf);
+    m->done += length;
+    return UCS_OK;
+  }
+  static size_t NoPack(void*, size_t, void*, size_t) { return 0; }
+  static ucs_status_t NoUnpack(void*, size_t, const void*, size_t) { return UCS_ERR_UNSUPPORTED; }
+  static void Finish(void*) {}
+};
+
+// Objects UCX may reference during an Exchange (generic-datatype states): reused from one
+// Exchange to the next; after a failure they are retired, not freed (a cancelled receive or an
+// unfinished send may still be referenced inside UCX), until the worker is gone.
+template <typename T>
+class StatePool {
+ public:
+  void Begin() { used_ = 0; }
+  T* Next() {
+    if (used_ == live_.size()) live_.push_back(std::make_unique<T>());
+    return live_[used_++].get();
+  }
+  template <typename Fn>
+  void Retire(Fn detach) {
+    for (auto& s : live_) {
+      detach(*s);
+      retired_.push_back(std::move(s));
+    }
+    live_.clear();
+    used_ = 0;
+  }
+
+ private:
+  std::vector<std::unique_ptr<T>> live_, retired_;
+  size_t used_ = 0;
+};
+
 }  // namespace
 
 struct UcxTransport::Impl {
@@ -62,12 +140,11 @@ struct UcxTransport::Impl {
   // Set when a SendRecv failed: sends may still be outstanding (UCX cannot cancel a send), so
   // endpoints must be force-closed, which completes them, before the worker is destroyed.
   bool broken = false;
-  // The generic datatype of fused kRecvAdd receives, and their states: reused from one Exchange
-  // to the next; after a failure they are retired, not freed (a cancelled receive may still be
-  // referenced inside UCX) until the worker is gone.
-  ucp_datatype_t add_dt = 0;
-  bool have_add_dt = false;
-  std::vector<std::unique_ptr<StreamAdder>> add_states, retired_add_states;
+  // The generic datatypes of fused kRecvAdd receives and of the bf16 wire, and their states.
+  ucp_datatype_t add_dt = 0, bf16_send_dt = 0, bf16_recv_dt = 0;
+  bool have_add_dt = false, have_bf16_send_dt = false, have_bf16_recv_dt = false;
+  StatePool<StreamAdder> add_states;
+  StatePool<Bf16Message> bf16_states;
   std::vector<float> add_staging;  // kRecvAdd receives above kFusedAddMaxBytes land here
 
   static void OnEndpointError(void* arg, ucp_ep_h, ucs_status_t status) {
@@ -119,6 +196,8 @@ struct UcxTransport::Impl {
     }
     if (worker) ucp_worker_destroy(worker);
     if (have_add_dt) ucp_dt_destroy(add_dt);
+    if (have_bf16_send_dt) ucp_dt_destroy(bf16_send_dt);
+    if (have_bf16_recv_dt) ucp_dt_destroy(bf16_recv_dt);
     if (context) ucp_cleanup(context);
   }
 };
@@ -153,9 +232,6 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(int rank, int
   if (single_host && std::getenv("UCX_RNDV_THRESH") == nullptr) {
     (void)ucp_config_modify(config, "RNDV_THRESH", "256K");
   }
-  if (single_host && size > static_cast<int>(std::thread::hardware_concurrency())) {
-    im.spin_for = std::chrono::microseconds(0);
-  }
   ucp_params_t params{};
   params.field_mask = UCP_PARAM_FIELD_FEATURES;
   params.features = UCP_FEATURE_TAG | UCP_FEATURE_WAKEUP;
@@ -171,6 +247,14 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(int rank, int
                                                &AddOps::Pack,      &AddOps::Unpack,      &AddOps::Finish};
   RETURN_IF_ERROR(UCX_STATUS(ucp_dt_create_generic(&kAddOps, nullptr, &im.add_dt), "ucp_dt_create_generic (receive-and-add)"));
   im.have_add_dt = true;
+  static const ucp_generic_dt_ops_t kBf16SendOps = {&Bf16Ops::Start, &Bf16Ops::StartUnpack, &Bf16Ops::PackedSize,
+                                                    &Bf16Ops::Pack,  &Bf16Ops::NoUnpack,    &Bf16Ops::Finish};
+  static const ucp_generic_dt_ops_t kBf16RecvOps = {&Bf16Ops::Start, &Bf16Ops::StartUnpack, &Bf16Ops::PackedSize,
+                                                    &Bf16Ops::NoPack, &Bf16Ops::Unpack,     &Bf16Ops::Finish};
+  RETURN_IF_ERROR(UCX_STATUS(ucp_dt_create_generic(&kBf16SendOps, nullptr, &im.bf16_send_dt), "ucp_dt_create_generic (bf16 send)"));
+  im.have_bf16_send_dt = true;
+  RETURN_IF_ERROR(UCX_STATUS(ucp_dt_create_generic(&kBf16RecvOps, nullptr, &im.bf16_recv_dt), "ucp_dt_create_generic (bf16 receive)"));
+  im.have_bf16_recv_dt = true;
 
   ucp_address_t* addr = nullptr;
   size_t addr_len = 0;
@@ -217,37 +301,54 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(int rank, int
 
 UcxTransport::~UcxTransport() = default;
 
+// TCP moves a message that UCX packs itself (the bf16 wire's generic datatypes, eager sends) in
+// fragments of its segment size, a send() and a receive each. 256 KiB instead of UCX's 8 KiB took
+// a bf16 ring allreduce over TCP from 1.4-2.0x float32's time to 0.6-0.7x (docs/benchmarks.md).
+// ucp_config_modify does not reach transport settings, hence the environment.
+void SetUcxEnvironmentDefaults() {
+  setenv("UCX_TCP_TX_SEG_SIZE", "256K", /*overwrite=*/0);
+  setenv("UCX_TCP_RX_SEG_SIZE", "256K", /*overwrite=*/0);
+}
+
 absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time deadline, const char* what) {
   Impl& im = *impl_;
   for (const P2POp& op : ops) {
     if (op.peer < 0 || op.peer >= size_) return absl::InvalidArgumentError(absl::StrCat(what, ": bad peer ", op.peer));
-    if ((op.kind == P2POp::kRecvAdd && op.bytes % sizeof(float) != 0) ||
-        (op.kind == P2POp::kRecvAddBf16 && op.bytes % sizeof(uint16_t) != 0)) {
-      return absl::InvalidArgumentError(absl::StrCat(what, ": receive-and-add of ", op.bytes, " bytes from rank ",
-                                                     op.peer, " (not whole values)"));
+    const bool bf16 = op.kind == P2POp::kSendBf16 || op.kind == P2POp::kRecvBf16 || op.kind == P2POp::kRecvAddBf16;
+    if ((op.kind == P2POp::kRecvAdd && op.bytes % sizeof(float) != 0) || (bf16 && op.bytes % sizeof(uint16_t) != 0)) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": ", op.is_send() ? "send to" : "receive from", " rank ",
+                                                     op.peer, " of ", op.bytes, " bytes (not whole values)"));
     }
   }
-  auto describe = [](const P2POp& op) { return op.kind == P2POp::kSend ? "send to" : "receive from"; };
-  // Per operation: its UCX request; a kRecvAdd's adder (up to kFusedAddMaxBytes) or its place in
-  // add_staging (above).
+  auto describe = [](const P2POp& op) { return op.is_send() ? "send to" : "receive from"; };
+  // Per operation: its UCX request; a fused receive-and-add's adder, or its place in add_staging
+  // (kRecvAdd above kFusedAddMaxBytes); a bf16 send's or receive's message state.
   struct Pending {
     ucs_status_ptr_t req = nullptr;
     bool finished = false;
     StreamAdder* adder = nullptr;
     size_t staged_at = SIZE_MAX;
+    Bf16Message* bf16 = nullptr;
   };
   std::vector<Pending> pend(ops.size());
-  size_t fused = 0, staged_floats = 0;
+  im.add_states.Begin();
+  im.bf16_states.Begin();
+  size_t staged_floats = 0;
   for (size_t i = 0; i < ops.size(); ++i) {
-    const bool bf16 = ops[i].kind == P2POp::kRecvAddBf16;
-    if (ops[i].kind != P2POp::kRecvAdd && !bf16) continue;
-    if (ops[i].bytes <= kFusedAddMaxBytes) {
-      if (fused == im.add_states.size()) im.add_states.push_back(std::make_unique<StreamAdder>());
-      pend[i].adder = im.add_states[fused++].get();
-      pend[i].adder->Reset(static_cast<float*>(ops[i].buf), ops[i].bytes, bf16);
+    const P2POp& op = ops[i];
+    if (op.kind == P2POp::kSendBf16 || op.kind == P2POp::kRecvBf16) {
+      pend[i].bf16 = im.bf16_states.Next();
+      pend[i].bf16->Reset(static_cast<float*>(op.buf), op.bytes, op.hint == P2POp::kNoHint);
+      continue;
+    }
+    const bool bf16 = op.kind == P2POp::kRecvAddBf16;
+    if (op.kind != P2POp::kRecvAdd && !bf16) continue;
+    if (bf16 || op.bytes <= kFusedAddMaxBytes) {
+      pend[i].adder = im.add_states.Next();
+      pend[i].adder->Reset(static_cast<float*>(op.buf), op.bytes, bf16, op.hint == P2POp::kFinal);
     } else {
       pend[i].staged_at = staged_floats;
-      staged_floats += (ops[i].bytes + sizeof(float) - 1) / sizeof(float);
+      staged_floats += op.bytes / sizeof(float);
     }
   }
   if (im.add_staging.size() < staged_floats) im.add_staging.resize(staged_floats);
@@ -261,6 +362,15 @@ absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time de
       const uint64_t recv_tag = (op.tag << 16) | static_cast<uint64_t>(op.peer);
       if (pass == 0 && op.kind == P2POp::kRecv) {
         req = ucp_tag_recv_nbx(im.worker, op.buf, op.bytes, recv_tag, ~uint64_t{0}, &p);
+      } else if (pass == 0 && op.kind == P2POp::kRecvBf16) {
+        p.op_attr_mask = UCP_OP_ATTR_FIELD_DATATYPE;
+        p.datatype = im.bf16_recv_dt;
+        req = ucp_tag_recv_nbx(im.worker, pend[i].bf16, op.bytes, recv_tag, ~uint64_t{0}, &p);
+      } else if (pass == 1 && op.kind == P2POp::kSendBf16) {
+        p.op_attr_mask = UCP_OP_ATTR_FIELD_DATATYPE;
+        p.datatype = im.bf16_send_dt;
+        req = ucp_tag_send_nbx(im.eps[op.peer], pend[i].bf16, op.bytes, (op.tag << 16) | static_cast<uint64_t>(rank_),
+                               &p);
       } else if (pass == 0 && (op.kind == P2POp::kRecvAdd || op.kind == P2POp::kRecvAddBf16) &&
                  pend[i].adder != nullptr) {
         p.op_attr_mask = UCP_OP_ATTR_FIELD_DATATYPE;
@@ -292,7 +402,7 @@ absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time de
         const ucs_status_t st = ucp_request_check_status(pe.req);
         if (st == UCS_INPROGRESS) continue;
         size_t length = op.bytes;
-        if (op.kind != P2POp::kSend && st == UCS_OK) {
+        if (!op.is_send() && st == UCS_OK) {
           ucp_tag_recv_info_t info{};
           if (ucp_tag_recv_request_test(pe.req, &info) == UCS_OK) length = info.length;
         }
@@ -317,12 +427,16 @@ absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time de
                                                   pe.adder->overflow() ? ", a fragment beyond its end" : "", ")"));
         break;
       }
-      if (pe.staged_at != SIZE_MAX && op.kind == P2POp::kRecvAdd) {
+      if (pe.bf16 != nullptr && !pe.bf16->complete()) {
+        result = absl::DataLossError(absl::StrCat(what, ": bf16 message of ", op.bytes, " bytes ",
+                                                  op.is_send() ? "to" : "from", " rank ", op.peer, " ",
+                                                  op.is_send() ? "packed" : "arrived", " incomplete (", pe.bf16->done,
+                                                  " bytes", pe.bf16->overflow ? ", a fragment beyond its end" : "",
+                                                  ")"));
+        break;
+      }
+      if (pe.staged_at != SIZE_MAX) {
         AddFloats(static_cast<float*>(op.buf), im.add_staging.data() + pe.staged_at, op.bytes / sizeof(float));
-      } else if (pe.staged_at != SIZE_MAX) {
-        AddBf16Bytes(static_cast<float*>(op.buf),
-                     reinterpret_cast<const unsigned char*>(im.add_staging.data() + pe.staged_at),
-                     op.bytes / sizeof(uint16_t));
       }
       pe.finished = true;
       --remaining;
@@ -354,7 +468,7 @@ absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time de
         if (pend[i].finished) continue;
         ReportWaitingFor(ops[i].peer);
         result = absl::DeadlineExceededError(absl::StrCat(what, ": timed out waiting for rank ", ops[i].peer,
-                                                          ops[i].kind == P2POp::kSend ? " to receive" : " to send"));
+                                                          ops[i].is_send() ? " to receive" : " to send"));
         break;
       }
       break;
@@ -367,18 +481,16 @@ absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time de
     for (size_t i = 0; i < ops.size(); ++i) {
       ucs_status_ptr_t req = pend[i].req;
       if (!UCS_PTR_IS_PTR(req)) continue;
-      if (ucp_request_check_status(req) == UCS_INPROGRESS && ops[i].kind != P2POp::kSend) {
+      if (ucp_request_check_status(req) == UCS_INPROGRESS && !ops[i].is_send()) {
         ucp_request_cancel(im.worker, req);
         for (int n = 0; n < 1000 && ucp_request_check_status(req) == UCS_INPROGRESS; ++n) ucp_worker_progress(im.worker);
       }
       ucp_request_free(req);
     }
-    // A receive-and-add that UCX still references adds nothing more, and its state stays alive.
-    for (auto& a : im.add_states) {
-      a->Detach();
-      im.retired_add_states.push_back(std::move(a));
-    }
-    im.add_states.clear();
+    // A receive or send that UCX still references touches our buffers no more, and its state
+    // stays alive.
+    im.add_states.Retire([](StreamAdder& a) { a.Detach(); });
+    im.bf16_states.Retire([](Bf16Message& m) { m.buf = nullptr; });
     im.broken = true;
   }
   return result;

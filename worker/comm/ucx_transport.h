@@ -29,6 +29,10 @@
 
 namespace lmsgd::comm {
 
+// Sets the UCX environment variables this project's transports want (TCP's segment size) where
+// the user has not: call from main before other threads start (it uses setenv).
+void SetUcxEnvironmentDefaults();
+
 class UcxTransport final : public Transport {
  public:
   // Connects to all `size` ranks through `store` (keys under `prefix`, e.g. "job/gen3").

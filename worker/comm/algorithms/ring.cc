@@ -21,7 +21,8 @@ absl::Status RingAllreduce::Run(float* data, size_t count, uint64_t seq, absl::T
     return (c + 1 == k ? count : BlockStart(count, k, c + 1)) - BlockStart(count, k, c);
   };
   // Reduce-scatter: at step s send chunk r - s to the right, add chunk r - s - 1 from the left.
-  // After k-1 steps rank r holds the full sum of chunk r + 1.
+  // After k-1 steps rank r holds the full sum of chunk r + 1. Hints (transport.h): every chunk
+  // sent here is overwritten in the allgather (kDiscard); the last step's sums are final.
   for (int s = 0; s < k - 1; ++s) {
     const int send_c = r - s, recv_c = r - s - 1;
     const size_t sn = chunk_len(send_c), rn = chunk_len(recv_c);
@@ -33,20 +34,26 @@ absl::Status RingAllreduce::Run(float* data, size_t count, uint64_t seq, absl::T
     for (size_t j = 0; j < nseg; ++j) {
       const size_t a = rn * j / nseg, b = rn * (j + 1) / nseg;
       ops.push_back({P2POp::kRecvAdd, left, dst + a, (b - a) * sizeof(float),
-                     MakeTag(seq, tags::RingReduceScatter(s, static_cast<int>(j)))});
+                     MakeTag(seq, tags::RingReduceScatter(s, static_cast<int>(j))),
+                     s == k - 2 ? P2POp::kFinal : P2POp::kNoHint});
     }
     const size_t send_segs = std::clamp<size_t>((sn + kSegment - 1) / kSegment, 1, tags::kRingSegmentsPerStep);
     for (size_t j = 0; j < send_segs; ++j) {
       const size_t a = sn * j / send_segs, b = sn * (j + 1) / send_segs;
       ops.push_back({P2POp::kSend, right, data + start(send_c) + a, (b - a) * sizeof(float),
-                     MakeTag(seq, tags::RingReduceScatter(s, static_cast<int>(j)))});
+                     MakeTag(seq, tags::RingReduceScatter(s, static_cast<int>(j))), P2POp::kDiscard});
     }
     RETURN_IF_ERROR(t_->Exchange(ops, deadline, "ring allreduce (reduce-scatter)"));
   }
-  // Allgather: at step s send chunk r + 1 - s (reduced) to the right, receive chunk r - s.
+  // Allgather: at step s send chunk r + 1 - s (reduced) to the right, receive chunk r - s. What
+  // is sent is final: summed in the reduce-scatter's last step, or received at the step before.
   for (int s = 0; s < k - 1; ++s) {
     const int send_c = r + 1 - s, recv_c = r - s;
-    RETURN_IF_ERROR(t_->SendRecv(right, data + start(send_c), chunk_len(send_c) * sizeof(float), left, data + start(recv_c), chunk_len(recv_c) * sizeof(float), MakeTag(seq, tags::RingAllgather(k, s)), deadline, "ring allreduce (allgather)"));
+    const uint64_t tag = MakeTag(seq, tags::RingAllgather(k, s));
+    const std::vector<P2POp> ops = {
+        {P2POp::kRecv, left, data + start(recv_c), chunk_len(recv_c) * sizeof(float), tag},
+        {P2POp::kSend, right, data + start(send_c), chunk_len(send_c) * sizeof(float), tag, P2POp::kFinal}};
+    RETURN_IF_ERROR(t_->Exchange(ops, deadline, "ring allreduce (allgather)"));
   }
   return absl::OkStatus();
 }

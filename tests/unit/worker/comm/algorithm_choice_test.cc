@@ -26,7 +26,7 @@ class RecordingTransport final : public Transport {
   int size() const override { return size_; }
   absl::Status Exchange(const std::vector<P2POp>& ops, absl::Time, const char* what) override {
     whats.insert(what);
-    for (const P2POp& op : ops) (op.kind == P2POp::kSend ? sent_to : received_from).insert(op.peer);
+    for (const P2POp& op : ops) (op.is_send() ? sent_to : received_from).insert(op.peer);
     return absl::OkStatus();
   }
   void Abort() override {}

@@ -1,5 +1,5 @@
 // StreamAdder: the transport's receive-and-add (a message added into the destination as its
-// fragments arrive, at any byte offsets, in any order).
+// fragments arrive, at any byte offsets, in any order); the bf16 wire's pieces likewise.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -7,9 +7,9 @@
 #include <random>
 #include <vector>
 
-#include "worker/comm/reduce.h"
-
+#include "absl/strings/str_cat.h"
 #include "worker/comm/bf16_wire.h"
+#include "worker/comm/reduce.h"
 
 namespace lmsgd::comm {
 namespace {
@@ -90,6 +90,80 @@ TEST(StreamAdderTest, Bf16ValuesInAnyFragmentationAreWidenedAndAddedOnce) {
       }
       EXPECT_TRUE(adder.complete()) << "n=" << n << " cuts=" << cuts;
       ASSERT_EQ(std::memcmp(dst.data(), want.data(), n * sizeof(float)), 0) << "n=" << n << " cuts=" << cuts;
+    }
+  }
+}
+
+// The last step of a ring's reduce-scatter on the bf16 wire (P2POp::kFinal): each sum is also
+// rounded to bf16, as FloatToBf16 rounds the float32 sum, a value split over pieces included.
+TEST(StreamAdderTest, Bf16FinalSumsAreRoundedToBf16InAnyFragmentation) {
+  std::mt19937 rng(13);
+  std::uniform_real_distribution<float> value(-3.0f, 3.0f);
+  for (size_t n : {1u, 3u, 1023u, 65537u}) {
+    for (int cuts : {0, 1, 7, 40}) {
+      std::vector<float> dst(n), want(n);
+      std::vector<uint16_t> message(n);
+      for (size_t i = 0; i < n; ++i) {
+        dst[i] = value(rng);
+        message[i] = FloatToBf16(value(rng));
+        want[i] = Bf16ToFloat(FloatToBf16(dst[i] + Bf16ToFloat(message[i])));
+      }
+      StreamAdder adder;
+      adder.Reset(dst.data(), n * sizeof(uint16_t), /*bf16=*/true, /*round=*/true);
+      const auto* bytes = reinterpret_cast<const unsigned char*>(message.data());
+      for (const Piece& p : RandomPieces(n * sizeof(uint16_t), cuts, &rng)) {
+        std::vector<unsigned char> odd(p.length + 1);
+        std::memcpy(odd.data() + 1, bytes + p.offset, p.length);
+        adder.Add(p.offset, odd.data() + 1, p.length);
+      }
+      EXPECT_TRUE(adder.complete()) << "n=" << n << " cuts=" << cuts;
+      ASSERT_EQ(std::memcmp(dst.data(), want.data(), n * sizeof(float)), 0) << "n=" << n << " cuts=" << cuts;
+    }
+  }
+}
+
+// The bf16 wire's send and receive (UCX generic datatypes): a message packed and unpacked piece
+// by piece, at any byte offsets, in any order, is the whole message's FloatsToBf16 and
+// Bf16ToFloats. A send without a hint leaves its values rounded to what it sent; with one, as
+// they were; packing a piece twice packs the same bytes.
+TEST(Bf16PieceTest, PackAndUnpackInAnyPiecesEqualWholeConversions) {
+  std::mt19937 rng(17);
+  std::uniform_real_distribution<float> value(-3.0f, 3.0f);
+  for (size_t n : {1u, 2u, 3u, 1023u, 65537u}) {
+    for (int cuts : {0, 1, 7, 40}) {
+      for (bool round : {false, true}) {
+        std::vector<float> src(n);
+        for (float& v : src) v = value(rng);
+        const std::vector<float> original = src;
+        std::vector<uint16_t> want(n);
+        FloatsToBf16(original.data(), want.data(), n);
+        std::vector<unsigned char> wire(2 * n, 0xee);
+        const auto pieces = RandomPieces(2 * n, cuts, &rng);
+        for (const Piece& p : pieces) {
+          std::vector<unsigned char> odd(p.length + 1);
+          PackBf16Piece(src.data(), p.offset, odd.data() + 1, p.length, round);
+          std::memcpy(wire.data() + p.offset, odd.data() + 1, p.length);
+        }
+        const std::string context = absl::StrCat("n=", n, " cuts=", cuts, " round=", round);
+        ASSERT_EQ(std::memcmp(wire.data(), want.data(), 2 * n), 0) << context;
+        for (size_t i = 0; i < n; ++i) {
+          ASSERT_EQ(src[i], round ? Bf16ToFloat(want[i]) : original[i]) << context << " i=" << i;
+        }
+        if (!pieces.empty()) {  // again, from the values as the first packing left them
+          const Piece& p = pieces.front();
+          std::vector<unsigned char> again(p.length);
+          PackBf16Piece(src.data(), p.offset, again.data(), p.length, round);
+          ASSERT_EQ(std::memcmp(again.data(), wire.data() + p.offset, p.length), 0) << context;
+        }
+        std::vector<float> got(n, 123.0f), want_floats(n);
+        Bf16ToFloats(want.data(), want_floats.data(), n);
+        for (const Piece& p : RandomPieces(2 * n, cuts, &rng)) {
+          std::vector<unsigned char> odd(p.length + 1);
+          std::memcpy(odd.data() + 1, wire.data() + p.offset, p.length);
+          UnpackBf16Piece(odd.data() + 1, p.offset, p.length, got.data());
+        }
+        ASSERT_EQ(std::memcmp(got.data(), want_floats.data(), n * sizeof(float)), 0) << context;
+      }
     }
   }
 }
