@@ -243,9 +243,12 @@ absl::Status SharedMemoryAllreduce::Run(float* data, size_t count, uint64_t /*se
   const int k = size_, r = rank_;
   if (k == 1 || count == 0) return absl::OkStatus();
   if (aborted_.load()) return absl::AbortedError("shared-memory allreduce aborted");
-  constexpr size_t kLine = 16;  // floats per cache line: slices start on line boundaries
-  for (size_t off = 0; off < count; off += chunk_) {
-    const size_t n = std::min(chunk_, count - off);
+  // Values per chunk: bf16 fills the same slots with twice as many (half the steps). Slices
+  // start on cache-line boundaries of the buffer and (bf16) of the segment.
+  const size_t chunk = bf16 ? 2 * chunk_ : chunk_;
+  const size_t kLine = bf16 ? 32 : 16;
+  for (size_t off = 0; off < count; off += chunk) {
+    const size_t n = std::min(chunk, count - off);
     const uint64_t step = ++step_;
     float* in = slots_ + (step & 1) * static_cast<size_t>(k + 1) * chunk_;
     float* out = in + static_cast<size_t>(k) * chunk_;
@@ -262,11 +265,11 @@ absl::Status SharedMemoryAllreduce::Run(float* data, size_t count, uint64_t /*se
     //    must have copied that result out first.
     if (step > 2) RETURN_IF_ERROR(WaitAll(2, step - 2, deadline));
     float* my_in = in + static_cast<size_t>(r) * chunk_;
-    // bf16: the same slots hold twice the values; a rank's input q sits at in16 + q * 2 chunk_.
+    // bf16: the same slots hold twice the values; rank q's input sits at in16 + q * chunk.
     uint16_t* in16 = reinterpret_cast<uint16_t*>(in);
     uint16_t* out16 = reinterpret_cast<uint16_t*>(out);
     if (bf16) {
-      uint16_t* my16 = in16 + static_cast<size_t>(r) * 2 * chunk_;
+      uint16_t* my16 = in16 + static_cast<size_t>(r) * chunk;
       FloatsToBf16(mine, my16, lo);
       FloatsToBf16(mine + hi, my16 + hi, n - hi);
     } else {
@@ -286,7 +289,7 @@ absl::Status SharedMemoryAllreduce::Run(float* data, size_t count, uint64_t /*se
         uint16_t own[kTile];
         FloatsToBf16(mine + t, own, len);
         for (int q = 0; q < k; ++q) {
-          const uint16_t* src = q == r ? own : in16 + static_cast<size_t>(q) * 2 * chunk_ + t;
+          const uint16_t* src = q == r ? own : in16 + static_cast<size_t>(q) * chunk + t;
           if (q == 0) {
             Bf16ToFloats(src, acc, len);
           } else {
