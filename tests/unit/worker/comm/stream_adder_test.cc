@@ -66,58 +66,37 @@ TEST(StreamAdderTest, AnyFragmentationInAnyOrderGivesExactlyAddFloatsResult) {
 }
 
 // The bf16 wire's receive-and-add: 2-byte values, split anywhere, each widened and added once,
-// exactly as AddBf16 adds the whole message.
+// exactly as AddBf16 adds the whole message; a final one (the last step of a ring's
+// reduce-scatter, P2POp::kFinal) also rounds each sum to bf16, as FloatToBf16 rounds it.
 TEST(StreamAdderTest, Bf16ValuesInAnyFragmentationAreWidenedAndAddedOnce) {
   std::mt19937 rng(11);
   std::uniform_real_distribution<float> value(-3.0f, 3.0f);
-  for (size_t n : {1u, 3u, 1023u, 65537u}) {
-    for (int cuts : {0, 1, 7, 40}) {
-      std::vector<float> dst(n), want;
-      std::vector<uint16_t> message(n);
-      for (size_t i = 0; i < n; ++i) {
-        dst[i] = value(rng);
-        message[i] = FloatToBf16(value(rng));
+  for (bool round : {false, true}) {
+    for (size_t n : {1u, 3u, 1023u, 65537u}) {
+      for (int cuts : {0, 1, 7, 40}) {
+        std::vector<float> dst(n), want;
+        std::vector<uint16_t> message(n);
+        for (size_t i = 0; i < n; ++i) {
+          dst[i] = value(rng);
+          message[i] = FloatToBf16(value(rng));
+        }
+        want = dst;
+        AddBf16(want.data(), message.data(), n);
+        if (round) {
+          for (float& w : want) w = Bf16ToFloat(FloatToBf16(w));
+        }
+        StreamAdder adder;
+        adder.Reset(dst.data(), n * sizeof(uint16_t), /*bf16=*/true, round);
+        const auto* bytes = reinterpret_cast<const unsigned char*>(message.data());
+        for (const Piece& p : RandomPieces(n * sizeof(uint16_t), cuts, &rng)) {
+          std::vector<unsigned char> odd(p.length + 1);
+          std::memcpy(odd.data() + 1, bytes + p.offset, p.length);
+          adder.Add(p.offset, odd.data() + 1, p.length);
+        }
+        const std::string context = absl::StrCat("n=", n, " cuts=", cuts, " round=", round);
+        EXPECT_TRUE(adder.complete()) << context;
+        ASSERT_EQ(std::memcmp(dst.data(), want.data(), n * sizeof(float)), 0) << context;
       }
-      want = dst;
-      AddBf16(want.data(), message.data(), n);
-      StreamAdder adder;
-      adder.Reset(dst.data(), n * sizeof(uint16_t), /*bf16=*/true);
-      const auto* bytes = reinterpret_cast<const unsigned char*>(message.data());
-      for (const Piece& p : RandomPieces(n * sizeof(uint16_t), cuts, &rng)) {
-        std::vector<unsigned char> odd(p.length + 1);
-        std::memcpy(odd.data() + 1, bytes + p.offset, p.length);
-        adder.Add(p.offset, odd.data() + 1, p.length);
-      }
-      EXPECT_TRUE(adder.complete()) << "n=" << n << " cuts=" << cuts;
-      ASSERT_EQ(std::memcmp(dst.data(), want.data(), n * sizeof(float)), 0) << "n=" << n << " cuts=" << cuts;
-    }
-  }
-}
-
-// The last step of a ring's reduce-scatter on the bf16 wire (P2POp::kFinal): each sum is also
-// rounded to bf16, as FloatToBf16 rounds the float32 sum, a value split over pieces included.
-TEST(StreamAdderTest, Bf16FinalSumsAreRoundedToBf16InAnyFragmentation) {
-  std::mt19937 rng(13);
-  std::uniform_real_distribution<float> value(-3.0f, 3.0f);
-  for (size_t n : {1u, 3u, 1023u, 65537u}) {
-    for (int cuts : {0, 1, 7, 40}) {
-      std::vector<float> dst(n), want(n);
-      std::vector<uint16_t> message(n);
-      for (size_t i = 0; i < n; ++i) {
-        dst[i] = value(rng);
-        message[i] = FloatToBf16(value(rng));
-        want[i] = Bf16ToFloat(FloatToBf16(dst[i] + Bf16ToFloat(message[i])));
-      }
-      StreamAdder adder;
-      adder.Reset(dst.data(), n * sizeof(uint16_t), /*bf16=*/true, /*round=*/true);
-      const auto* bytes = reinterpret_cast<const unsigned char*>(message.data());
-      for (const Piece& p : RandomPieces(n * sizeof(uint16_t), cuts, &rng)) {
-        std::vector<unsigned char> odd(p.length + 1);
-        std::memcpy(odd.data() + 1, bytes + p.offset, p.length);
-        adder.Add(p.offset, odd.data() + 1, p.length);
-      }
-      EXPECT_TRUE(adder.complete()) << "n=" << n << " cuts=" << cuts;
-      ASSERT_EQ(std::memcmp(dst.data(), want.data(), n * sizeof(float)), 0) << "n=" << n << " cuts=" << cuts;
     }
   }
 }
