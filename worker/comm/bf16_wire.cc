@@ -8,16 +8,13 @@ namespace lmsgd::comm {
 
 // The loops are written for the vectorizer (RoundedBf16Bits: NaN inputs take the same integer
 // path).
-namespace {
-inline uint32_t RoundedBits(uint32_t u) { return RoundedBf16Bits(u); }
-}  // namespace
 
 __attribute__((target_clones("avx512f", "avx2", "default"))) void FloatsToBf16(const float* __restrict src,
                                                                                 uint16_t* __restrict dst, size_t n) {
   for (size_t i = 0; i < n; ++i) {
     uint32_t u;
     std::memcpy(&u, src + i, sizeof(u));
-    dst[i] = static_cast<uint16_t>(RoundedBits(u) >> 16);
+    dst[i] = static_cast<uint16_t>(RoundedBf16Bits(u) >> 16);
   }
 }
 
@@ -43,20 +40,8 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void RoundToBf16(fl
   for (size_t i = 0; i < n; ++i) {
     uint32_t u;
     std::memcpy(&u, data + i, sizeof(u));
-    u = RoundedBits(u) & 0xffff0000u;
+    u = RoundedBf16Bits(u) & 0xffff0000u;
     std::memcpy(data + i, &u, sizeof(u));
-  }
-}
-
-__attribute__((target_clones("avx512f", "avx2", "default"))) void RoundAndPackBf16(float* __restrict data,
-                                                                                    uint16_t* __restrict dst,
-                                                                                    size_t n) {
-  for (size_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, data + i, sizeof(u));
-    const uint32_t r = RoundedBits(u) & 0xffff0000u;
-    dst[i] = static_cast<uint16_t>(r >> 16);
-    std::memcpy(data + i, &r, sizeof(r));
   }
 }
 
@@ -70,7 +55,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void PackValues(flo
     for (size_t i = 0; i < n; ++i) {
       uint32_t u;
       std::memcpy(&u, src + i, sizeof(u));
-      const uint32_t r = RoundedBits(u) & 0xffff0000u;
+      const uint32_t r = RoundedBf16Bits(u) & 0xffff0000u;
       const uint16_t h = static_cast<uint16_t>(r >> 16);
       std::memcpy(dst + 2 * i, &h, sizeof(h));
       std::memcpy(src + i, &r, sizeof(r));
@@ -79,7 +64,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void PackValues(flo
     for (size_t i = 0; i < n; ++i) {
       uint32_t u;
       std::memcpy(&u, src + i, sizeof(u));
-      const uint16_t h = static_cast<uint16_t>(RoundedBits(u) >> 16);
+      const uint16_t h = static_cast<uint16_t>(RoundedBf16Bits(u) >> 16);
       std::memcpy(dst + 2 * i, &h, sizeof(h));
     }
   }
@@ -99,7 +84,7 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void UnpackValues(c
 unsigned char PackByte(float* src, size_t i, size_t j, bool round) {
   uint32_t u;
   std::memcpy(&u, src + i, sizeof(u));
-  const uint32_t r = RoundedBits(u) & 0xffff0000u;
+  const uint32_t r = RoundedBf16Bits(u) & 0xffff0000u;
   if (round) std::memcpy(src + i, &r, sizeof(r));
   return static_cast<unsigned char>(r >> (16 + 8 * j));
 }

@@ -4,15 +4,16 @@
 // Bf16WireTransport carries another transport's float32 messages as bf16 (the upper half of an
 // IEEE float, rounded to nearest even): a send becomes the inner transport's kSendBf16, which
 // rounds each value in place as it packs it into its send buffers (so the sender holds exactly
-// what its peer receives), a receive its kRecvBf16, which widens the values as they arrive, and
-// a receive-and-add its kRecvAddBf16, which adds the widened values in float32 as they arrive:
-// no pass of its own over the data, no staging. So every hop of an algorithm adds in float32 and rounds once, when it
-// sends its partial sum on. The algorithms compute each final
-// element on one rank and send it from there (rounded as it goes: the owner keeps the rounded
-// value), or (recursive doubling) on partners adding the same two values, both rounded, to the
-// same unrounded sum: after the Communicator rounds a halving/doubling result once more
-// (RoundToBf16: a folded-in rank got it rounded) every rank ends bitwise identical. Every message
-// through it must be float32 data (an allreduce algorithm's): never setup bytes.
+// what its peer receives; an algorithm's hint may spare that), a receive its kRecvBf16, which
+// widens the values as they arrive, and a receive-and-add its kRecvAddBf16, which adds the
+// widened values in float32 as they arrive: no pass of its own over the data, no staging. So
+// every hop of an algorithm adds in float32 and rounds once, when it sends its partial sum on.
+// The algorithms compute each final element on one rank and send it from there (rounded as it
+// goes: the owner keeps the rounded value), or (recursive doubling) on partners adding the same
+// two values, both rounded, to the same unrounded sum: after the Communicator rounds a
+// halving/doubling result once more (RoundToBf16: a folded-in rank got it rounded) every rank
+// ends bitwise identical. Every message through it must be float32 data (an allreduce
+// algorithm's): never setup bytes.
 #pragma once
 
 #include <cstddef>
@@ -33,8 +34,6 @@ void Bf16ToFloats(const uint16_t* __restrict src, float* __restrict dst, size_t 
 void AddBf16(float* __restrict dst, const uint16_t* __restrict src, size_t n);
 // data[i] = bf16-rounded data[i], in place.
 void RoundToBf16(float* data, size_t n);
-// Both at once, in one pass: dst[i] = bf16 of data[i], and data[i] rounded to it.
-void RoundAndPackBf16(float* __restrict data, uint16_t* __restrict dst, size_t n);
 
 // A transport's piece of a bf16 message, at any byte offset and length (UCX packs and unpacks
 // generic datatypes fragment by fragment). The message of n values is 2n bytes, value i's bf16

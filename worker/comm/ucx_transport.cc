@@ -52,7 +52,7 @@ struct AddOps {
 // message's (bf16) size. Detached after a failure: the buffer is no longer ours.
 struct Bf16Message {
   float* buf = nullptr;
-  size_t bytes = 0, done = 0;
+  size_t bytes = 0, done = 0;  // done: bytes unpacked (a receive), or how far packed (a send)
   bool overflow = false;
   bool round_in_place = true;  // a send without a hint: the sender keeps what it sent
   void Reset(float* b, size_t n, bool round) {
@@ -78,7 +78,7 @@ struct Bf16Ops {
     } else {
       PackBf16Piece(m->buf, offset, static_cast<unsigned char*>(dest), n, m->round_in_place);
     }
-    m->done += n;
+    m->done = std::max(m->done, offset + n);  // how far it packed: a piece packed again counts once
     return n;
   }
   static ucs_status_t Unpack(void* state, size_t offset, const void* src, size_t length) {
@@ -303,8 +303,9 @@ UcxTransport::~UcxTransport() = default;
 
 // TCP moves a message that UCX packs itself (the bf16 wire's generic datatypes, eager sends) in
 // fragments of its segment size, a send() and a receive each. 256 KiB instead of UCX's 8 KiB took
-// a bf16 ring allreduce over TCP from 1.4-2.0x float32's time to 0.6-0.7x (docs/benchmarks.md).
-// ucp_config_modify does not reach transport settings, hence the environment.
+// a bf16 ring allreduce over TCP from 1.4-2.0x float32's time to 0.59-0.82x (docs/benchmarks.md).
+// Set with ucp_config_modify they had no effect (UCX 1.13: that ring stayed at 1.5-2.0x), hence
+// the environment.
 void SetUcxEnvironmentDefaults() {
   setenv("UCX_TCP_TX_SEG_SIZE", "256K", /*overwrite=*/0);
   setenv("UCX_TCP_RX_SEG_SIZE", "256K", /*overwrite=*/0);
