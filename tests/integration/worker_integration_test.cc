@@ -604,11 +604,16 @@ TEST_F(WorkerIntegrationTest, TwoWorkersWithoutLocalDeviceBothTrain) {
     workers.push_back(std::make_unique<testing::Subprocess>());
     ASSERT_TRUE(workers.back()
                     ->Start({LMSGD_WORKER_BIN, "--coordinator=" + coord_->grpc_address(), "--job=" + job,
-                             "--threads=1", "--host=localhost", "--slot_dir=" + dir_ + "/slots"},
+                             "--threads=1", "--host=localhost", "--slot_dir=" + dir_ + "/slots",
+                             // 96 steps of at least 20 ms: the job still runs when the third comes.
+                             "--test_data_delay_ms=20"},
                             absl::StrCat(dir_, "/auto", i, ".log"))
                     .ok());
   }
-  absl::SleepFor(absl::Seconds(2));
+  const absl::Time running_by = absl::Now() + absl::Seconds(60);
+  while (JobState(coord_->grpc_address(), job) != "JOB_STATE_RUNNING" && absl::Now() < running_by) {
+    absl::SleepFor(absl::Milliseconds(50));
+  }
   auto third = testing::RunCommand({LMSGD_WORKER_BIN, "--coordinator=" + coord_->grpc_address(), "--job=" + job,
                                     "--threads=1", "--host=localhost", "--slot_dir=" + dir_ + "/slots",
                                     "--local_device=1"},

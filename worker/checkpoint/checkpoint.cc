@@ -34,7 +34,8 @@ Tensor F32(const std::vector<int64_t>& shape, const float* p, int64_t n) {
 }  // namespace
 
 absl::StatusOr<std::string> SaveCheckpoint(const std::string& dir, const model::ParamStore& store,
-                                           const optim::Sgd& sgd, const TrainingState& state, int keep) {
+                                           const optim::Sgd& sgd, const TrainingState& state, int keep,
+                                           const std::set<std::string>& retain) {
   RETURN_IF_ERROR(MakeDirs(dir));
   const std::string name = absl::StrFormat("ckpt-%010d", state.iteration);
   const std::string model_path = dir + "/" + name + ".safetensors";
@@ -67,19 +68,25 @@ absl::StatusOr<std::string> SaveCheckpoint(const std::string& dir, const model::
   RETURN_IF_ERROR(WriteSafetensors(model_path, m));
   RETURN_IF_ERROR(WriteSafetensors(OptimPath(model_path), o));
   if (auto st = WriteFileAtomically(dir + "/LATEST", name + "\n"); !st.ok()) return st;  // commit
-  // Retention: remove older checkpoints beyond `keep`.
+  // Retention: the newest `keep` by write time, the just written one and those in `retain`.
   auto files = ListFiles(dir);
   if (files.ok() && keep > 0) {
-    std::vector<std::string> models;
+    std::set<std::string> kept = {name + ".safetensors"};
+    for (const auto& r : retain) kept.insert(std::filesystem::path(r).filename().string());
+    std::vector<std::pair<std::filesystem::file_time_type, std::string>> models;
     for (const auto& f : *files) {
       if (absl::StartsWith(f, "ckpt-") && absl::EndsWith(f, ".safetensors") && !absl::EndsWith(f, ".optim.safetensors")) {
-        models.push_back(f);
+        std::error_code ec;
+        auto t = std::filesystem::last_write_time(dir + "/" + f, ec);
+        if (!ec) models.emplace_back(t, f);
       }
     }
+    std::sort(models.begin(), models.end());
     for (size_t i = 0; i + keep < models.size(); ++i) {
+      if (kept.count(models[i].second)) continue;
       std::error_code ec;
-      std::filesystem::remove(dir + "/" + models[i], ec);
-      std::filesystem::remove(OptimPath(dir + "/" + models[i]), ec);
+      std::filesystem::remove(dir + "/" + models[i].second, ec);
+      std::filesystem::remove(OptimPath(dir + "/" + models[i].second), ec);
     }
   }
   return model_path;

@@ -10,8 +10,13 @@
 //                             global batch, world size, learning rate).
 // Both are written atomically (temp, fsync, rename) and carry a CRC-32 of their data; then the
 // file LATEST (also atomic) is pointed at the new name: that rename is the commit point. A
-// crash before it leaves the previous checkpoint current. Older checkpoints beyond `keep` are
-// removed after the commit.
+// crash before it leaves the previous checkpoint current. After the commit, checkpoints older
+// (by write time) than the newest `keep` are removed, except those named in `retain`: the one
+// a coordinator has recorded as the job's and those whose report it has not acknowledged. A
+// generation re-formed while the old rank 0 still writes resumes from the recorded one, so it
+// must outlive any number of later saves. Write time, not the iteration in the name, orders
+// them: after an elastic re-formation the iterations restart lower (a larger kn), and a dead
+// generation's later files are older than the new generation's.
 //
 // Loading checks names, shapes, CRCs and that the model matches; any mismatch or corruption is
 // an error naming the file, never a partial load (the store and optimizer are only written
@@ -19,6 +24,7 @@
 #pragma once
 
 #include <cstdint>
+#include <set>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -37,10 +43,12 @@ struct TrainingState {
   double lr = 0;           // rate of the last step
 };
 
-// Writes checkpoint ckpt-<state.iteration> into `dir` (created if needed) and commits it.
-// Returns the model file's path.
+// Writes checkpoint ckpt-<state.iteration> into `dir` (created if needed), commits it and
+// applies the retention above (`retain`: model file paths or names). Returns the model file's
+// path.
 absl::StatusOr<std::string> SaveCheckpoint(const std::string& dir, const model::ParamStore& store,
-                                           const optim::Sgd& sgd, const TrainingState& state, int keep = 3);
+                                           const optim::Sgd& sgd, const TrainingState& state, int keep = 3,
+                                           const std::set<std::string>& retain = {});
 
 // Path of the committed checkpoint's model file in `dir`; NOT_FOUND when there is none.
 absl::StatusOr<std::string> LatestCheckpoint(const std::string& dir);

@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
 #include "common/status_macros.h"
 #include "worker/checkpoint/checkpoint.h"
 #include "worker/comm/communicator.h"
@@ -94,6 +95,13 @@ class Generation {
   CoordinatorClient* client_;
   v1::JoinJobResponse join_;
   train::Datasets* datasets_;
+  // Checkpoints whose files must outlive retention (checkpoint.h): the one the job's record
+  // points at and rank 0's reports not yet acknowledged. Written by the heartbeater's thread
+  // (acknowledgements) and the training thread; declared before heartbeater_, which outlives
+  // them in destruction order otherwise.
+  absl::Mutex retained_mu_;
+  std::string recorded_checkpoint_ ABSL_GUARDED_BY(retained_mu_);
+  std::vector<std::string> unacknowledged_checkpoints_ ABSL_GUARDED_BY(retained_mu_);
   std::unique_ptr<train::Trainer> trainer_;
   std::unique_ptr<CoordinatorStore> store_;
   comm::CommunicatorOptions comm_options_;
@@ -169,6 +177,11 @@ Generation::StepResult Generation::Bootstrap() {
 Generation::StepResult Generation::ResumeOrBroadcast() {
   const v1::Schedule& schedule = join_.schedule();
   const std::string& path = join_.resume_from().path();
+  {
+    // Until rank 0's first report is acknowledged, a re-formation starts from this again.
+    absl::MutexLock lock(&retained_mu_);
+    recorded_checkpoint_ = !path.empty() ? path : join_.spec().init_checkpoint();
+  }
   if (!path.empty()) {
     ASSIGN_OR_RETURN(checkpoint::TrainingState state,
                      checkpoint::LoadCheckpoint(path, trainer_->spec().name, &trainer_->store(), &trainer_->sgd()));
@@ -293,9 +306,28 @@ absl::StatusOr<End> Generation::Train(std::string* why) {
     ci->set_epoch(epochs_done);
     ci->set_iteration(iteration);
     ci->set_generation(join_.generation());
+    {
+      absl::MutexLock lock(&retained_mu_);
+      unacknowledged_checkpoints_.push_back(path);
+    }
     heartbeater.Post([this, r] {
-      if (auto st = client_->ReportCheckpoint(r); !st.ok()) Log(absl::StrCat("ReportCheckpoint: ", st.ToString()));
+      if (auto st = client_->ReportCheckpoint(r); !st.ok()) {
+        // Not recorded (or not known to be): the file stays until a later one is.
+        Log(absl::StrCat("ReportCheckpoint: ", st.ToString()));
+        return;
+      }
+      absl::MutexLock lock(&retained_mu_);
+      recorded_checkpoint_ = r.checkpoint().path();
+      auto& u = unacknowledged_checkpoints_;
+      auto it = std::find(u.begin(), u.end(), recorded_checkpoint_);
+      if (it != u.end()) u.erase(u.begin(), it + 1);
     });
+  };
+  hooks.retained_checkpoints = [this] {
+    absl::MutexLock lock(&retained_mu_);
+    std::set<std::string> keep(unacknowledged_checkpoints_.begin(), unacknowledged_checkpoints_.end());
+    if (!recorded_checkpoint_.empty()) keep.insert(recorded_checkpoint_);
+    return keep;
   };
 
   train::LoopResult result =

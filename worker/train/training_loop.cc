@@ -72,7 +72,10 @@ absl::Status Loop::Checkpoint(uint32_t epochs_done, double lr) {
   const checkpoint::TrainingState state{iteration_,   epochs_done,           trainer_.spec().name,
                                         spec_.seed(), schedule_.global_batch(), options_.world_size, lr};
   ASSIGN_OR_RETURN(result_.last_checkpoint,
-                   checkpoint::SaveCheckpoint(spec_.checkpoint_dir(), trainer_.store(), trainer_.sgd(), state));
+                   checkpoint::SaveCheckpoint(spec_.checkpoint_dir(), trainer_.store(), trainer_.sgd(), state,
+                                              /*keep=*/3,
+                                              hooks_.retained_checkpoints ? hooks_.retained_checkpoints()
+                                                                          : std::set<std::string>{}));
   Log(absl::StrCat("checkpoint ", result_.last_checkpoint));
   if (hooks_.on_checkpoint) hooks_.on_checkpoint(result_.last_checkpoint, epochs_done, iteration_);
   return absl::OkStatus();

@@ -26,6 +26,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -71,6 +72,9 @@ struct LoopHooks {
   std::function<absl::Status(EvalCounts*)> sum_eval_counts;        // null: one rank
   std::function<void(const EpochSummary&)> on_epoch_end;           // after evaluation
   std::function<void(const std::string& path, uint32_t epochs_done, uint64_t iteration)> on_checkpoint;
+  // Checkpoints retention must keep whatever their age (checkpoint.h): the one the job's
+  // record points at and those not yet acknowledged. Null: none (the standalone case).
+  std::function<std::set<std::string>()> retained_checkpoints;
 };
 
 struct LoopOptions {

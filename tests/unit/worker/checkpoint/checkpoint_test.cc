@@ -6,9 +6,12 @@
 #include <filesystem>
 #include <cstdlib>
 #include <random>
+#include <set>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
 #include "common/file_util.h"
 #include "tests/unit/worker/test_data.h"
 #include "worker/checkpoint/safetensors.h"
@@ -127,6 +130,47 @@ TEST_F(CheckpointTest, SaveLoadRoundTripTorchvisionNamesRetentionAndCommitPoint)
   EXPECT_EQ(fresh.buffers(), store.buffers());
   EXPECT_EQ(fresh.num_batches_tracked(), 17);
   EXPECT_EQ(fresh_sgd.velocity(), sgd.velocity());
+}
+
+// Retention keeps the checkpoint the job's record points at whatever the saves after it, and
+// orders by write time: after a re-formation at a larger kn the iterations restart lower, and
+// the dead generation's higher-numbered files are the ones to go.
+TEST_F(CheckpointTest, RetentionKeepsTheRecordedCheckpointAndOrdersByWriteTime) {
+  model::ParamStore store(spec_);
+  ASSERT_TRUE(store.Load(model::InitializeParameters(spec_, {4, true})).ok());
+  optim::Sgd sgd({}, store.OptimizerParams());
+  auto exists = [&](int it) {
+    return std::filesystem::exists(absl::StrFormat("%s/ckpt-%010d.safetensors", dir_, it)) &&
+           std::filesystem::exists(absl::StrFormat("%s/ckpt-%010d.optim.safetensors", dir_, it));
+  };
+  auto save = [&](uint64_t it, const std::set<std::string>& retain) {
+    auto path = SaveCheckpoint(dir_, store, sgd, {it, 1, "resnet8", 1, 16, 2, 0.1}, /*keep=*/2, retain);
+    ASSERT_TRUE(path.ok()) << path.status();
+  };
+  // The coordinator recorded 96; rank 0 of the old generation went on to 144, 192 and 240.
+  save(96, {});
+  const std::string recorded = absl::StrFormat("%s/ckpt-%010d.safetensors", dir_, 96);
+  for (uint64_t it : {144, 192, 240}) save(it, {recorded});
+  EXPECT_TRUE(exists(96)) << "the recorded checkpoint was removed";
+  EXPECT_FALSE(exists(144));
+  EXPECT_TRUE(exists(192));
+  EXPECT_TRUE(exists(240));
+  // Without the record, the same save removes it.
+  save(288, {});
+  EXPECT_FALSE(exists(96));
+  EXPECT_FALSE(exists(192));
+  // A new generation at kn 24 resumed from epoch 2 writes epoch 3 as iteration 96 and epoch 4
+  // as 128: it keeps its own two, not the higher-numbered stale 240 and 288.
+  absl::SleepFor(absl::Milliseconds(20));  // past the file system's timestamp granularity
+  save(96, {});
+  save(128, {});
+  EXPECT_TRUE(exists(96));
+  EXPECT_TRUE(exists(128));
+  EXPECT_FALSE(exists(240));
+  EXPECT_FALSE(exists(288));
+  auto latest = LatestCheckpoint(dir_);
+  ASSERT_TRUE(latest.ok());
+  EXPECT_EQ(*latest, absl::StrFormat("%s/ckpt-%010d.safetensors", dir_, 128));
 }
 
 TEST_F(CheckpointTest, WrongModelOrDamagedFilesAreClearErrorsAndLeaveTheStoreUntouched) {
