@@ -45,6 +45,41 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void RoundToBf16(fl
   }
 }
 
+__attribute__((target_clones("avx512f", "avx2", "default"))) void RoundedFloats(const float* __restrict src,
+                                                                                 float* __restrict dst, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, src + i, sizeof(u));
+    u = RoundedBf16Bits(u) & 0xffff0000u;
+    std::memcpy(dst + i, &u, sizeof(u));
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void AddRoundedFloats(float* __restrict dst,
+                                                                                    const float* __restrict src,
+                                                                                    size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, src + i, sizeof(u));
+    u = RoundedBf16Bits(u) & 0xffff0000u;
+    float v;
+    std::memcpy(&v, &u, sizeof(v));
+    dst[i] += v;
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void NarrowAndWiden(const float* __restrict src,
+                                                                                  uint16_t* __restrict dst16,
+                                                                                  float* __restrict dst, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, src + i, sizeof(u));
+    u = RoundedBf16Bits(u) & 0xffff0000u;
+    dst16[i] = static_cast<uint16_t>(u >> 16);
+    std::memcpy(dst + i, &u, sizeof(u));
+  }
+}
+
 namespace {
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "bf16 pieces assume a little-endian float layout");
 

@@ -34,6 +34,13 @@ void Bf16ToFloats(const uint16_t* __restrict src, float* __restrict dst, size_t 
 void AddBf16(float* __restrict dst, const uint16_t* __restrict src, size_t n);
 // data[i] = bf16-rounded data[i], in place.
 void RoundToBf16(float* data, size_t n);
+// dst[i] = bf16-rounded src[i] (as float32).
+void RoundedFloats(const float* __restrict src, float* __restrict dst, size_t n);
+// dst[i] += bf16-rounded src[i].
+void AddRoundedFloats(float* __restrict dst, const float* __restrict src, size_t n);
+// dst16[i] = bf16 of src[i] and dst[i] = that value widened: one pass for a sum that is both
+// published and kept.
+void NarrowAndWiden(const float* __restrict src, uint16_t* __restrict dst16, float* __restrict dst, size_t n);
 
 // A transport's piece of a bf16 message, at any byte offset and length (UCX packs and unpacks
 // generic datatypes fragment by fragment). The message of n values is 2n bytes, value i's bf16

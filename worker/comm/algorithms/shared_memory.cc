@@ -285,19 +285,23 @@ absl::Status SharedMemoryAllreduce::Run(float* data, size_t count, uint64_t /*se
     for (size_t t = lo; t < hi; t += kTile) {
       const size_t len = std::min(kTile, hi - t);
       if (bf16) {
+        // k + 1 passes over the tile: this rank's own values are rounded as they are added.
         float acc[kTile];
-        uint16_t own[kTile];
-        FloatsToBf16(mine + t, own, len);
         for (int q = 0; q < k; ++q) {
-          const uint16_t* src = q == r ? own : in16 + static_cast<size_t>(q) * chunk + t;
+          const uint16_t* src = in16 + static_cast<size_t>(q) * chunk + t;
           if (q == 0) {
-            Bf16ToFloats(src, acc, len);
+            if (q == r) {
+              RoundedFloats(mine + t, acc, len);
+            } else {
+              Bf16ToFloats(src, acc, len);
+            }
+          } else if (q == r) {
+            AddRoundedFloats(acc, mine + t, len);
           } else {
             AddBf16(acc, src, len);
           }
         }
-        FloatsToBf16(acc, out16 + t, len);
-        Bf16ToFloats(out16 + t, mine + t, len);
+        NarrowAndWiden(acc, out16 + t, mine + t, len);
         continue;
       }
       float* acc = out + t;

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -144,6 +145,40 @@ TEST(Bf16PieceTest, PackAndUnpackInAnyPiecesEqualWholeConversions) {
         ASSERT_EQ(std::memcmp(got.data(), want_floats.data(), n * sizeof(float)), 0) << context;
       }
     }
+  }
+}
+
+// The shared-memory sum's fused kernels equal the scalar rule (FloatToBf16) value by value,
+// at lengths that leave vector tails, including ties to even, infinities and huge values.
+TEST(Bf16KernelTest, RoundedAddedAndNarrowedValuesFollowTheScalarRule) {
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> value(-3.0f, 3.0f);
+  for (size_t n : {1u, 15u, 17u, 2048u, 4099u}) {
+    std::vector<float> src(n), acc(n);
+    for (size_t i = 0; i < n; ++i) {
+      src[i] = value(rng);
+      acc[i] = value(rng);
+    }
+    src[0] = 1.0f + 0x1p-8f;  // a tie: rounds to even (1.0)
+    if (n > 3) {
+      src[1] = 1.0f + 3 * 0x1p-8f;  // a tie: rounds up to even
+      src[2] = std::numeric_limits<float>::infinity();
+      src[3] = 3.3e38f;  // near the top of the range
+    }
+    std::vector<float> rounded(n), added = acc, wide(n, 9.0f);
+    std::vector<uint16_t> narrow(n, 0xeeee);
+    RoundedFloats(src.data(), rounded.data(), n);
+    AddRoundedFloats(added.data(), src.data(), n);
+    NarrowAndWiden(src.data(), narrow.data(), wide.data(), n);
+    for (size_t i = 0; i < n; ++i) {
+      const uint16_t h = FloatToBf16(src[i]);
+      ASSERT_EQ(narrow[i], h) << "n=" << n << " i=" << i;
+      ASSERT_EQ(rounded[i], Bf16ToFloat(h)) << "n=" << n << " i=" << i;
+      ASSERT_EQ(wide[i], Bf16ToFloat(h)) << "n=" << n << " i=" << i;
+      ASSERT_EQ(added[i], acc[i] + Bf16ToFloat(h)) << "n=" << n << " i=" << i;
+    }
+    EXPECT_EQ(rounded[0], 1.0f);
+    if (n > 3) EXPECT_EQ(rounded[1], 1.0f + 4 * 0x1p-8f);
   }
 }
 
