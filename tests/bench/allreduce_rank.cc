@@ -113,13 +113,10 @@ int RunLmsgdRank(int rank, int k, const std::string& store_dir, size_t min_bytes
   auto deadline = [] { return absl::Now() + absl::Seconds(60); };
   comm::Bf16WireTransport bf16_wire(t->get());
   comm::RingAllreduce bf16_ring_inner(&bf16_wire);
-  comm::HalvingDoublingAllreduce bf16_hd_inner(&bf16_wire);
+  comm::HalvingDoublingAllreduce bf16_hd_inner(&bf16_wire, comm::HalvingDoublingAllreduce::kDefaultDoublingMaxBytes,
+                                               comm::WireDtype::kBf16);
   Bf16Allreduce bf16_ring([&](float* d, size_t n, uint64_t q, absl::Time dl) { return bf16_ring_inner.Run(d, n, q, dl); });
-  Bf16Allreduce bf16_hd([&](float* d, size_t n, uint64_t q, absl::Time dl) {
-    RETURN_IF_ERROR(bf16_hd_inner.Run(d, n, q, dl));
-    comm::RoundToBf16(d, n);  // as the Communicator does after halving/doubling
-    return absl::OkStatus();
-  });
+  Bf16Allreduce bf16_hd([&](float* d, size_t n, uint64_t q, absl::Time dl) { return bf16_hd_inner.Run(d, n, q, dl); });
   std::vector<std::pair<const char*, comm::AllreduceAlgorithm*>> algos = {
       {"ring", &ring}, {"halving_doubling", &hd}, {"hd_halving_only", &halving_only},
       {"ring_bf16", &bf16_ring}, {"halving_doubling_bf16", &bf16_hd}};

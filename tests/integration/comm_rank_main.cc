@@ -168,6 +168,12 @@ int Run(int argc, char** argv) {
           return Fail(absl::StrCat("count ", n, " element ", i, " = ", d[i], ", float64 sum ", ref, ": error ", err,
                                    " above the bf16 bound ", bound));
         }
+        // Every algorithm ends with the result rounded to bf16, as every rank receives it.
+        uint32_t bits;
+        std::memcpy(&bits, &d[i], sizeof(bits));
+        if ((bits & 0xffffu) != 0) {
+          return Fail(absl::StrCat("count ", n, " element ", i, " = ", d[i], " is not a bf16 value"));
+        }
         worst = std::max(worst, bound > 0 ? err / bound : 0.0);
         inexact += static_cast<float>(ref) != d[i];
       }

@@ -103,7 +103,7 @@ absl::StatusOr<std::unique_ptr<Communicator>> Communicator::Create(std::vector<s
     l.bf16_wire = std::make_unique<Bf16WireTransport>(l.transport.get());
     l.bf16_ring = std::make_unique<RingAllreduce>(l.bf16_wire.get());
     l.bf16_halving_doubling =
-        std::make_unique<HalvingDoublingAllreduce>(l.bf16_wire.get(), options.recursive_doubling_max_bytes);
+        std::make_unique<HalvingDoublingAllreduce>(l.bf16_wire.get(), options.recursive_doubling_max_bytes, WireDtype::kBf16);
     auto h = HierarchicalAllreduce::Create(l.transport.get(), hosts, absl::Now() + options.collective_timeout,
                                            options.halving_doubling_max_bytes, options.recursive_doubling_max_bytes);
     if (!h.ok()) return h.status();
@@ -310,10 +310,6 @@ std::shared_ptr<Work> Communicator::AllreduceAsync(float* data, size_t count, Wi
                    switch (choice) {
                      case Algorithm::kHalvingDoubling:
                        st = (bf16 ? l.bf16_halving_doubling : l.halving_doubling)->Run(data, count, seq, deadline);
-                       // Recursive doubling ends with partners adding the same two values (the
-                       // same sum, unrounded), and a folded-in rank gets it rounded: every rank
-                       // takes that rounding. (Ring, shared memory and hierarchical end rounded.)
-                       if (st.ok() && bf16) RoundToBf16(data, count);
                        break;
                      case Algorithm::kHierarchical: st = l.hierarchical->Run(data, count, seq, deadline, wire); break;
                      case Algorithm::kSharedMemory: st = l.shared_memory->Run(data, count, seq, deadline, wire); break;

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "worker/comm/algorithms/tags.h"
+#include "worker/comm/bf16_wire.h"
 #include "worker/comm/reduce.h"
 #include "common/status_macros.h"
 
@@ -44,6 +45,9 @@ absl::Status HalvingDoublingAllreduce::RunDoubling(float* data, size_t count, ui
     RETURN_IF_ERROR(t_->SendRecv(partner, data, bytes, partner, scratch_.data(), bytes, MakeTag(seq, tags::kDoublingStep + step), deadline, "halving/doubling allreduce (recursive doubling)"));
     AddFloats(data, scratch_.data(), count);
   }
+  // Partners added the same two values (the same sum, unrounded); the folded-in rank gets it
+  // rounded by the hand-back's send, so everyone takes that rounding.
+  if (bf16_) RoundToBf16(data, count);
   if (r < 2 * rem) {
     return t_->SendRecv(r - 1, data, bytes, -1, nullptr, 0, MakeTag(seq, tags::kDoublingHandBack), deadline,
                         "halving/doubling allreduce (recursive doubling: unfold)");
@@ -100,11 +104,14 @@ absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t s
     const int keep_lo = keep_low ? lo : mid, keep_hi = keep_low ? mid : hi;
     const size_t rn = off(keep_hi) - off(keep_lo);
     // The half received is added into the half kept (the transport adds as it arrives); the
-    // half sent is another range.
+    // half sent is another range, overwritten by the allgather (kDiscard). The last step of a
+    // single block without the merged middle completes the sums of the range kept (kFinal).
+    const bool final_sums = nb == 1 && !merge && mask == 1;
     const std::vector<P2POp> ops = {
-        {P2POp::kRecvAdd, partner, data + off(keep_lo), rn * sizeof(float), MakeTag(seq, tags::kHalvingStep + t)},
+        {P2POp::kRecvAdd, partner, data + off(keep_lo), rn * sizeof(float), MakeTag(seq, tags::kHalvingStep + t),
+         final_sums ? P2POp::kFinal : P2POp::kNoHint},
         {P2POp::kSend, partner, data + off(send_lo), (off(send_hi) - off(send_lo)) * sizeof(float),
-         MakeTag(seq, tags::kHalvingStep + t)}};
+         MakeTag(seq, tags::kHalvingStep + t), P2POp::kDiscard}};
     RETURN_IF_ERROR(t_->Exchange(ops, deadline, "halving/doubling allreduce (binary blocks: reduce-scatter)"));
     lo = keep_lo;
     hi = keep_hi;
@@ -116,6 +123,7 @@ absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t s
     if (scratch_.size() < rn) scratch_.resize(rn);
     RETURN_IF_ERROR(t_->SendRecv(partner, data + off(lo), rn * sizeof(float), partner, scratch_.data(), rn * sizeof(float), MakeTag(seq, tags::kMergedMiddle), deadline, "halving/doubling allreduce (middle exchange)"));
     AddFloats(data + off(lo), scratch_.data(), rn);
+    if (bf16_) RoundToBf16(data + off(lo), rn);  // both partners, the same sums
   }
   // 2. Hand partial sums up, smallest block first.
   for (int c = nb - 1; c >= 1; --c) {
@@ -125,14 +133,18 @@ absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t s
       for (int j = 0; j < ratio; ++j) {
         int plo, phi;
         region(size_of[c - 1], i * ratio + j, &plo, &phi);
+        // Overwritten by the hand-down.
         ops.push_back({P2POp::kSend, start_of[c - 1] + i * ratio + j, data + off(plo),
-                       (off(phi) - off(plo)) * sizeof(float), MakeTag(seq, tags::kHandUp + static_cast<uint32_t>(c))});
+                       (off(phi) - off(plo)) * sizeof(float), MakeTag(seq, tags::kHandUp + static_cast<uint32_t>(c)),
+                       P2POp::kDiscard});
       }
       RETURN_IF_ERROR(t_->Exchange(ops, deadline, "halving/doubling allreduce (binary blocks: hand up)"));
     } else if (b == c - 1) {  // receive my region's partial sums from block c
       const size_t rn = off(hi) - off(lo);
+      // Block 0's last addition (c = 1) completes its sums.
       const std::vector<P2POp> ops = {{P2POp::kRecvAdd, start_of[c] + i / ratio, data + off(lo), rn * sizeof(float),
-                                       MakeTag(seq, tags::kHandUp + static_cast<uint32_t>(c))}};
+                                       MakeTag(seq, tags::kHandUp + static_cast<uint32_t>(c)),
+                                       c == 1 ? P2POp::kFinal : P2POp::kNoHint}};
       RETURN_IF_ERROR(t_->Exchange(ops, deadline, "halving/doubling allreduce (binary blocks: hand up)"));
     }
   }
@@ -146,7 +158,12 @@ absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t s
       const int width = ghi - glo;
       const bool low = (i & mask) == 0;
       const int other_lo = low ? ghi : glo - width, other_hi = low ? ghi + width : glo;
-      RETURN_IF_ERROR(t_->SendRecv(partner, data + off(glo), (off(ghi) - off(glo)) * sizeof(float), partner, data + off(other_lo), (off(other_hi) - off(other_lo)) * sizeof(float), MakeTag(seq, tag_base + u), deadline, "halving/doubling allreduce (binary blocks: allgather)"));
+      // What is sent is final: summed and rounded above, or received exact.
+      const uint64_t tag = MakeTag(seq, tag_base + u);
+      RETURN_IF_ERROR(t_->Exchange(
+          {{P2POp::kRecv, partner, data + off(other_lo), (off(other_hi) - off(other_lo)) * sizeof(float), tag},
+           {P2POp::kSend, partner, data + off(glo), (off(ghi) - off(glo)) * sizeof(float), tag, P2POp::kFinal}},
+          deadline, "halving/doubling allreduce (binary blocks: allgather)"));
       glo = std::min(glo, other_lo);
       ghi = std::max(ghi, other_hi);
     }
@@ -162,7 +179,10 @@ absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t s
       // block c-1's allgather every rank there has everything, so each sends the piece it owned.
       int plo, phi;
       region(size_of[c - 1], i, &plo, &phi);
-      RETURN_IF_ERROR(t_->SendRecv(start_of[c] + i / ratio, data + off(plo), (off(phi) - off(plo)) * sizeof(float), -1, nullptr, 0, MakeTag(seq, tags::kHandDown + static_cast<uint32_t>(c)), deadline, "halving/doubling allreduce (binary blocks: hand down)"));
+      RETURN_IF_ERROR(t_->Exchange({{P2POp::kSend, start_of[c] + i / ratio, data + off(plo),
+                                     (off(phi) - off(plo)) * sizeof(float),
+                                     MakeTag(seq, tags::kHandDown + static_cast<uint32_t>(c)), P2POp::kFinal}},
+                                   deadline, "halving/doubling allreduce (binary blocks: hand down)"));
     } else if (b == c) {
       std::vector<P2POp> ops;
       for (int j = 0; j < ratio; ++j) {

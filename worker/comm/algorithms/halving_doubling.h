@@ -26,14 +26,21 @@ class HalvingDoublingAllreduce final : public AllreduceAlgorithm {
   // Recursive doubling moves the whole vector each step: faster while the step count
   // dominates, slower once the bytes do (the crossover is in docs/benchmarks.md).
   static constexpr size_t kDefaultDoublingMaxBytes = 32 << 10;
-  explicit HalvingDoublingAllreduce(Transport* t, size_t doubling_max_bytes = kDefaultDoublingMaxBytes)
-      : t_(t), doubling_max_bytes_(doubling_max_bytes) {}
+  // `wire` kBf16: `t` carries float32 messages as bf16 (a Bf16WireTransport). The sends and
+  // final sums then carry the ring's hints (transport.h), and every rank ends with the same
+  // bf16-rounded result: the last receive-and-add of each owned range rounds it (or, where
+  // partners add the same values themselves, recursive doubling and the merged middle step,
+  // the sum is rounded after), and what is gathered arrives exact.
+  explicit HalvingDoublingAllreduce(Transport* t, size_t doubling_max_bytes = kDefaultDoublingMaxBytes,
+                                    WireDtype wire = WireDtype::kFp32)
+      : t_(t), doubling_max_bytes_(doubling_max_bytes), bf16_(wire == WireDtype::kBf16) {}
   absl::Status Run(float* data, size_t count, uint64_t sequence, absl::Time deadline) override;
 
  private:
   absl::Status RunDoubling(float* data, size_t count, uint64_t sequence, absl::Time deadline);
   Transport* t_;
   size_t doubling_max_bytes_;
+  bool bf16_;
   std::vector<float> scratch_;
 };
 

@@ -66,7 +66,7 @@ absl::StatusOr<std::unique_ptr<HierarchicalAllreduce>> HierarchicalAllreduce::Cr
   h->bf16_leader_view_ = std::make_unique<Bf16WireTransport>(h->leader_view_.get());
   h->bf16_leader_ring_ = std::make_unique<RingAllreduce>(h->bf16_leader_view_.get());
   h->bf16_leader_halving_doubling_ =
-      std::make_unique<HalvingDoublingAllreduce>(h->bf16_leader_view_.get(), doubling_max_bytes);
+      std::make_unique<HalvingDoublingAllreduce>(h->bf16_leader_view_.get(), doubling_max_bytes, WireDtype::kBf16);
   // Several hosts with several ranks on this one: the intra-host phases go through shared memory
   // when this host's ranks can map it (decided by them alone; other hosts decide for themselves).
   if (h->leaders_.size() > 1 && h->local_size_ > 1) {
@@ -97,15 +97,11 @@ absl::Status HierarchicalAllreduce::RunAmongLeaders(float* data, size_t count, u
     }
     return leader_ring_->Run(data, count, leader_seq, deadline);
   }
+  // Both end with every leader holding the same bf16-rounded sum, as the hosts' ranks get it.
   if (InterHostAlgorithm(count * sizeof(uint16_t)) == Algorithm::kHalvingDoubling) {
-    RETURN_IF_ERROR(bf16_leader_halving_doubling_->Run(data, count, leader_seq, deadline));
-  } else {
-    RETURN_IF_ERROR(bf16_leader_ring_->Run(data, count, leader_seq, deadline));
+    return bf16_leader_halving_doubling_->Run(data, count, leader_seq, deadline);
   }
-  // Every leader holds the same sum, not necessarily bf16 (recursive doubling adds last); the
-  // hosts' ranks get it through bf16, so the leaders take the same rounding.
-  RoundToBf16(data, count);
-  return absl::OkStatus();
+  return bf16_leader_ring_->Run(data, count, leader_seq, deadline);
 }
 
 absl::Status HierarchicalAllreduce::Run(float* data, size_t count, uint64_t seq, absl::Time deadline,
