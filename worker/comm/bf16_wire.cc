@@ -80,6 +80,25 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void NarrowAndWiden
   }
 }
 
+__attribute__((target_clones("avx512f", "avx2", "default"))) void SumPairToBf16(float* mine,
+                                                                                 const uint16_t* __restrict peer,
+                                                                                 uint16_t* __restrict dst16, size_t n) {
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, mine + i, sizeof(u));
+    u = RoundedBf16Bits(u) & 0xffff0000u;
+    const uint32_t p = static_cast<uint32_t>(peer[i]) << 16;
+    float a, b;
+    std::memcpy(&a, &u, sizeof(a));
+    std::memcpy(&b, &p, sizeof(b));
+    const float s = a + b;
+    std::memcpy(&u, &s, sizeof(u));
+    u = RoundedBf16Bits(u) & 0xffff0000u;
+    dst16[i] = static_cast<uint16_t>(u >> 16);
+    std::memcpy(mine + i, &u, sizeof(u));
+  }
+}
+
 namespace {
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "bf16 pieces assume a little-endian float layout");
 

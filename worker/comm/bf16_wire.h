@@ -41,6 +41,9 @@ void AddRoundedFloats(float* __restrict dst, const float* __restrict src, size_t
 // dst16[i] = bf16 of src[i] and dst[i] = that value widened: one pass for a sum that is both
 // published and kept.
 void NarrowAndWiden(const float* __restrict src, uint16_t* __restrict dst16, float* __restrict dst, size_t n);
+// Two ranks' sum in one pass: s = bf16-rounded mine[i] + widened peer[i] (either order: float
+// addition commutes), dst16[i] = bf16 of s and mine[i] = that value widened.
+void SumPairToBf16(float* mine, const uint16_t* __restrict peer, uint16_t* __restrict dst16, size_t n);
 
 // A transport's piece of a bf16 message, at any byte offset and length (UCX packs and unpacks
 // generic datatypes fragment by fragment). The message of n values is 2n bytes, value i's bf16

@@ -148,7 +148,8 @@ TEST(Bf16PieceTest, PackAndUnpackInAnyPiecesEqualWholeConversions) {
   }
 }
 
-// The shared-memory sum's fused kernels equal the scalar rule (FloatToBf16) value by value,
+// The shared-memory sum's fused kernels equal the scalar rule (FloatToBf16) value by value
+// (the pair's: the rounded sum of the two bf16 values),
 // at lengths that leave vector tails, including ties to even, infinities and huge values.
 TEST(Bf16KernelTest, RoundedAddedAndNarrowedValuesFollowTheScalarRule) {
   std::mt19937 rng(5);
@@ -165,17 +166,22 @@ TEST(Bf16KernelTest, RoundedAddedAndNarrowedValuesFollowTheScalarRule) {
       src[2] = std::numeric_limits<float>::infinity();
       src[3] = 3.3e38f;  // near the top of the range
     }
-    std::vector<float> rounded(n), added = acc, wide(n, 9.0f);
-    std::vector<uint16_t> narrow(n, 0xeeee);
+    std::vector<float> rounded(n), added = acc, wide(n, 9.0f), pair = src;
+    std::vector<uint16_t> narrow(n, 0xeeee), peer(n), pair16(n, 0xeeee);
+    FloatsToBf16(acc.data(), peer.data(), n);
     RoundedFloats(src.data(), rounded.data(), n);
     AddRoundedFloats(added.data(), src.data(), n);
     NarrowAndWiden(src.data(), narrow.data(), wide.data(), n);
+    SumPairToBf16(pair.data(), peer.data(), pair16.data(), n);
     for (size_t i = 0; i < n; ++i) {
       const uint16_t h = FloatToBf16(src[i]);
       ASSERT_EQ(narrow[i], h) << "n=" << n << " i=" << i;
       ASSERT_EQ(rounded[i], Bf16ToFloat(h)) << "n=" << n << " i=" << i;
       ASSERT_EQ(wide[i], Bf16ToFloat(h)) << "n=" << n << " i=" << i;
       ASSERT_EQ(added[i], acc[i] + Bf16ToFloat(h)) << "n=" << n << " i=" << i;
+      const uint16_t sum = FloatToBf16(Bf16ToFloat(h) + Bf16ToFloat(peer[i]));
+      ASSERT_EQ(pair16[i], sum) << "n=" << n << " i=" << i;
+      ASSERT_EQ(pair[i], Bf16ToFloat(sum)) << "n=" << n << " i=" << i;
     }
     EXPECT_EQ(rounded[0], 1.0f);
     if (n > 3) EXPECT_EQ(rounded[1], 1.0f + 4 * 0x1p-8f);
