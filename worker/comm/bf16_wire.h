@@ -10,9 +10,8 @@
 // every hop of an algorithm adds in float32 and rounds once, when it sends its partial sum on.
 // The algorithms compute each final element on one rank and send it from there (rounded as it
 // goes: the owner keeps the rounded value), or (recursive doubling) on partners adding the same
-// two values, both rounded, to the same unrounded sum: after the Communicator rounds a
-// halving/doubling result once more (RoundToBf16: a folded-in rank got it rounded) every rank
-// ends bitwise identical. Every message through it must be float32 data (an allreduce
+// two values, both rounded, to the same sum, which the algorithm then rounds (a folded-in rank
+// gets it rounded by the send): every rank ends bitwise identical. Every message through it must be float32 data (an allreduce
 // algorithm's): never setup bytes.
 #pragma once
 
