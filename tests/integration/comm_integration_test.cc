@@ -87,8 +87,8 @@ INSTANTIATE_TEST_SUITE_P(Worlds, AllreduceTest,
 
 // The bf16 wire (JobSpec gradient_exchange_dtype BF16): every algorithm's sum within bf16's bound
 // of the float64 sum and bitwise the same on every rank; halving/doubling both by
-// recursive doubling (small counts) and by halving (large), the shared-memory segment across
-// several chunks.
+// recursive doubling (small counts) and by halving (large; k = 7: three binary blocks, the
+// middle one adding a hand-up it passes on), the shared-memory segment across several chunks.
 class Bf16AllreduceTest : public ::testing::TestWithParam<std::tuple<int, std::string>> {};
 
 TEST_P(Bf16AllreduceTest, WithinBf16BoundsOfTheFloat64SumAndIdenticalOnAllRanks) {
@@ -109,7 +109,7 @@ TEST_P(Bf16AllreduceTest, WithinBf16BoundsOfTheFloat64SumAndIdenticalOnAllRanks)
 }
 
 INSTANTIATE_TEST_SUITE_P(Worlds, Bf16AllreduceTest,
-                         ::testing::Combine(::testing::Values(2, 3, 4, 5),
+                         ::testing::Combine(::testing::Values(2, 3, 4, 5, 7),
                                             ::testing::Values("ring", "hd", "hier", "shm", "auto")),
                          [](const auto& info) {
                            return absl::StrCat("k", std::get<0>(info.param), "_", std::get<1>(info.param));
