@@ -20,6 +20,22 @@ inline float Bf16ToFloat(uint16_t h) {
 // sits only in the lower half would become an infinity (gradients hold none in a run that goes on).
 inline uint32_t RoundedBf16Bits(uint32_t u) { return u + 0x7fffu + ((u >> 16) & 1u); }
 
+// `f` rounded to bf16 by that rule, as a float32 (its lower half zero).
+inline float RoundedBf16Value(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  u = RoundedBf16Bits(u) & 0xffff0000u;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
+// The bf16 of a float32 whose lower half is zero (a RoundedBf16Value).
+inline uint16_t Bf16BitsOf(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return static_cast<uint16_t>(u >> 16);
+}
+
 inline uint16_t FloatToBf16(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof(u));

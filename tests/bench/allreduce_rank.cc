@@ -75,7 +75,7 @@ absl::StatusOr<std::vector<double>> TimeInTurns(size_t n, int units, std::mt1993
 }
 
 // An algorithm on the bf16 wire as the Communicator runs it (JobSpec gradient_exchange_dtype
-// BF16): over a Bf16WireTransport, or the shared-memory one in its bf16 mode.
+// BF16) where its Run needs the wire named: the shared-memory one in its bf16 mode.
 class Bf16Allreduce final : public comm::AllreduceAlgorithm {
  public:
   explicit Bf16Allreduce(std::function<absl::Status(float*, size_t, uint64_t, absl::Time)> run)
@@ -115,11 +115,9 @@ int RunLmsgdRank(int rank, int k, const std::string& store_dir, size_t min_bytes
   comm::RingAllreduce bf16_ring_inner(&bf16_wire);
   comm::HalvingDoublingAllreduce bf16_hd_inner(&bf16_wire, comm::HalvingDoublingAllreduce::kDefaultDoublingMaxBytes,
                                                comm::WireDtype::kBf16);
-  Bf16Allreduce bf16_ring([&](float* d, size_t n, uint64_t q, absl::Time dl) { return bf16_ring_inner.Run(d, n, q, dl); });
-  Bf16Allreduce bf16_hd([&](float* d, size_t n, uint64_t q, absl::Time dl) { return bf16_hd_inner.Run(d, n, q, dl); });
   std::vector<std::pair<const char*, comm::AllreduceAlgorithm*>> algos = {
       {"ring", &ring}, {"halving_doubling", &hd}, {"hd_halving_only", &halving_only},
-      {"ring_bf16", &bf16_ring}, {"halving_doubling_bf16", &bf16_hd}};
+      {"ring_bf16", &bf16_ring_inner}, {"halving_doubling_bf16", &bf16_hd_inner}};
   absl::StatusOr<std::unique_ptr<comm::SharedMemoryAllreduce>> shm = absl::UnimplementedError("not on this wire");
   if (wire != "tcp") {
     shm = comm::SharedMemoryAllreduce::Create(t->get(), seq++, deadline());

@@ -46,8 +46,9 @@ struct TrainingState {
 // Writes checkpoint ckpt-<state.iteration> into `dir` (created if needed), commits it and
 // applies the retention above (`retain`: model file paths or names). Returns the model file's
 // path.
+inline constexpr int kDefaultKeep = 3;
 absl::StatusOr<std::string> SaveCheckpoint(const std::string& dir, const model::ParamStore& store,
-                                           const optim::Sgd& sgd, const TrainingState& state, int keep = 3,
+                                           const optim::Sgd& sgd, const TrainingState& state, int keep = kDefaultKeep,
                                            const std::set<std::string>& retain = {});
 
 // Path of the committed checkpoint's model file in `dir`; NOT_FOUND when there is none.

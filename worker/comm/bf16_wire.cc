@@ -37,46 +37,27 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void AddBf16(float*
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default"))) void RoundToBf16(float* data, size_t n) {
-  for (size_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, data + i, sizeof(u));
-    u = RoundedBf16Bits(u) & 0xffff0000u;
-    std::memcpy(data + i, &u, sizeof(u));
-  }
+  for (size_t i = 0; i < n; ++i) data[i] = RoundedBf16Value(data[i]);
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default"))) void RoundedFloats(const float* __restrict src,
                                                                                  float* __restrict dst, size_t n) {
-  for (size_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, src + i, sizeof(u));
-    u = RoundedBf16Bits(u) & 0xffff0000u;
-    std::memcpy(dst + i, &u, sizeof(u));
-  }
+  for (size_t i = 0; i < n; ++i) dst[i] = RoundedBf16Value(src[i]);
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default"))) void AddRoundedFloats(float* __restrict dst,
                                                                                     const float* __restrict src,
                                                                                     size_t n) {
-  for (size_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, src + i, sizeof(u));
-    u = RoundedBf16Bits(u) & 0xffff0000u;
-    float v;
-    std::memcpy(&v, &u, sizeof(v));
-    dst[i] += v;
-  }
+  for (size_t i = 0; i < n; ++i) dst[i] += RoundedBf16Value(src[i]);
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default"))) void NarrowAndWiden(const float* __restrict src,
                                                                                   uint16_t* __restrict dst16,
                                                                                   float* __restrict dst, size_t n) {
   for (size_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, src + i, sizeof(u));
-    u = RoundedBf16Bits(u) & 0xffff0000u;
-    dst16[i] = static_cast<uint16_t>(u >> 16);
-    std::memcpy(dst + i, &u, sizeof(u));
+    const float v = RoundedBf16Value(src[i]);
+    dst16[i] = Bf16BitsOf(v);
+    dst[i] = v;
   }
 }
 
@@ -84,18 +65,9 @@ __attribute__((target_clones("avx512f", "avx2", "default"))) void SumPairToBf16(
                                                                                  const uint16_t* __restrict peer,
                                                                                  uint16_t* __restrict dst16, size_t n) {
   for (size_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, mine + i, sizeof(u));
-    u = RoundedBf16Bits(u) & 0xffff0000u;
-    const uint32_t p = static_cast<uint32_t>(peer[i]) << 16;
-    float a, b;
-    std::memcpy(&a, &u, sizeof(a));
-    std::memcpy(&b, &p, sizeof(b));
-    const float s = a + b;
-    std::memcpy(&u, &s, sizeof(u));
-    u = RoundedBf16Bits(u) & 0xffff0000u;
-    dst16[i] = static_cast<uint16_t>(u >> 16);
-    std::memcpy(mine + i, &u, sizeof(u));
+    const float v = RoundedBf16Value(RoundedBf16Value(mine[i]) + Bf16ToFloat(peer[i]));
+    dst16[i] = Bf16BitsOf(v);
+    mine[i] = v;
   }
 }
 

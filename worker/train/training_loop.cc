@@ -73,7 +73,7 @@ absl::Status Loop::Checkpoint(uint32_t epochs_done, double lr) {
                                         spec_.seed(), schedule_.global_batch(), options_.world_size, lr};
   ASSIGN_OR_RETURN(result_.last_checkpoint,
                    checkpoint::SaveCheckpoint(spec_.checkpoint_dir(), trainer_.store(), trainer_.sgd(), state,
-                                              /*keep=*/3,
+                                              checkpoint::kDefaultKeep,
                                               hooks_.retained_checkpoints ? hooks_.retained_checkpoints()
                                                                           : std::set<std::string>{}));
   Log(absl::StrCat("checkpoint ", result_.last_checkpoint));

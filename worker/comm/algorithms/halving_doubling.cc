@@ -45,8 +45,8 @@ absl::Status HalvingDoublingAllreduce::RunDoubling(float* data, size_t count, ui
     RETURN_IF_ERROR(t_->SendRecv(partner, data, bytes, partner, scratch_.data(), bytes, MakeTag(seq, tags::kDoublingStep + step), deadline, "halving/doubling allreduce (recursive doubling)"));
     AddFloats(data, scratch_.data(), count);
   }
-  // Partners added the same two values (the same sum, unrounded); the folded-in rank gets it
-  // rounded by the hand-back's send, so everyone takes that rounding.
+  // Partners added the same two values to the same sum, which each rounds; the folded-in rank
+  // receives it rounded.
   if (bf16_) RoundToBf16(data, count);
   if (r < 2 * rem) {
     return t_->SendRecv(r - 1, data, bytes, -1, nullptr, 0, MakeTag(seq, tags::kDoublingHandBack), deadline,

@@ -184,7 +184,9 @@ TEST(Bf16KernelTest, RoundedAddedAndNarrowedValuesFollowTheScalarRule) {
       ASSERT_EQ(pair[i], Bf16ToFloat(sum)) << "n=" << n << " i=" << i;
     }
     EXPECT_EQ(rounded[0], 1.0f);
-    if (n > 3) EXPECT_EQ(rounded[1], 1.0f + 4 * 0x1p-8f);
+    if (n > 3) {
+      EXPECT_EQ(rounded[1], 1.0f + 4 * 0x1p-8f);
+    }
   }
 }
 
