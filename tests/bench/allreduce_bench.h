@@ -4,10 +4,18 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <set>
 #include <string>
 #include <vector>
 
 namespace lmsgd::bench {
+
+// What one rank of lmsgd's rows runs: `algos`, the rows by name ("ring", "ring_bf16", ...; empty:
+// all); `separate_hosts`, ranks on different hosts as UCX sees them (lmsgd-bench --link).
+struct RankOptions {
+  std::set<std::string> algos;
+  bool separate_hosts = false;
+};
 
 // min_bytes, 4x, ... up to max_bytes (multiples of 4 bytes).
 inline std::vector<size_t> Sizes(size_t min_bytes, size_t max_bytes) {

@@ -89,16 +89,18 @@ class Bf16Allreduce final : public comm::AllreduceAlgorithm {
 };
 
 // `wire`: "shm" (UCX's choice on one host: shared memory) or "tcp" (UCX_TLS=tcp: the wire between
-// hosts, here on loopback, where ring and halving/doubling are what AUTO picks from). Rows are
-// reported as impl "lmsgd" and "lmsgd-tcp"; the shared-memory algorithm, which does not use the
-// wire, runs only in the first.
+// hosts, where ring and halving/doubling are what AUTO picks from: on loopback, or with
+// `opt.separate_hosts` over the link between network namespaces that lmsgd-bench --link set up,
+// with UCX configured as for ranks on different hosts). Rows are reported as impl "lmsgd" and
+// "lmsgd-tcp"; the shared-memory algorithm, which does not use the wire, runs only in the first.
 int RunLmsgdRank(int rank, int k, const std::string& store_dir, size_t min_bytes, size_t max_bytes,
-                 const std::string& wire) {
+                 const std::string& wire, const RankOptions& opt) {
   if (wire == "tcp") setenv("UCX_TLS", "tcp", 1);
   comm::SetUcxEnvironmentDefaults();
   const std::string impl = wire == "tcp" ? "lmsgd-tcp" : "lmsgd";
   comm::FileStore store(store_dir);
-  auto t = comm::UcxTransport::Create(rank, k, &store, "bench", absl::Now() + absl::Seconds(60), /*single_host=*/true);
+  auto t = comm::UcxTransport::Create(rank, k, &store, "bench", absl::Now() + absl::Seconds(60),
+                                      /*single_host=*/!opt.separate_hosts);
   if (!t.ok()) {
     std::cerr << "rank " << rank << ": " << t.status() << "\n";
     return 1;
@@ -129,6 +131,9 @@ int RunLmsgdRank(int rank, int k, const std::string& store_dir, size_t min_bytes
   if (shm.ok()) {
     algos.push_back({"shared_memory", shm->get()});
     algos.push_back({"shared_memory_bf16", &bf16_shm});
+  }
+  if (!opt.algos.empty()) {
+    std::erase_if(algos, [&](const auto& a) { return !opt.algos.count(a.first); });
   }
   // Per size, the algorithms take turns (TimeInTurns); halving/doubling without its
   // recursive-doubling switch only up to 256 KiB.
@@ -283,9 +288,9 @@ bool HaveGloo() {
 }
 
 int RunAllreduceRank(const std::string& impl, int rank, int k, const std::string& store_dir, size_t min_bytes,
-                     size_t max_bytes) {
-  if (impl == "lmsgd") return RunLmsgdRank(rank, k, store_dir, min_bytes, max_bytes, "shm");
-  if (impl == "lmsgd-tcp") return RunLmsgdRank(rank, k, store_dir, min_bytes, max_bytes, "tcp");
+                     size_t max_bytes, const RankOptions& opt) {
+  if (impl == "lmsgd") return RunLmsgdRank(rank, k, store_dir, min_bytes, max_bytes, "shm", opt);
+  if (impl == "lmsgd-tcp") return RunLmsgdRank(rank, k, store_dir, min_bytes, max_bytes, "tcp", opt);
   if (impl == "lmsgd-lanes") return RunLanesRank(rank, k, store_dir, min_bytes, max_bytes, "shm");
   if (impl == "lmsgd-tcp-lanes") return RunLanesRank(rank, k, store_dir, min_bytes, max_bytes, "tcp");
 #ifdef LMSGD_HAVE_GLOO

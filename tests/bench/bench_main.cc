@@ -10,6 +10,7 @@
 // rule; Debian's /usr/bin/python3 with python3-torch), and prints, last:
 //   lmsgd_img_s=<fp32> pytorch_img_s=<fp32> ratio=<..> lmsgd_bf16_img_s=<x> pytorch_bf16_img_s=<y> bf16_ratio=<x/y>
 #include <stdlib.h>
+#include <cstdlib>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -65,6 +66,14 @@ ABSL_FLAG(int32_t, impl_timeout_s, 1200,
 ABSL_FLAG(int32_t, rounds, 1,
           "allreduce: run every implementation this many times, alternating, and report each one's median "
           "(a noisy machine then disturbs all implementations alike)");
+ABSL_FLAG(std::string, algos, "",
+          "allreduce: only these of lmsgd's rows (comma-separated: ring, halving_doubling, hd_halving_only, "
+          "shared_memory, each also with _bf16; empty: all)");
+ABSL_FLAG(std::string, link, "",
+          "allreduce: a tc rate (10gbit, 25gbit, ...): run lmsgd-tcp's ranks each in its own network namespace, "
+          "joined by a bridge, every host's egress shaped to this rate (tbf): TCP between hosts on a link of "
+          "that speed. Needs root and iproute2; only --impls=lmsgd-tcp");
+ABSL_FLAG(bool, separate_hosts, false, "(internal) allreduce-rank: the ranks are on different hosts (--link)");
 ABSL_FLAG(int32_t, rank, 0, "(internal) allreduce-rank: this process's rank");
 ABSL_FLAG(std::string, store, "", "(internal) allreduce-rank: rendezvous directory");
 ABSL_FLAG(std::string, impl, "lmsgd",
@@ -83,7 +92,7 @@ ABSL_FLAG(std::string, coordinator_bin, "", "coordinator-load: lmsgd-coordinator
 
 namespace lmsgd::bench {
 int RunAllreduceRank(const std::string& impl, int rank, int k, const std::string& store_dir, size_t min_bytes,
-                     size_t max_bytes);
+                     size_t max_bytes, const RankOptions& opt);
 bool HaveGloo();
 int RunCoordinatorLoad(const std::string& coordinator_bin, int workers, int seconds, int threads);
 int RunMakeImages(const std::string& out, int classes, int per_class, uint64_t seed, int threads);
@@ -319,6 +328,62 @@ std::string Field(const std::string& json, const std::string& key) {
   return json.substr(p, json.find_first_of(",}", p) - p);
 }
 
+// K "hosts" for --link: network namespaces lmb<pid>h<r> with eth0 at 10.79.0.<r + 1>/24, their
+// veth peers on bridge lmb<pid>b, each eth0's egress shaped by tbf to `rate` (a NIC of that speed
+// on a non-blocking switch). Removed, with whatever still runs in them, on destruction.
+class LinkedHosts {
+ public:
+  // Returns false, having said why on stderr, when the namespaces cannot be made.
+  bool Create(int k, const std::string& rate) {
+    tag_ = absl::StrCat("lmb", getpid());
+    k_ = k;
+    if (geteuid() != 0) {
+      std::cerr << "lmsgd-bench: --link needs root (ip netns, tc)\n";
+      return false;
+    }
+    // tbf's bucket: 256 KiB, a fifth of a millisecond at 10 Gbit/s, so a message of a megabyte or
+    // more moves at the rate, not in one burst.
+    std::vector<std::string> cmds = {absl::StrCat("ip link add ", tag_, "b type bridge"),
+                                     absl::StrCat("ip link set ", tag_, "b up")};
+    for (int r = 0; r < k; ++r) {
+      const std::string ns = Namespace(r);
+      absl::StrAppend(&cmds.emplace_back(), "ip netns add ", ns);
+      absl::StrAppend(&cmds.emplace_back(), "ip link add ", tag_, "v", r, " type veth peer name eth0 netns ", ns);
+      absl::StrAppend(&cmds.emplace_back(), "ip link set ", tag_, "v", r, " master ", tag_, "b up");
+      absl::StrAppend(&cmds.emplace_back(), "ip netns exec ", ns, " ip addr add 10.79.0.", r + 1, "/24 dev eth0");
+      absl::StrAppend(&cmds.emplace_back(), "ip netns exec ", ns, " ip link set eth0 up");
+      absl::StrAppend(&cmds.emplace_back(), "ip netns exec ", ns, " ip link set lo up");
+      absl::StrAppend(&cmds.emplace_back(), "ip netns exec ", ns, " tc qdisc add dev eth0 root tbf rate ", rate,
+                      " burst 256kb latency 50ms");
+    }
+    created_ = true;
+    for (const std::string& c : cmds) {
+      if (std::system((c + " 2>&1").c_str()) != 0) {
+        std::cerr << "lmsgd-bench: --link=" << rate << ": failed: " << c << "\n";
+        return false;
+      }
+    }
+    return true;
+  }
+  // The prefix that runs a command on host r.
+  std::string On(int r) const { return absl::StrCat("ip netns exec ", Namespace(r), " env UCX_NET_DEVICES=eth0 "); }
+  ~LinkedHosts() {
+    if (!created_) return;
+    for (int r = 0; r < k_; ++r) {
+      const std::string ns = Namespace(r);
+      (void)std::system(absl::StrCat("for p in $(ip netns pids ", ns, " 2>/dev/null); do kill -9 $p; done; ip netns del ",
+                                     ns, " 2>/dev/null").c_str());
+    }
+    (void)std::system(absl::StrCat("ip link del ", tag_, "b 2>/dev/null").c_str());
+  }
+
+ private:
+  std::string Namespace(int r) const { return absl::StrCat(tag_, "h", r); }
+  std::string tag_;
+  int k_ = 0;
+  bool created_ = false;
+};
+
 int Allreduce() {
   const int k = absl::GetFlag(FLAGS_ranks);
   const uint64_t lo = absl::GetFlag(FLAGS_min_bytes), hi = absl::GetFlag(FLAGS_max_bytes);
@@ -335,6 +400,18 @@ int Allreduce() {
     return 2;
   }
   const std::string limit = absl::StrCat("timeout -k 5 ", timeout_s, " ");
+  const std::string link = absl::GetFlag(FLAGS_link);
+  LinkedHosts hosts;
+  if (!link.empty()) {
+    if (absl::GetFlag(FLAGS_impls) != "lmsgd-tcp") {
+      std::cerr << "lmsgd-bench: --link runs lmsgd's TCP rows only: pass --impls=lmsgd-tcp\n";
+      return 2;
+    }
+    if (!hosts.Create(k, link)) return 2;
+  }
+  std::string rank_flags;
+  if (!absl::GetFlag(FLAGS_algos).empty()) absl::StrAppend(&rank_flags, " --algos=", absl::GetFlag(FLAGS_algos));
+  if (!link.empty()) absl::StrAppend(&rank_flags, " --separate_hosts");
   for (int round = 0; round < rounds; ++round)
   for (absl::string_view impl : absl::StrSplit(absl::GetFlag(FLAGS_impls), ',', absl::SkipEmpty())) {
     std::string cmd, store;
@@ -349,8 +426,9 @@ int Allreduce() {
       // K processes, each under the deadline; rank 0's stdout is the result, the others' is
       // discarded; the exit status is rank 0's.
       for (int r = k - 1; r >= 0; --r) {
-        absl::StrAppend(&cmd, limit, self, " allreduce-rank --impl=", impl, " --rank=", r, " --ranks=", k,
-                        " --store=", store, " --min_bytes=", lo, " --max_bytes=", hi,
+        absl::StrAppend(&cmd, link.empty() ? "" : hosts.On(r), limit, self, " allreduce-rank --impl=", impl,
+                        " --rank=", r, " --ranks=", k, " --store=", store, " --min_bytes=", lo, " --max_bytes=", hi,
+                        rank_flags,
                         r == 0 ? "" : " > /dev/null &", r == 0 ? "" : " ");
       }
       absl::StrAppend(&cmd, "; rc=$?; wait; exit $rc");
@@ -401,8 +479,10 @@ int Allreduce() {
     for (const auto& l : results) std::cout << l << "\n";
     return failed ? 1 : 0;
   }
-  std::cout << absl::StrFormat("allreduce, k=%d processes on this host, float32 sum; busbw = algbw * 2(k-1)/k%s\n", k,
-                               rounds > 1 ? absl::StrFormat("; median of %d alternating rounds", rounds) : "");
+  std::cout << absl::StrFormat(
+      "allreduce, k=%d processes %s, float32 sum; busbw = algbw * 2(k-1)/k%s\n", k,
+      link.empty() ? "on this host" : absl::StrCat("in separate network namespaces, each host's link ", link),
+      rounds > 1 ? absl::StrFormat("; median of %d alternating rounds", rounds) : "");
   std::cout << absl::StrFormat("%-10s %-18s %12s %12s %10s %10s\n", "impl", "algo", "bytes", "time_us", "algbw", "busbw");
   for (const auto& l : results) {
     std::cout << absl::StrFormat("%-10s %-18s %12s %12s %10s %10s\n", Field(l, "impl"), Field(l, "algo"),
@@ -498,12 +578,18 @@ int main(int argc, char** argv) {
                                             absl::GetFlag(FLAGS_client_threads));
   }
   if (cmd == "allreduce-rank") {
+    lmsgd::bench::RankOptions opt;
+    for (absl::string_view a : absl::StrSplit(absl::GetFlag(FLAGS_algos), ',', absl::SkipEmpty())) {
+      opt.algos.insert(std::string(a));
+    }
+    opt.separate_hosts = absl::GetFlag(FLAGS_separate_hosts);
     return lmsgd::bench::RunAllreduceRank(absl::GetFlag(FLAGS_impl), absl::GetFlag(FLAGS_rank),
                                           absl::GetFlag(FLAGS_ranks), absl::GetFlag(FLAGS_store),
-                                          absl::GetFlag(FLAGS_min_bytes), absl::GetFlag(FLAGS_max_bytes));
+                                          absl::GetFlag(FLAGS_min_bytes), absl::GetFlag(FLAGS_max_bytes), opt);
   }
   std::cerr << "usage: lmsgd-bench train [--model=resnet50] [--batch=32] [--device=cpu] [--compare=pytorch]\n"
-               "       lmsgd-bench allreduce --ranks=K [--min_bytes=4096] [--max_bytes=268435456] [--json]\n"
+               "       lmsgd-bench allreduce --ranks=K [--min_bytes=4096] [--max_bytes=268435456] [--json] [--algos=ring,...]\n"
+               "                 [--impls=lmsgd-tcp --link=10gbit]\n"
                "       lmsgd-bench coordinator-load [--workers=1024] [--seconds=20]\n"
                "       lmsgd-bench make-images --out=DIR [--classes=10] [--per_class=100] [--seed=1]\n"
                "       lmsgd-bench data --path=DIR [--threads=N] [--compare=torchvision] [--data_batch=256]\n";
