@@ -301,14 +301,14 @@ absl::StatusOr<std::unique_ptr<UcxTransport>> UcxTransport::Create(int rank, int
 
 UcxTransport::~UcxTransport() = default;
 
-// TCP moves a message that UCX packs itself (the bf16 wire's generic datatypes, eager sends) in
-// fragments of its segment size, a send() and a receive each. 256 KiB instead of UCX's 8 KiB took
-// a bf16 ring allreduce over TCP from 1.4-2.0x float32's time to 0.59-0.82x (docs/benchmarks.md).
-// Set with ucp_config_modify they had no effect (UCX 1.13: that ring stayed at 1.5-2.0x), hence
-// the environment.
+// TCP moves a message that UCX packs itself (the bf16 wire's generic datatypes) in fragments of
+// its segment size, a send() and a receive each: UCX's 8 KiB default leaves the wire idle between
+// small fragments. Over a shaped link 2 MiB was best for both dtypes (512 KiB and 1 MiB slowed
+// float32's ring, 256 KiB bf16's, 4 MiB gained nothing; docs/benchmarks.md). Set with
+// ucp_config_modify they had no effect (UCX 1.13), hence the environment; the variables win.
 void SetUcxEnvironmentDefaults() {
-  setenv("UCX_TCP_TX_SEG_SIZE", "256K", /*overwrite=*/0);
-  setenv("UCX_TCP_RX_SEG_SIZE", "256K", /*overwrite=*/0);
+  setenv("UCX_TCP_TX_SEG_SIZE", "2M", /*overwrite=*/0);
+  setenv("UCX_TCP_RX_SEG_SIZE", "2M", /*overwrite=*/0);
 }
 
 absl::Status UcxTransport::Exchange(const std::vector<P2POp>& ops, absl::Time deadline, const char* what) {
