@@ -13,6 +13,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/time/time.h"
@@ -40,6 +41,14 @@ inline size_t BlockStart(size_t count, int blocks, int i) {
   const size_t base = count / blocks, extra = count % blocks;
   return base * i + (static_cast<size_t>(i) < extra ? static_cast<size_t>(i) : extra);
 }
+
+// Appends `op` cut into segments (about kSegmentFloats floats each, at most
+// tags::kSegmentsPerStep), segment j tagged MakeTag(sequence, step + j): a receive-and-add then
+// adds each segment as it arrives, while the rest is still in flight, and a bf16 wire converts
+// one segment while the previous one moves. Sender and receiver cut a range of the same length
+// the same way.
+inline constexpr size_t kSegmentFloats = 256 * 1024;
+void AppendSegmented(const P2POp& op, uint64_t sequence, uint32_t step, std::vector<P2POp>* ops);
 
 // What an allreduce puts on the wire: float32, or bf16 with float32 additions (bf16_wire.h).
 enum class WireDtype { kFp32, kBf16 };

@@ -107,11 +107,15 @@ absl::Status HalvingDoublingAllreduce::Run(float* data, size_t count, uint64_t s
     // half sent is another range, overwritten by the allgather (kDiscard). The last step of a
     // single block without the merged middle completes the sums of the range kept (kFinal).
     const bool final_sums = nb == 1 && !merge && mask == 1;
-    const std::vector<P2POp> ops = {
-        {P2POp::kRecvAdd, partner, data + off(keep_lo), rn * sizeof(float), MakeTag(seq, tags::kHalvingStep + t),
-         final_sums ? P2POp::kFinal : P2POp::kNoHint},
-        {P2POp::kSend, partner, data + off(send_lo), (off(send_hi) - off(send_lo)) * sizeof(float),
-         MakeTag(seq, tags::kHalvingStep + t), P2POp::kDiscard}};
+    // Both halves in segments, as the ring's reduce-scatter: each received segment is added
+    // while the next is in flight.
+    std::vector<P2POp> ops;
+    AppendSegmented({P2POp::kRecvAdd, partner, data + off(keep_lo), rn * sizeof(float), 0,
+                     final_sums ? P2POp::kFinal : P2POp::kNoHint},
+                    seq, tags::HalvingStep(t), &ops);
+    AppendSegmented({P2POp::kSend, partner, data + off(send_lo), (off(send_hi) - off(send_lo)) * sizeof(float), 0,
+                     P2POp::kDiscard},
+                    seq, tags::HalvingStep(t), &ops);
     RETURN_IF_ERROR(t_->Exchange(ops, deadline, "halving/doubling allreduce (binary blocks: reduce-scatter)"));
     lo = keep_lo;
     hi = keep_hi;

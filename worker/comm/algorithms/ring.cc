@@ -1,15 +1,9 @@
 #include "worker/comm/algorithms/ring.h"
 
-#include <algorithm>
-
 #include "worker/comm/algorithms/tags.h"
 #include "common/status_macros.h"
 
 namespace lmsgd::comm {
-
-// Segment size for pipelining the ring's reduce-scatter (elements; at most
-// tags::kRingSegmentsPerStep segments a step).
-constexpr size_t kSegment = 256 * 1024;
 
 absl::Status RingAllreduce::Run(float* data, size_t count, uint64_t seq, absl::Time deadline) {
   const int k = t_->size(), r = t_->rank();
@@ -28,21 +22,13 @@ absl::Status RingAllreduce::Run(float* data, size_t count, uint64_t seq, absl::T
     const size_t sn = chunk_len(send_c), rn = chunk_len(recv_c);
     // Pipelined: the incoming chunk arrives in segments, each added (by the transport, straight
     // out of its receive buffers where it can) while the rest is still in flight.
-    float* dst = data + start(recv_c);
+    const uint32_t step = tags::RingReduceScatter(s);
     std::vector<P2POp> ops;
-    const size_t nseg = std::clamp<size_t>((rn + kSegment - 1) / kSegment, 1, tags::kRingSegmentsPerStep);
-    for (size_t j = 0; j < nseg; ++j) {
-      const size_t a = rn * j / nseg, b = rn * (j + 1) / nseg;
-      ops.push_back({P2POp::kRecvAdd, left, dst + a, (b - a) * sizeof(float),
-                     MakeTag(seq, tags::RingReduceScatter(s, static_cast<int>(j))),
-                     s == k - 2 ? P2POp::kFinal : P2POp::kNoHint});
-    }
-    const size_t send_segs = std::clamp<size_t>((sn + kSegment - 1) / kSegment, 1, tags::kRingSegmentsPerStep);
-    for (size_t j = 0; j < send_segs; ++j) {
-      const size_t a = sn * j / send_segs, b = sn * (j + 1) / send_segs;
-      ops.push_back({P2POp::kSend, right, data + start(send_c) + a, (b - a) * sizeof(float),
-                     MakeTag(seq, tags::RingReduceScatter(s, static_cast<int>(j))), P2POp::kDiscard});
-    }
+    AppendSegmented({P2POp::kRecvAdd, left, data + start(recv_c), rn * sizeof(float), 0,
+                     s == k - 2 ? P2POp::kFinal : P2POp::kNoHint},
+                    seq, step, &ops);
+    AppendSegmented({P2POp::kSend, right, data + start(send_c), sn * sizeof(float), 0, P2POp::kDiscard}, seq, step,
+                    &ops);
     RETURN_IF_ERROR(t_->Exchange(ops, deadline, "ring allreduce (reduce-scatter)"));
   }
   // Allgather: at step s send chunk r + 1 - s (reduced) to the right, receive chunk r - s. What

@@ -8,7 +8,7 @@
 //
 //   ring            reduce-scatter  step s, segment j   s * 64 + j               [0, 64 (k-1))
 //                   allgather       step s              64 k + s                 [64 k, 65 k)
-//   halving/        reduce-scatter  step t              100 + t                  [100, 132)
+//   halving/        reduce-scatter  step t, segment j   1000 + t * 64 + j        [1000, 3048)
 //   doubling        merged middle   (one exchange)      150
 //                   hand up         from block c        200 + c                  [200, 232)
 //                   allgather       block 0, step u     300 + u                  [300, 332)
@@ -28,15 +28,14 @@
 
 namespace lmsgd::comm::tags {
 
-inline constexpr uint32_t kRingSegmentsPerStep = 64;
-inline constexpr uint32_t RingReduceScatter(int step, int segment) {
-  return static_cast<uint32_t>(step) * kRingSegmentsPerStep + static_cast<uint32_t>(segment);
-}
+// A segmented step (AppendSegmented) takes this many consecutive steps, one per segment.
+inline constexpr uint32_t kSegmentsPerStep = 64;
+inline constexpr uint32_t RingReduceScatter(int step) { return static_cast<uint32_t>(step) * kSegmentsPerStep; }
 inline constexpr uint32_t RingAllgather(int world, int step) {
-  return kRingSegmentsPerStep * static_cast<uint32_t>(world) + static_cast<uint32_t>(step);
+  return kSegmentsPerStep * static_cast<uint32_t>(world) + static_cast<uint32_t>(step);
 }
 
-inline constexpr uint32_t kHalvingStep = 100;         // + reduce-scatter step
+inline constexpr uint32_t HalvingStep(uint32_t step) { return 1000 + step * kSegmentsPerStep; }
 inline constexpr uint32_t kMergedMiddle = 150;
 inline constexpr uint32_t kHandUp = 200;              // + sending block's index
 inline constexpr uint32_t kBlockZeroAllgather = 300;  // + step

@@ -1,10 +1,13 @@
 // Which allreduce runs where: AUTO's choice (ChooseAlgorithm) and the hierarchical allreduce's
 // choice among host leaders (the paper's inter-server phase: halving/doubling for small
-// messages, ring for large), seen through the operations it hands a recording transport.
+// messages, ring for large), seen through the operations it hands a recording transport; and
+// how the algorithms cut a step into segments.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "worker/comm/algorithms/allreduce.h"
@@ -13,6 +16,7 @@
 #include "worker/comm/algorithms/hierarchical.h"
 #include "worker/comm/algorithms/ring.h"
 #include "worker/comm/algorithms/shared_memory.h"
+#include "worker/comm/algorithms/tags.h"
 #include "worker/comm/communicator.h"
 
 namespace lmsgd::comm {
@@ -91,6 +95,73 @@ TEST(HierarchicalAllreduceTest, TheLimitIsAnOption) {
   std::vector<float> small(1000, 1.0f);
   ASSERT_TRUE((*h)->Run(small.data(), small.size(), 1, absl::InfiniteFuture()).ok());
   EXPECT_EQ(t.whats, (std::set<std::string>{"ring allreduce (reduce-scatter)", "ring allreduce (allgather)"}));
+}
+
+// A segmented step cuts a range into contiguous pieces of about kSegmentFloats, tagged with
+// consecutive steps, at most tags::kSegmentsPerStep of them, each keeping the op's kind and hint.
+TEST(AppendSegmentedTest, CutsTheRangeIntoConsecutivelyTaggedPieces) {
+  for (size_t n : {size_t{1}, kSegmentFloats, 3 * kSegmentFloats + 5, 100 * kSegmentFloats}) {
+    std::vector<float> buf(n);
+    std::vector<P2POp> ops = {{P2POp::kSend, 9, nullptr, 4, 77}};  // already there: kept
+    AppendSegmented({P2POp::kRecvAdd, 3, buf.data(), n * sizeof(float), 0, P2POp::kFinal}, /*sequence=*/5,
+                    /*step=*/1000, &ops);
+    const size_t expected = std::min<size_t>((n + kSegmentFloats - 1) / kSegmentFloats, tags::kSegmentsPerStep);
+    ASSERT_EQ(ops.size(), 1 + expected) << n;
+    EXPECT_EQ(ops[0].tag, 77u);
+    float* next = buf.data();
+    for (size_t j = 0; j < expected; ++j) {
+      const P2POp& op = ops[1 + j];
+      EXPECT_EQ(op.kind, P2POp::kRecvAdd);
+      EXPECT_EQ(op.peer, 3);
+      EXPECT_EQ(op.hint, P2POp::kFinal);
+      EXPECT_EQ(op.tag, MakeTag(5, 1000 + static_cast<uint32_t>(j)));
+      EXPECT_EQ(op.buf, next) << n << " segment " << j;
+      EXPECT_GT(op.bytes, 0u);
+      EXPECT_LE(op.bytes, (n / expected + 1) * sizeof(float));
+      next += op.bytes / sizeof(float);
+    }
+    EXPECT_EQ(next, buf.data() + n) << "the pieces cover the range exactly";
+  }
+}
+
+// Keeps every operation it is handed; completes each Exchange without moving data.
+class OpsRecorder final : public Transport {
+ public:
+  OpsRecorder(int rank, int size) : rank_(rank), size_(size) {}
+  int rank() const override { return rank_; }
+  int size() const override { return size_; }
+  absl::Status Exchange(const std::vector<P2POp>& ops, absl::Time, const char* what) override {
+    exchanges.push_back({what, ops});
+    return absl::OkStatus();
+  }
+  void Abort() override {}
+  std::vector<std::pair<std::string, std::vector<P2POp>>> exchanges;
+
+ private:
+  int rank_, size_;
+};
+
+// Halving/doubling's reduce-scatter moves its halves in segments, as the ring does, so that the
+// additions (and a bf16 wire's conversions) overlap the transfer; its allgather sends whole.
+TEST(HalvingDoublingAllreduceTest, TheReduceScatterIsSegmented) {
+  for (int k : {2, 4}) {
+    OpsRecorder t(0, k);
+    HalvingDoublingAllreduce hd(&t, /*doubling_max_bytes=*/0);
+    std::vector<float> data(8 * kSegmentFloats);
+    ASSERT_TRUE(hd.Run(data.data(), data.size(), 1, absl::InfiniteFuture()).ok());
+    size_t halving = 0;
+    for (const auto& [what, ops] : t.exchanges) {
+      if (what != "halving/doubling allreduce (binary blocks: reduce-scatter)") continue;
+      // Step `halving` moves 8 / 2^(halving + 1) segments' worth each way.
+      const size_t pieces = 8 >> (halving + 1);
+      size_t recv_adds = 0, sends = 0;
+      for (const P2POp& op : ops) (op.kind == P2POp::kRecvAdd ? recv_adds : sends) += 1;
+      EXPECT_EQ(recv_adds, pieces) << "k=" << k << " step " << halving;
+      EXPECT_EQ(sends, pieces) << "k=" << k << " step " << halving;
+      ++halving;
+    }
+    EXPECT_EQ(halving, k == 2 ? 1u : 2u);
+  }
 }
 
 }  // namespace
