@@ -22,7 +22,8 @@
 namespace lmsgd::comm {
 namespace {
 
-// Records every Exchange (its `what` and peers) and completes it at once without moving data.
+// Records every Exchange (its `what`, peers and operations) and completes it at once without
+// moving data.
 class RecordingTransport final : public Transport {
  public:
   RecordingTransport(int rank, int size) : rank_(rank), size_(size) {}
@@ -31,11 +32,13 @@ class RecordingTransport final : public Transport {
   absl::Status Exchange(const std::vector<P2POp>& ops, absl::Time, const char* what) override {
     whats.insert(what);
     for (const P2POp& op : ops) (op.is_send() ? sent_to : received_from).insert(op.peer);
+    exchanges.push_back({what, ops});
     return absl::OkStatus();
   }
   void Abort() override {}
   std::set<std::string> whats;
   std::set<int> sent_to, received_from;
+  std::vector<std::pair<std::string, std::vector<P2POp>>> exchanges;
 
  private:
   int rank_, size_;
@@ -124,28 +127,11 @@ TEST(AppendSegmentedTest, CutsTheRangeIntoConsecutivelyTaggedPieces) {
   }
 }
 
-// Keeps every operation it is handed; completes each Exchange without moving data.
-class OpsRecorder final : public Transport {
- public:
-  OpsRecorder(int rank, int size) : rank_(rank), size_(size) {}
-  int rank() const override { return rank_; }
-  int size() const override { return size_; }
-  absl::Status Exchange(const std::vector<P2POp>& ops, absl::Time, const char* what) override {
-    exchanges.push_back({what, ops});
-    return absl::OkStatus();
-  }
-  void Abort() override {}
-  std::vector<std::pair<std::string, std::vector<P2POp>>> exchanges;
-
- private:
-  int rank_, size_;
-};
-
 // Halving/doubling's reduce-scatter moves its halves in segments, as the ring does, so that the
 // additions (and a bf16 wire's conversions) overlap the transfer; its allgather sends whole.
 TEST(HalvingDoublingAllreduceTest, TheReduceScatterIsSegmented) {
   for (int k : {2, 4}) {
-    OpsRecorder t(0, k);
+    RecordingTransport t(0, k);
     HalvingDoublingAllreduce hd(&t, /*doubling_max_bytes=*/0);
     std::vector<float> data(8 * kSegmentFloats);
     ASSERT_TRUE(hd.Run(data.data(), data.size(), 1, absl::InfiniteFuture()).ok());
