@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Several "hosts" on one machine: Linux network namespaces joined by a bridge, each with its own
-# address. The coordinator runs in host 0, two workers in each of hosts 1 and 2 (ranks contiguous
-# per host, hierarchical allreduce with one leader per host, UCX over TCP between the hosts), and a
-# small synthetic job trains to success. With --cut, host 2's link goes down for a while after the
+# address (deploy/netns.sh). The coordinator runs in host 0, two workers in each of hosts 1 and 2
+# (ranks contiguous per host, hierarchical allreduce with one leader per host, UCX over TCP between
+# the hosts), and a small synthetic job trains to success. With --cut, host 2's link goes down for a while after the
 # first checkpoint: the loss is detected, the job re-forms when the link is back and resumes from
 # the checkpoint. Needs root (ip netns); exits 77 ("skipped") when namespaces cannot be created.
 #   deploy/multihost.sh [--cut]        (LMSGD_BUILD_DIR: build directory, default build)
@@ -12,7 +12,7 @@ build="${LMSGD_BUILD_DIR:-$root/build}"
 cut=0
 [ "${1:-}" = "--cut" ] && cut=1
 tag="lm$$"
-if [ "$(id -u)" != 0 ] || ! ip netns add "${tag}h0" 2>/dev/null; then
+if [ "$(id -u)" != 0 ] || ! "$root/deploy/netns.sh" up "$tag" 3 10.77.0; then
   echo "SKIP: cannot create network namespaces (needs root and iproute2)"
   exit 77
 fi
@@ -22,25 +22,11 @@ cleanup() {
   exec 2>/dev/null  # not bash's "Killed" notices for the jobs below
   for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   # $! above is the background subshell running `ip netns exec`, not always the program itself:
-  # kill whatever still runs in the namespaces, or a coordinator outlives the test.
-  for i in 0 1 2; do
-    for p in $(ip netns pids "${tag}h$i" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
-  done
+  # netns.sh kills whatever still runs in the namespaces, or a coordinator outlives the test.
+  "$root/deploy/netns.sh" down "$tag" 3
   wait 2>/dev/null || true
-  for i in 0 1 2; do ip netns del "${tag}h$i" 2>/dev/null || true; done
-  ip link del "${tag}b" 2>/dev/null || true
 }
 trap cleanup EXIT
-ip link add "${tag}b" type bridge
-ip link set "${tag}b" up
-for i in 0 1 2; do
-  [ "$i" = 0 ] || ip netns add "${tag}h$i"
-  ip link add "${tag}v$i" type veth peer name eth0 netns "${tag}h$i"
-  ip link set "${tag}v$i" master "${tag}b" up
-  ip netns exec "${tag}h$i" ip addr add "10.77.0.$((i + 1))/24" dev eth0
-  ip netns exec "${tag}h$i" ip link set eth0 up
-  ip netns exec "${tag}h$i" ip link set lo up
-done
 in_host() { local h=$1; shift; ip netns exec "${tag}h$h" "$@"; }
 coord="10.77.0.1:7070"
 in_host 0 "$build/coordinator/lmsgd-coordinator" --listen "$coord" --metrics_listen= --state_dir "$work/state" \

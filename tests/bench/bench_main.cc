@@ -328,57 +328,32 @@ std::string Field(const std::string& json, const std::string& key) {
   return json.substr(p, json.find_first_of(",}", p) - p);
 }
 
-// K "hosts" for --link: network namespaces lmb<pid>h<r> with eth0 at 10.79.0.<r + 1>/24, their
-// veth peers on bridge lmb<pid>b, each eth0's egress shaped by tbf to `rate` (a NIC of that speed
-// on a non-blocking switch). Removed, with whatever still runs in them, on destruction.
+// K "hosts" for --link, made by deploy/netns.sh: namespaces lmb<pid>h<r> at 10.79.0.<r + 1> on one
+// bridge, each egress shaped to `rate`. Removed, with whatever still runs in them, on destruction.
 class LinkedHosts {
  public:
-  // Returns false, having said why on stderr, when the namespaces cannot be made.
+  // Returns false, netns.sh having said why on stderr, when the namespaces cannot be made.
   bool Create(int k, const std::string& rate) {
     tag_ = absl::StrCat("lmb", getpid());
     k_ = k;
-    if (geteuid() != 0) {
-      std::cerr << "lmsgd-bench: --link needs root (ip netns, tc)\n";
+    const std::string up = absl::StrCat(kScript, " up ", tag_, " ", k, " 10.79.0 ", rate);
+    if (std::system(up.c_str()) != 0) {
+      std::cerr << "lmsgd-bench: --link=" << rate << ": " << up << " failed\n";
       return false;
     }
-    // tbf's bucket: 256 KiB, a fifth of a millisecond at 10 Gbit/s, so a message of a megabyte or
-    // more moves at the rate, not in one burst.
-    std::vector<std::string> cmds = {absl::StrCat("ip link add ", tag_, "b type bridge"),
-                                     absl::StrCat("ip link set ", tag_, "b up")};
-    for (int r = 0; r < k; ++r) {
-      const std::string ns = Namespace(r);
-      absl::StrAppend(&cmds.emplace_back(), "ip netns add ", ns);
-      absl::StrAppend(&cmds.emplace_back(), "ip link add ", tag_, "v", r, " type veth peer name eth0 netns ", ns);
-      absl::StrAppend(&cmds.emplace_back(), "ip link set ", tag_, "v", r, " master ", tag_, "b up");
-      absl::StrAppend(&cmds.emplace_back(), "ip netns exec ", ns, " ip addr add 10.79.0.", r + 1, "/24 dev eth0");
-      absl::StrAppend(&cmds.emplace_back(), "ip netns exec ", ns, " ip link set eth0 up");
-      absl::StrAppend(&cmds.emplace_back(), "ip netns exec ", ns, " ip link set lo up");
-      absl::StrAppend(&cmds.emplace_back(), "ip netns exec ", ns, " tc qdisc add dev eth0 root tbf rate ", rate,
-                      " burst 256kb latency 50ms");
-    }
     created_ = true;
-    for (const std::string& c : cmds) {
-      if (std::system((c + " 2>&1").c_str()) != 0) {
-        std::cerr << "lmsgd-bench: --link=" << rate << ": failed: " << c << "\n";
-        return false;
-      }
-    }
     return true;
   }
   // The prefix that runs a command on host r.
-  std::string On(int r) const { return absl::StrCat("ip netns exec ", Namespace(r), " env UCX_NET_DEVICES=eth0 "); }
+  std::string On(int r) const {
+    return absl::StrCat("ip netns exec ", tag_, "h", r, " env UCX_NET_DEVICES=eth0 ");
+  }
   ~LinkedHosts() {
-    if (!created_) return;
-    for (int r = 0; r < k_; ++r) {
-      const std::string ns = Namespace(r);
-      (void)std::system(absl::StrCat("for p in $(ip netns pids ", ns, " 2>/dev/null); do kill -9 $p; done; ip netns del ",
-                                     ns, " 2>/dev/null").c_str());
-    }
-    (void)std::system(absl::StrCat("ip link del ", tag_, "b 2>/dev/null").c_str());
+    if (created_) (void)std::system(absl::StrCat(kScript, " down ", tag_, " ", k_).c_str());
   }
 
  private:
-  std::string Namespace(int r) const { return absl::StrCat(tag_, "h", r); }
+  static constexpr const char* kScript = LMSGD_SOURCE_DIR "/deploy/netns.sh";
   std::string tag_;
   int k_ = 0;
   bool created_ = false;
