@@ -13,6 +13,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/status_macros.h"
 #include "tests/bench/allreduce_bench.h"
 #include "worker/comm/algorithms/allreduce.h"
@@ -95,6 +96,15 @@ class Bf16Allreduce final : public comm::AllreduceAlgorithm {
 // "lmsgd-tcp"; the shared-memory algorithm, which does not use the wire, runs only in the first.
 int RunLmsgdRank(int rank, int k, const std::string& store_dir, size_t min_bytes, size_t max_bytes,
                  const std::string& wire, const RankOptions& opt) {
+  // Checked before the rendezvous, so that every rank refuses a misspelt row at once.
+  static const char* const kRows[] = {"ring", "halving_doubling", "hd_halving_only", "ring_bf16",
+                                      "halving_doubling_bf16", "shared_memory", "shared_memory_bf16"};
+  for (const std::string& name : opt.algos) {
+    if (std::find(std::begin(kRows), std::end(kRows), name) == std::end(kRows)) {
+      std::cerr << "lmsgd-bench: --algos: no row '" << name << "' (rows: " << absl::StrJoin(kRows, ", ") << ")\n";
+      return 2;
+    }
+  }
   if (wire == "tcp") setenv("UCX_TLS", "tcp", 1);
   comm::SetUcxEnvironmentDefaults();
   const std::string impl = wire == "tcp" ? "lmsgd-tcp" : "lmsgd";
